@@ -1,0 +1,103 @@
+"""Latency of two models in ONNX Runtime, measured as a ratio in one process.
+
+Both sessions are warmed up, then run interleaved (alternating which goes first) until a time
+budget is spent; medians and p90 are reported. Inputs and outputs are bound with IOBinding on the
+provider's device, so on CUDA host<->device copies are outside the timed region.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .runtime import CUDA, make_session, model_source, provider_status
+
+
+@dataclass
+class LatencyEntry:
+    provider: str
+    status: str  # measured | unavailable
+    original_ms: float | None = None
+    rewritten_ms: float | None = None
+    speedup: float | None = None
+    """original median / rewritten median: > 1 means the rewrite is faster"""
+    original_p90_ms: float | None = None
+    rewritten_p90_ms: float | None = None
+    runs: int = 0
+    threads: int = 1
+    detail: str = ""
+
+
+class _Runner:
+    """One session with its inputs bound on the provider's device."""
+
+    def __init__(self, source, provider: str, feeds: dict[str, np.ndarray], threads: int):
+        self.session = make_session(source, provider, "enabled", threads)
+        device = "cuda" if provider == CUDA else "cpu"
+        self.binding = self.session.io_binding()
+        self._keep = []
+        for name, value in feeds.items():
+            ortvalue = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
+            self._keep.append(ortvalue)
+            self.binding.bind_ortvalue_input(name, ortvalue)
+        for out in self.session.get_outputs():
+            self.binding.bind_output(out.name, device)
+
+    def __call__(self) -> float:
+        start = time.perf_counter_ns()
+        self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
+        return (time.perf_counter_ns() - start) / 1e6
+
+
+def time_pair(run_a, run_b, *, seconds: float, warmup: int = 5, min_runs: int = 10,
+              max_runs: int = 100_000) -> tuple[list[float], list[float]]:
+    """Warm both up, then alternate them until ``seconds`` have passed (at least ``min_runs`` each)."""
+    for _ in range(warmup):
+        run_a()
+        run_b()
+    times_a: list[float] = []
+    times_b: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times_a) < max_runs and (len(times_a) < min_runs or time.perf_counter() < deadline):
+        if len(times_a) % 2:
+            times_b.append(run_b())
+            times_a.append(run_a())
+        else:
+            times_a.append(run_a())
+            times_b.append(run_b())
+    return times_a, times_b
+
+
+def benchmark_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict[str, np.ndarray], *,
+                     providers: list[str], seconds: float = 1.0, threads: int = 1) -> list[LatencyEntry]:
+    entries = []
+    with model_source(original) as src_a, model_source(rewritten) as src_b:
+        for provider in providers:
+            why = provider_status(provider)
+            if why:
+                entries.append(LatencyEntry(provider, "unavailable", threads=threads, detail=why))
+                continue
+            try:
+                run_a = _Runner(src_a, provider, feeds, threads)
+                run_b = _Runner(src_b, provider, feeds, threads)
+            except Exception as exc:  # ORT raises its own types
+                entries.append(LatencyEntry(provider, "unavailable", threads=threads,
+                                            detail=f"cannot run here: {str(exc).splitlines()[0][:200]}"))
+                continue
+            a, b = time_pair(run_a, run_b, seconds=seconds)
+            entries.append(summarize(provider, a, b, threads))
+    return entries
+
+
+def summarize(provider: str, a: list[float], b: list[float], threads: int) -> LatencyEntry:
+    med_a, med_b = float(np.median(a)), float(np.median(b))
+    return LatencyEntry(
+        provider, "measured", original_ms=med_a, rewritten_ms=med_b,
+        speedup=med_a / med_b if med_b > 0 else None,
+        original_p90_ms=float(np.percentile(a, 90)), rewritten_p90_ms=float(np.percentile(b, 90)),
+        runs=len(a), threads=threads,
+    )

@@ -1,0 +1,165 @@
+"""``python -m onnx_split IN OUT``: the only place that prints or chooses exit codes.
+
+Exit codes: 0 written; 1 verification failed (nothing written unless --force); 2 bad input or usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import LAYOUTS, SplitConfig
+from .errors import OnnxSplitError
+from .inputs import parse_input_shape
+from .model_io import read_model, save_model
+from .pipeline import split_model
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other bad input
+        print(f"onnx_split: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m onnx_split", description=(
+        "Split the constant weights of MatMul/Gemm nodes along their near-zero structure into independent "
+        "parts, verify the result in ONNX Runtime and time it."))
+    p.add_argument("input", help="input .onnx model")
+    p.add_argument("output", help="where to write the rewritten model (never the input)")
+    g = p.add_argument_group("partition")
+    g.add_argument("--threshold", type=float, default=0.0,
+                   help="drop weights with |w| <= this; 0 (default) drops exact zeros only: lossless")
+    g.add_argument("--max-parts", type=int, default=16, help="pack components into at most this many parts (16)")
+    g.add_argument("--min-elements", type=int, default=4096,
+                   help="keep weights with fewer elements (4096); 0 splits everything")
+    g.add_argument("--layout", choices=LAYOUTS, default="parallel",
+                   help="parallel: Slice->MatMul->Concat per part; batched: one MatMul over [parts,k,n]")
+    g = p.add_argument_group("verification and latency")
+    g.add_argument("--providers", default=None,
+                   help="comma list of cpu,cuda (default: every one that really runs here)")
+    g.add_argument("--rtol", type=float, default=None, help="relative tolerance (default by dtype: fp32 1e-4)")
+    g.add_argument("--atol", type=float, default=None, help="absolute tolerance (default by dtype: fp32 1e-6)")
+    g.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,..",
+                   help="shape of a graph input with dynamic dims (default 1); repeatable")
+    g.add_argument("--inputs", default=None, metavar="FILE.npz", help="real inputs, one array per graph input")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
+    g.add_argument("--no-verify", action="store_true", help="skip verification (the checker still runs)")
+    g.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
+    g.add_argument("--bench-seconds", type=float, default=1.0, help="timing budget per provider (1.0)")
+    g.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for verification and timing (1)")
+    g.add_argument("--force", action="store_true", help="write the output even if verification fails")
+    g = p.add_argument_group("output")
+    g.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")
+    g.add_argument("--external-data", action="store_true",
+                   help="write weights to OUTPUT.data (automatic above 2 GB or when the input uses external data)")
+    g.add_argument("--quiet", action="store_true", help="print only the summary lines")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--version", action="version", version=f"onnx_split {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return _run(args)
+    except OnnxSplitError as exc:
+        if args.debug:
+            raise
+        print(f"onnx_split: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("onnx_split: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: still one line, unless --debug
+        if args.debug:
+            raise
+        print(f"onnx_split: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(args) -> int:
+    config = SplitConfig(
+        threshold=args.threshold, max_parts=args.max_parts, min_elements=args.min_elements, layout=args.layout,
+        verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds, threads=args.threads,
+        providers=tuple(p for p in args.providers.split(",") if p.strip()) if args.providers else None,
+        rtol=args.rtol, atol=args.atol, input_shapes=dict(parse_input_shape(s) for s in args.input_shape),
+        inputs_path=args.inputs, seed=args.seed, force=args.force,
+    )
+    in_path, out_path = Path(args.input), Path(args.output)
+    model, external_files = read_model(in_path)
+    protect = (in_path, *external_files)
+    if any(out_path.resolve() == Path(p).resolve() for p in protect):
+        raise OnnxSplitError(f"output {out_path} would overwrite the input; choose another path")
+    if not (out_path.parent if str(out_path.parent) else Path(".")).is_dir():
+        raise OnnxSplitError(f"output directory does not exist: {out_path.parent}")
+
+    bar = _ProgressBar(disabled=args.quiet)
+    try:
+        result = split_model(model, config, progress=bar)
+    finally:
+        bar.close()
+    report = result.report
+    report.input, report.output = str(in_path), str(out_path)
+    passed = report.verification_passed
+    ok = passed is not False
+    if ok or args.force:
+        external = args.external_data or bool(external_files) or None
+        save_model(result.model, out_path, external_data=external, protect=protect)
+        report.written = True
+    if not args.quiet:
+        print(report.to_text())
+    if args.report:
+        Path(args.report).write_text(report.to_json())
+    _summary(report, out_path, ok, args.force)
+    return EXIT_OK if ok else EXIT_VERIFY_FAILED
+
+
+def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
+    speed = [f"{e.provider.replace('ExecutionProvider', '')} {e.speedup:.2f}x" for e in report.latency
+             if e.status == "measured"]
+    if ok:
+        what = "verified" if report.verification_passed else "not verified"
+        print(f"wrote {out_path}: {report.n_split} of {len(report.sites)} sites split, {what}"
+              + (f", speedup {', '.join(speed)}" if speed else ""))
+    elif force:
+        print(f"VERIFICATION FAILED; wrote {out_path} anyway (--force)", file=sys.stderr)
+    else:
+        print(f"VERIFICATION FAILED; nothing written (use --force to write anyway)", file=sys.stderr)
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr per stage, shown only when stderr is a terminal."""
+
+    def __init__(self, disabled: bool):
+        self.disabled = disabled or not sys.stderr.isatty()
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.disabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, leave=False, file=sys.stderr)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

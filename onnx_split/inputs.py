@@ -1,0 +1,103 @@
+"""Inputs for verification and timing: seeded random of the right dtype, or real ones from .npz."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are not initializers (IR < 4 lists weights as inputs too)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``name:d0,d1,..`` -> (name, dims)."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split(",")) if dims.strip() else ()
+    except ValueError:
+        shape = None
+    if not sep or not name or shape is None or any(d < 0 for d in shape):
+        raise InputError(f"--input-shape wants name:d0,d1,.. with whole numbers, got {text!r}")
+    return name, shape
+
+
+def make_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+               inputs_path: str | None = None, seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Feeds for every graph input, and notes on what was assumed."""
+    specs = graph_inputs(model)
+    shapes = dict(shapes or {})
+    known = {i.name for i in specs}
+    for name in shapes:
+        if name not in known:
+            raise InputError(f"--input-shape names {name!r}, which is not a graph input ({', '.join(sorted(known))})")
+    if inputs_path is not None:
+        return _load_npz(inputs_path, specs), [f"inputs from {inputs_path}"]
+    rng = np.random.default_rng(seed)
+    feeds, notes, defaulted = {}, [], []
+    for spec in specs:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)
+        dims = _dims(spec)
+        if spec.name in shapes:
+            given = shapes[spec.name]
+            if len(given) != len(dims) or any(d is not None and d != g for d, g in zip(dims, given)):
+                shown = ["?" if d is None else d for d in dims]
+                raise InputError(f"--input-shape {spec.name}:{','.join(map(str, given))} does not fit its shape {shown}")
+            shape = given
+        else:
+            if any(d is None for d in dims):
+                defaulted.append(spec.name)
+            shape = tuple(1 if d is None else d for d in dims)
+        feeds[spec.name] = _random(rng, dtype, shape)
+    notes.append(f"seeded random inputs (seed {seed})")
+    if defaulted:
+        notes.append(f"dynamic dims set to 1 for {', '.join(defaulted)} (use --input-shape name:d0,d1,..)")
+    return feeds, notes
+
+
+def _dims(spec: onnx.ValueInfoProto) -> list[int | None]:
+    tt = spec.type.tensor_type
+    if not spec.type.HasField("tensor_type"):
+        raise InputError(f"graph input {spec.name!r} is not a tensor; only tensor inputs are supported")
+    if not tt.HasField("shape"):
+        raise InputError(f"graph input {spec.name!r} has no shape: give it with --input-shape {spec.name}:d0,d1,..")
+    return [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+
+def _random(rng: np.random.Generator, dtype: np.dtype, shape) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if dtype.kind in "iu":
+        return rng.integers(0, 2, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _load_npz(path: str, specs: list[onnx.ValueInfoProto]) -> dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--inputs file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # numpy raises several types for a bad file
+        raise InputError(f"--inputs {p} is not a readable .npz file: {str(exc).splitlines()[0][:200]}") from None
+    feeds = {}
+    for spec in specs:
+        if spec.name not in arrays:
+            raise InputError(f"--inputs {p} has no array named {spec.name!r} (it has: {', '.join(sorted(arrays)) or 'none'})")
+        value = arrays[spec.name]
+        want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
+        if value.dtype != want:
+            raise InputError(f"--inputs {spec.name!r} has dtype {value.dtype}, the model wants {want}")
+        dims = _dims(spec)
+        if value.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims, value.shape)):
+            shown = ["?" if d is None else d for d in dims]
+            raise InputError(f"--inputs {spec.name!r} has shape {list(value.shape)}, the model wants {shown}")
+        feeds[spec.name] = value
+    return feeds

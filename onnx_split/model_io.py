@@ -1,0 +1,144 @@
+"""Load and save models: clear errors for bad files, external data, atomic writes.
+
+The pass keeps the input's IR version and opsets; nothing here changes them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError, OutputError
+
+# Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
+PROTOBUF_LIMIT = 2**31 - 2**20
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, or raise :class:`ModelLoadError`."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
+    """The model (external data loaded) and the external data files it was read from."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"input model not found: {p}")
+    if not p.is_file():
+        raise ModelLoadError(f"input model is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"input model is empty: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"{p} is not a valid ONNX model (truncated or not ONNX): {_first_line(exc)}") from None
+    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{p} is not an ONNX model (no IR version, graph or opset)")
+    files = external_data_files(model, p.parent)
+    for f in sorted(files):
+        if not f.is_file():
+            raise ModelLoadError(f"external data file of the model is missing: {f}")
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{p}: cannot read external data: {_first_line(exc)}") from None
+    try:
+        onnx.checker.check_model(str(p))
+    except (onnx.checker.ValidationError, DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{p} is not a valid ONNX model: {_first_line(exc)}") from None
+    return model, files
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model)
+    )
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Bytes of the model if serialized as one file (initializer data included)."""
+    return model.ByteSize()
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; return the files written.
+
+    ``external_data``: True writes tensors to ``<name>.data`` beside the model; None (default)
+    does so only when the model would reach protobuf's 2 GB limit. ``protect``: paths (the input
+    model) that must never be overwritten. Everything is first written to a temporary folder in the
+    destination directory and renamed into place, so a failure leaves no partial output.
+    """
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory does not exist: {parent}")
+    if out.is_dir():
+        raise OutputError(f"output path is a directory: {out}")
+    if external_data is None:
+        external_data = model_size(model) >= PROTOBUF_LIMIT
+    data_name = out.name + ".data"
+    targets = [out] + ([parent / data_name] if external_data else [])
+    for target in targets:
+        for guarded in protect:
+            if _same_file(target, Path(guarded)):
+                raise OutputError(f"refusing to overwrite the input: {target}")
+    tmp = Path(tempfile.mkdtemp(prefix=".onnx_split-", dir=parent))
+    try:
+        tmp_model = tmp / out.name
+        try:
+            if external_data:
+                onnx.save_model(
+                    model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024,
+                )
+            else:
+                onnx.save_model(model, str(tmp_model))
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"cannot write {out}: {_first_line(exc)}") from None
+        written = []
+        if external_data:
+            os.replace(tmp / data_name, parent / data_name)
+            written.append(parent / data_name)
+        os.replace(tmp_model, out)
+        written.insert(0, out)
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def external_data_files(model: onnx.ModelProto, base: Path) -> set[Path]:
+    files = set()
+    for t in _all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc:
+                files.add((base / loc).resolve())
+    return files
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,82 @@
+"""Exact partition: connected components of the bipartite graph of significant weights.
+
+W[K, N] is a bipartite graph between its K inputs and N outputs with an edge wherever
+``|w| > threshold``. Each connected component is an independent sub-network. Components are
+then packed into at most ``max_parts`` parts balanced by multiply-accumulates.
+
+Pure numpy/scipy: no onnx import here.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+
+from .plan import Part, Plan
+
+
+def significant_mask(weight: np.ndarray, threshold: float) -> sparse.csr_matrix:
+    """Sparse K x N boolean matrix of ``|w| > threshold``; NaN and inf count as significant."""
+    w = np.asarray(weight)
+    if w.dtype.kind != "f":  # ml_dtypes (bfloat16) report kind 'V'
+        w = w.astype(np.float32)
+    mag = np.abs(w)
+    mask = ~(mag <= threshold)  # NaN compares False, so it stays significant
+    return sparse.csr_matrix(mask)
+
+
+def exact_components(weight: np.ndarray, threshold: float = 0.0, max_parts: int = 16) -> Plan:
+    """Plan the split of ``weight`` (K x N, ``y = x @ W``) into independent parts."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D, got shape {weight.shape}")
+    if max_parts < 1:
+        raise ValueError("max_parts must be >= 1")
+    k, n = weight.shape
+    mask = significant_mask(weight, threshold)
+    graph = sparse.bmat([[None, mask], [mask.T, None]], format="csr")
+    n_labels, labels = connected_components(graph, directed=False)
+    row_labels, col_labels = labels[:k], labels[k:]
+
+    row_count = np.bincount(row_labels, minlength=n_labels)
+    col_count = np.bincount(col_labels, minlength=n_labels)
+    live = np.flatnonzero((row_count > 0) & (col_count > 0))
+    unused_rows = np.flatnonzero(col_count[row_labels] == 0).astype(np.int64)
+    dead_cols = np.flatnonzero(row_count[col_labels] == 0).astype(np.int64)
+
+    groups = _pack(live, row_count, col_count, max_parts)
+    parts = []
+    for group in groups:
+        rows = np.flatnonzero(np.isin(row_labels, group)).astype(np.int64)
+        cols = np.flatnonzero(np.isin(col_labels, group)).astype(np.int64)
+        parts.append(Part(rows, cols))
+    parts.sort(key=lambda p: int(p.cols[0]))
+    return Plan(
+        k=k,
+        n=n,
+        parts=tuple(parts),
+        unused_rows=unused_rows,
+        dead_cols=dead_cols,
+        n_components=int(live.size),
+        method="components",
+        threshold=float(threshold),
+    )
+
+
+def _pack(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray, max_parts: int) -> list[list[int]]:
+    """Greedy largest-first packing of components into at most ``max_parts`` bins.
+
+    A merged bin is computed as one dense block, so its cost is (sum rows) x (sum cols); each
+    component goes to the bin whose merged cost stays smallest, which balances the bins and keeps
+    the extra work from merging low.
+    """
+    order = sorted(labels.tolist(), key=lambda c: (-int(rows[c]) * int(cols[c]), c))
+    n_bins = min(max_parts, len(order))
+    bins: list[list[int]] = [[] for _ in range(n_bins)]
+    size = np.zeros((n_bins, 2), dtype=np.int64)
+    for comp in order:
+        r, c = int(rows[comp]), int(cols[comp])
+        cost = (size[:, 0] + r) * (size[:, 1] + c)
+        best = int(np.argmin(cost))
+        bins[best].append(comp)
+        size[best] += (r, c)
+    return [b for b in bins if b]

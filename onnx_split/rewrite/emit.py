@@ -1,0 +1,117 @@
+"""Node emission shared by the layouts: unique names under the site, opset-appropriate op forms."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .. import __version__
+
+
+class Unsupported(Exception):
+    """A layout cannot express this site; the message is the reason it is kept."""
+
+
+class Emitter:
+    """Collects the nodes and initializers that replace one site.
+
+    Every name is ``<site>/split/<local>``, made unique against ``taken`` (all names in the model).
+    """
+
+    def __init__(self, base: str, opset: int, taken: set[str], layout: str):
+        self.base = f"{base}/split"
+        self.opset = opset
+        self.taken = taken
+        self.layout = layout
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def name(self, local: str) -> str:
+        candidate = f"{self.base}/{local}"
+        unique, i = candidate, 1
+        while unique in self.taken:
+            unique, i = f"{candidate}_{i}", i + 1
+        self.taken.add(unique)
+        return unique
+
+    def const(self, local: str, value: np.ndarray) -> str:
+        name = self.name(local)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def ints(self, local: str, values) -> str:
+        return self.const(local, np.asarray(values, dtype=np.int64))
+
+    def node(self, op: str, inputs: list[str], local: str, doc: str, *, output: str | None = None, **attrs) -> str:
+        node_name = self.name(local)
+        out = output if output is not None else self.name(f"{local}_out")
+        node = onnx.helper.make_node(op, inputs, [out], name=node_name, **attrs)
+        node.doc_string = f"onnx_split {__version__} ({self.layout} layout): {doc}"
+        self.nodes.append(node)
+        return out
+
+    # -- opset-appropriate forms --------------------------------------------------------------
+
+    def axis(self, rank: int | None, axis: int = -1) -> int:
+        """``axis`` as a node attribute: negative axes need opset 11, older opsets need the rank."""
+        if self.opset >= 11:
+            return axis
+        if rank is None:
+            raise Unsupported(f"activation rank is unknown and opset {self.opset} < 11 needs it")
+        return axis % rank
+
+    def slice(self, x: str, start: int, end: int, axis: int, local: str, doc: str) -> str:
+        if self.opset >= 10:
+            inputs = [x, self.ints(f"{local}_starts", [start]), self.ints(f"{local}_ends", [end]),
+                      self.ints(f"{local}_axes", [axis])]
+            return self.node("Slice", inputs, local, doc)
+        return self.node("Slice", [x], local, doc, starts=[start], ends=[end], axes=[axis])
+
+    def take(self, x: str, index: np.ndarray, axis: int, rank: int | None, local: str, doc: str,
+             size: int | None = None) -> str:
+        """x[..., index] along ``axis``: nothing when ``index`` is all of ``size``, a Slice when it
+        is a contiguous run, else a Gather."""
+        index = np.asarray(index, dtype=np.int64)
+        if size is not None and np.array_equal(index, np.arange(size)):
+            return x
+        ax = self.axis(rank, axis)
+        if index.size and np.array_equal(index, np.arange(index[0], index[0] + index.size)):
+            return self.slice(x, int(index[0]), int(index[0] + index.size), ax, f"{local}/Slice", doc)
+        return self.node("Gather", [x, self.ints(f"{local}/indices", index)], f"{local}/Gather", doc, axis=ax)
+
+    def reshape(self, x: str, shape: str, local: str, doc: str) -> str:
+        if self.opset < 5:
+            raise Unsupported(f"opset {self.opset} < 5 has no Reshape with a shape input")
+        return self.node("Reshape", [x, shape], local, doc)
+
+    def finish_gemm(self, y: str, site) -> str:
+        """Apply Gemm's alpha and beta * C to the x @ W result."""
+        if site.alpha != 1.0:
+            alpha = self.const("alpha", np.asarray(site.alpha, dtype=site.weight.dtype))
+            y = self.node("Mul", [y, alpha], "alpha/Mul", f"alpha = {site.alpha} of Gemm '{site.name}'")
+        if site.bias is not None and site.beta != 0.0:
+            y = self.node("Add", [y, self._bias(site)], "bias/Add", f"beta * C of Gemm '{site.name}'")
+        return y
+
+    def rename_output(self, old: str, new: str) -> None:
+        """Give the final tensor the site's original output name, so consumers are untouched."""
+        self.taken.discard(old)
+        for node in self.nodes:
+            for i, name in enumerate(node.output):
+                if name == old:
+                    node.output[i] = new
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
+    def _bias(self, site) -> str:
+        dtype = site.weight.dtype
+        if site.bias_value is not None:
+            value = site.bias_value
+            if site.beta != 1.0:
+                value = (np.asarray(site.beta, dtype=dtype) * value).astype(dtype)
+            return self.const("bias", value)
+        if site.beta == 1.0:
+            return site.bias
+        return self.node("Mul", [site.bias, self.const("beta", np.asarray(site.beta, dtype=dtype))],
+                         "beta/Mul", f"beta = {site.beta} of Gemm '{site.name}'")

@@ -1,0 +1,92 @@
+"""ONNX Runtime sessions: which providers really run, and sessions at a fixed thread count.
+
+onnxruntime-gpu lists CUDAExecutionProvider as available even where no GPU or CUDA library is
+present; a provider counts here only if a session created with it reports it in get_providers().
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .model_io import PROTOBUF_LIMIT, save_model
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+OPTIMIZATION_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "enabled": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ORT_DEFAULT_SEVERITY = 2  # warnings, ORT's own default
+
+
+@functools.lru_cache(maxsize=None)
+def provider_status(provider: str) -> str | None:
+    """None if ``provider`` really runs here, else why not (one line)."""
+    if provider == CPU:
+        return None
+    if provider not in ort.get_available_providers():
+        return f"{provider} is not in this onnxruntime build"
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=7)
+    ort.set_default_logger_severity(4)  # a missing CUDA library is logged as an error otherwise
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), _options(1, "disabled"),
+                                       providers=[provider, CPU])
+        used = session.get_providers()
+    except Exception as exc:  # ORT raises its own types
+        return f"{provider} failed to start: {str(exc).splitlines()[0][:200]}"
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+    if not used or used[0] != provider:
+        return f"{provider} is listed by onnxruntime but did not start (no usable GPU or CUDA libraries)"
+    return None
+
+
+def available_providers() -> list[str]:
+    return [p for p in (CPU, CUDA) if provider_status(p) is None]
+
+
+def _options(threads: int, optimization: str) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = 3
+    return options
+
+
+@contextmanager
+def model_source(model: onnx.ModelProto):
+    """Bytes of a small model, or the path of a temporary copy (with external data) of a large one."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx_split-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(model, path, external_data=True)
+        yield str(path)
+
+
+def make_session(source, provider: str, optimization: str = "enabled", threads: int = 1) -> ort.InferenceSession:
+    """A session that runs on ``provider`` (CPU as fallback for nodes it lacks)."""
+    providers = [provider] if provider == CPU else [provider, CPU]
+    ort.set_default_logger_severity(3)
+    try:
+        return ort.InferenceSession(source, _options(threads, optimization), providers=providers)
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session.run(None, feeds)

@@ -1,0 +1,254 @@
+"""Find MatMul/Gemm nodes whose weight is a constant; normalise them to ``y = x @ W [* alpha] + bias``.
+
+Every MatMul and Gemm of the default domain, in the main graph and in subgraphs (If/Loop/Scan
+bodies), ends here either as a :class:`Site` with ``reason is None`` (a candidate) or with the
+reason it is kept as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+SUPPORTED_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+MIN_OPSET = 7
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                     "Multinomial", "Bernoulli"}
+_MAX_FOLD_DEPTH = 16
+
+
+@dataclass
+class Site:
+    """One MatMul/Gemm node. ``reason`` is None for a candidate, else why it is kept."""
+
+    node: onnx.NodeProto
+    graph: onnx.GraphProto
+    scope: str  # "main" or the path of the subgraph, e.g. "loop/body"
+    index: int  # position of the node in ``graph.node``
+    name: str  # display name, the base of every new name
+    op_type: str
+    reason: str | None = None
+    activation: str = ""
+    weight_name: str = ""
+    weight: np.ndarray | None = None  # [K, N], oriented so that y = x @ weight
+    trans_a: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+    bias: str | None = None  # name of Gemm's C
+    bias_value: np.ndarray | None = None  # C's value when it is a constant
+    activation_rank: int | None = None
+    weight_producers: list[int] = field(default_factory=list)  # node indices folded into the weight
+
+    @property
+    def output(self) -> str:
+        return self.node.output[0]
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return None if self.weight is None else tuple(int(d) for d in self.weight.shape)
+
+
+@dataclass
+class _Scope:
+    name: str
+    graph: onnx.GraphProto
+    producers: dict[str, int]
+    initializers: dict[str, onnx.TensorProto]
+    inputs: set[str]
+
+    @classmethod
+    def of(cls, name: str, graph: onnx.GraphProto) -> "_Scope":
+        producers = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+        return cls(name, graph, producers, {t.name: t for t in graph.initializer}, {i.name for i in graph.input})
+
+
+class _Resolver:
+    """Answers "is this tensor a constant, and what is its value" across nested scopes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.opsets = list(model.opset_import)
+        self._cache: dict[tuple[str, str], tuple[np.ndarray | None, str | None, list[int]]] = {}
+
+    def value(self, name: str, scopes: list[_Scope], depth: int = 0):
+        """(array or None, reason if not constant, producer node indices in the innermost scope)."""
+        for level, scope in enumerate(scopes):
+            key = (scope.name, name)
+            if key not in self._cache:
+                if name in scope.producers:
+                    self._cache[key] = self._fold(name, scope, scopes[level:], depth)
+                elif name in scope.inputs:
+                    where = "graph input" if level == len(scopes) - 1 else "subgraph input"
+                    extra = " with an initializer default" if name in scope.initializers else ""
+                    self._cache[key] = (None, f"weight '{name}' is a {where}{extra}: it can change at run time", [])
+                elif name in scope.initializers:
+                    self._cache[key] = (numpy_helper.to_array(scope.initializers[name]), None, [])
+                else:
+                    continue
+            value, reason, chain = self._cache[key]
+            # producers found in an outer scope are not nodes of the site's graph
+            return value, reason, (chain if level == 0 else [])
+        return None, f"weight '{name}' is not defined in any enclosing graph", []
+
+    def _fold(self, name: str, scope: _Scope, scopes: list[_Scope], depth: int):
+        index = scope.producers[name]
+        node = scope.graph.node[index]
+        what = f"{node.op_type} node '{node.name or node.output[0]}'"
+        if node.domain not in ("", "ai.onnx"):
+            return None, f"weight '{name}' comes from custom-domain {what}", []
+        if node.op_type in _NONDETERMINISTIC:
+            return None, f"weight '{name}' comes from random {what}", []
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None, f"weight '{name}' comes from control-flow {what}", []
+        if depth >= _MAX_FOLD_DEPTH:
+            return None, f"weight '{name}' comes from a producer chain deeper than {_MAX_FOLD_DEPTH}", []
+        feeds, chain = {}, [index]
+        for inp in node.input:
+            if not inp:
+                continue
+            val, reason, sub = self.value(inp, scopes, depth + 1)
+            if val is None:
+                return None, f"weight '{name}' is not constant: {reason}", []
+            feeds[inp] = val
+            chain += sub
+        try:
+            out = _run_node(node, feeds, self.opsets, self.model.ir_version)
+        except Exception as exc:  # the reference evaluator raises many types
+            return None, f"weight '{name}' could not be folded from {what}: {str(exc).splitlines()[0][:200]}", []
+        return out[list(node.output).index(name)], None, chain
+
+
+def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets, ir_version: int):
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for k, v in feeds.items()]
+    outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor shape inference can tell, from a copy without weight data."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(light):
+        t.ClearField("raw_data")
+        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            t.ClearField(f)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    try:
+        light = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False)
+    except Exception:  # shape inference is a help here, never a requirement
+        pass
+    ranks: dict[str, int] = {}
+
+    def visit(graph: onnx.GraphProto):
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape"):
+                ranks[vi.name] = len(tt.shape.dim)
+        for t in graph.initializer:
+            ranks[t.name] = len(t.dims)
+        for node in graph.node:
+            for a in node.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    visit(g)
+
+    visit(light.graph)
+    return ranks
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
+    """Every MatMul/Gemm of the model, in graph order (subgraphs after their parent node)."""
+    resolver = _Resolver(model)
+    ranks = _ranks(model)
+    opset = default_opset(model)
+    sites: list[Site] = []
+
+    def visit(graph: onnx.GraphProto, scope_name: str, outer: list[_Scope]):
+        scopes = [_Scope.of(scope_name, graph)] + outer
+        for index, node in enumerate(graph.node):
+            if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
+                site = Site(node=node, graph=graph, scope=scope_name, index=index,
+                            name=node.name or node.output[0], op_type=node.op_type)
+                _describe(site, scopes, resolver, ranks, opset, min_elements)
+                sites.append(site)
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for i, sub in enumerate(subgraphs):
+                    suffix = attr.name if len(subgraphs) == 1 else f"{attr.name}[{i}]"
+                    visit(sub, f"{scope_name}/{node.name or node.op_type}/{suffix}", scopes)
+
+    visit(model.graph, "main", [])
+    return sites
+
+
+def _describe(site: Site, scopes, resolver: _Resolver, ranks, opset: int, min_elements: int) -> None:
+    node = site.node
+    if opset < MIN_OPSET:
+        site.reason = f"opset {opset} is older than {MIN_OPSET}; not supported"
+        return
+    if len(node.input) < 2:
+        site.reason = f"{node.op_type} has fewer than two inputs"
+        return
+    a_name, b_name = node.input[0], node.input[1]
+    a_val, _, _ = resolver.value(a_name, scopes)
+    b_val, b_reason, chain = resolver.value(b_name, scopes)
+    if a_val is not None and b_val is not None:
+        site.reason = "both operands are constant (a constant-folding case, not a split)"
+        return
+    if b_val is None:
+        if a_val is not None:
+            site.reason = f"the constant is the left operand ({node.op_type}(W, x)); only x·W is split"
+        else:
+            site.reason = b_reason
+        return
+    site.activation, site.weight_name, site.weight_producers = a_name, b_name, chain
+    site.activation_rank = ranks.get(a_name)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    weight = b_val
+    if node.op_type == "Gemm":
+        if weight.ndim == 2 and attrs.get("transB", 0):
+            weight = weight.T
+        site.trans_a = bool(attrs.get("transA", 0))
+        site.alpha = float(attrs.get("alpha", 1.0))
+        site.beta = float(attrs.get("beta", 1.0))
+        site.activation_rank = 2
+        if "broadcast" in attrs and opset < 7:
+            site.reason = "Gemm with the legacy broadcast attribute is not supported"
+        if len(node.input) > 2 and node.input[2]:
+            site.bias = node.input[2]
+            site.bias_value = resolver.value(site.bias, scopes)[0]
+    site.weight = weight
+    dtype = onnx.helper.np_dtype_to_tensor_dtype(weight.dtype)
+    if site.reason:
+        return
+    if dtype not in SUPPORTED_DTYPES:
+        site.reason = (f"weight dtype {onnx.TensorProto.DataType.Name(dtype).lower()} is not supported "
+                       f"({', '.join(SUPPORTED_DTYPES.values())})")
+    elif weight.ndim != 2:
+        site.reason = f"weight has shape {list(weight.shape)}; only 2-D weights are split"
+    elif weight.size < min_elements:
+        site.reason = f"weight has {weight.size} elements, below --min-elements {min_elements}"
+    elif site.activation_rank == 0:
+        site.reason = "activation is a scalar"
