@@ -72,10 +72,12 @@ def _dims(spec: onnx.ValueInfoProto) -> list[int | None]:
 def _random(rng: np.random.Generator, dtype: np.dtype, shape) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
-    if dtype.kind in "iu":
-        return rng.integers(0, 2, size=shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
+        value = rng.random(shape) < 0.5
+    elif dtype.kind in "iu":
+        value = rng.integers(0, 2, size=shape)
+    else:
+        value = rng.standard_normal(shape)
+    return np.asarray(value).astype(dtype)  # 0-d inputs must be arrays, not numpy scalars
 
 
 def _load_npz(path: str, specs: list[onnx.ValueInfoProto]) -> dict[str, np.ndarray]:

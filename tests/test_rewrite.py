@@ -1,0 +1,245 @@
+import itertools
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from builders import gemm_model, matmul_model, op_counts, ort_run, planted
+from onnx_split import SplitConfig, split_model
+
+LAYOUTS = ["parallel", "batched"]
+
+
+def _config(layout="parallel", **kw):
+    kw.setdefault("min_elements", 0)
+    return SplitConfig(layout=layout, bench=False, providers=("cpu",), **kw)
+
+
+def _assert_equivalent(original, rewritten, feeds, rtol=1e-5, atol=1e-5):
+    for optimization in ("disabled", "enabled"):
+        ref = ort_run(original, feeds, optimization)
+        got = ort_run(rewritten, feeds, optimization)
+        for a, b in zip(ref, got):
+            scale = max(float(np.sqrt(np.mean(np.square(a.astype(np.float64))))), 1e-30)
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=atol * scale)
+
+
+def _assert_verified(report):
+    assert report.checker == {"passed": True, "error": None}
+    assert report.verification, "verification did not run"
+    assert [(v.provider, v.optimization, v.status) for v in report.verification] == [
+        ("CPUExecutionProvider", "disabled", "passed"), ("CPUExecutionProvider", "enabled", "passed")]
+
+
+GEMM_CASES = [
+    (ta, tb, alpha, beta, c)
+    for ta, tb, alpha, beta, c in itertools.product(
+        [0, 1], [0, 1], [1.0, 0.5], [1.0, 0.0, 2.0], [None, (), (1,), "N", (1, "N"), ("M", 1), ("M", "N")])
+    if not (c is None and beta != 1.0)
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ta,tb,alpha,beta,c", GEMM_CASES)
+def test_gemm_every_attribute_combination(layout, ta, tb, alpha, beta, c):
+    rng = np.random.default_rng(3)
+    m, k, n = 5, 24, 18
+    w, _ = planted(rng, k, n, 3)
+    c_shape = None if c is None else tuple({"M": m, "N": n}.get(d, d) for d in c)
+    model = gemm_model(w, m, trans_a=ta, trans_b=tb, alpha=alpha, beta=beta, c_shape=c_shape, opset=13)
+    result = split_model(model, _config(layout))
+    (site,) = result.report.sites
+    assert site.decision == "split" and site.parts == 3, site.reason
+    _assert_verified(result.report)
+    counts = op_counts(result.model)
+    assert "Gemm" not in counts
+    assert counts["MatMul"] == (3 if layout == "parallel" else 1)
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+    _assert_equivalent(model, result.model, {"a": a})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemm_bias_as_graph_input(layout):
+    rng = np.random.default_rng(4)
+    w, _ = planted(rng, 16, 12, 2)
+    model = gemm_model(w, 3, beta=0.5, c_shape=(12,), c_is_input=True)
+    result = split_model(model, _config(layout))
+    _assert_verified(result.report)
+    feeds = {"a": rng.standard_normal((3, 16)).astype(np.float32), "c": rng.standard_normal(12).astype(np.float32)}
+    _assert_equivalent(model, result.model, feeds)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("x_shape", [[2, 3, 5, 40], [7, 40], [40], ["batch", "seq", 40]])
+def test_matmul_nd_activations(layout, x_shape):
+    rng = np.random.default_rng(5)
+    w, _ = planted(rng, 40, 30, 4)
+    model = matmul_model(w, x_shape)
+    result = split_model(model, _config(layout, input_shapes={"x": (2, 3, 40)} if "batch" in x_shape else {}))
+    assert result.report.sites[0].decision == "split"
+    _assert_verified(result.report)
+    shape = [2, 3, 40] if "batch" in x_shape else x_shape
+    _assert_equivalent(model, result.model, {"x": rng.standard_normal(shape).astype(np.float32)})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_names_doc_strings_metadata_and_compatibility(layout):
+    rng = np.random.default_rng(6)
+    w, _ = planted(rng, 32, 32, 4)
+    model = matmul_model(w, ["N", 32], opset=13, ir_version=7)
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["r"], name="act"))
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 32]))
+    result = split_model(model, _config(layout))
+    out = result.model
+    assert out.ir_version == 7 and [(o.domain, o.version) for o in out.opset_import] == [("", 13)]
+    new_nodes = [n for n in out.graph.node if n.name != "act"]
+    assert new_nodes and all(n.name.startswith("fc1/split/") for n in new_nodes)
+    assert all(n.doc_string.startswith("onnx_split 0.1.0") for n in new_nodes)
+    assert all(t.name.startswith("fc1/split/") for t in out.graph.initializer)
+    assert "W" not in {t.name for t in out.graph.initializer}  # the old weight is gone
+    producers = {o for n in out.graph.node for o in n.output}
+    assert "y" in producers and out.graph.node[-1].input[0] == "y"  # consumer untouched
+    meta = {p.key: p.value for p in out.metadata_props}
+    assert meta["onnx_split.version"] == "0.1.0" and f'"layout": "{layout}"' in meta["onnx_split.options"]
+    assert model.graph.node[0].op_type == "MatMul" and len(model.graph.node) == 2  # input not modified
+    _assert_verified(result.report)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("opset", [7, 9, 10, 11, 13, 21])
+def test_old_and_new_opsets_use_their_own_op_forms(layout, opset):
+    rng = np.random.default_rng(7)
+    w, _ = planted(rng, 24, 20, 3)
+    model = matmul_model(w, [4, 24], opset=opset, ir_version=4 if opset < 9 else 7)
+    result = split_model(model, _config(layout))
+    assert result.report.sites[0].decision == "split", result.report.sites[0].reason
+    assert result.model.opset_import[0].version == opset and result.model.ir_version == model.ir_version
+    slices = [n for n in result.model.graph.node if n.op_type == "Slice"]
+    for s in slices:
+        assert (len(s.input) == 1) == (opset < 10)
+    _assert_verified(result.report)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_weight_inside_if_subgraph(layout):
+    rng = np.random.default_rng(8)
+    w, _ = planted(rng, 16, 12, 2)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 12])
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="then_fc")], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3, 12])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "V"], ["e"], name="else_fc")], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [3, 12])],
+                               [numpy_helper.from_array(-2 * w, "V")])
+    g = helper.make_graph([helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g,
+                                            else_branch=else_g)], "g", [cond, x], [out],
+                          [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = split_model(model, _config(layout))
+    assert [s.decision for s in result.report.sites] == ["split", "split"]
+    _assert_verified(result.report)
+    xv = rng.standard_normal((3, 16)).astype(np.float32)
+    for c in (True, False):
+        _assert_equivalent(model, result.model, {"x": xv, "cond": np.array(c)})
+    assert not result.model.graph.initializer  # W moved into the then-branch parts
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shared_weight_and_constant_node_weight(layout):
+    rng = np.random.default_rng(9)
+    w, _ = planted(rng, 20, 20, 4)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 20])
+    ys = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 20]) for n in ("y1", "y2")]
+    nodes = [helper.make_node("Constant", [], ["W"], name="W_const", value=numpy_helper.from_array(w, "W")),
+             helper.make_node("MatMul", ["x", "W"], ["y1"], name="a"),
+             helper.make_node("MatMul", ["y1", "W"], ["y2"], name="b")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], ys), opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=8)
+    result = split_model(model, _config(layout))
+    assert [s.decision for s in result.report.sites] == ["split", "split"]
+    assert "Constant" not in op_counts(result.model)  # the folded producer went with its last reader
+    _assert_verified(result.report)
+    _assert_equivalent(model, result.model, {"x": rng.standard_normal((2, 20)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_fp16_and_fp64(layout, dtype):
+    rng = np.random.default_rng(10)
+    w, _ = planted(rng, 32, 24, 4, dtype=dtype)
+    model = matmul_model(w, [4, 32])
+    result = split_model(model, _config(layout))
+    assert result.report.sites[0].decision == "split" and result.report.sites[0].dtype == np.dtype(dtype).name
+    _assert_verified(result.report)
+    assert {t.data_type for t in result.model.graph.initializer if "/W" in t.name} == {
+        helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bfloat16_is_verified_with_the_reference_evaluator(layout):
+    rng = np.random.default_rng(11)
+    w, _ = planted(rng, 16, 16, 2)
+    w = w.astype(ml_dtypes.bfloat16)
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 16])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "g", [x], [y],
+                          [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = split_model(model, _config(layout))
+    assert result.report.sites[0].decision == "split"
+    (entry,) = [v for v in result.report.verification if v.passed is not None]
+    assert entry.provider == "onnx.reference" and entry.passed
+    assert "ONNX Runtime cannot run the original" in entry.detail
+    assert result.report.checker["passed"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unused_inputs_and_dead_outputs_become_bias(layout):
+    rng = np.random.default_rng(12)
+    w = np.zeros((30, 20), np.float32)
+    w[0:10, 0:8] = rng.standard_normal((10, 8))
+    w[12:20, 10:16] = rng.standard_normal((8, 6))  # rows 10,11,20.. unused; cols 8,9,16.. dead
+    model = gemm_model(w, 4, c_shape=(20,), opset=13)
+    result = split_model(model, _config(layout))
+    site = result.report.sites[0]
+    assert site.decision == "split" and site.unused_inputs == 12 and site.dead_outputs == 6
+    _assert_verified(result.report)
+    _assert_equivalent(model, result.model, {"a": rng.standard_normal((4, 30)).astype(np.float32)})
+
+
+def test_fully_connected_weight_is_kept_and_model_unchanged():
+    w = np.random.default_rng(13).standard_normal((16, 16)).astype(np.float32)
+    model = matmul_model(w, [2, 16])
+    result = split_model(model, _config())
+    site = result.report.sites[0]
+    assert site.decision == "kept" and "fully connected" in site.reason
+    assert not result.report.modified
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul"]
+
+
+def test_all_zero_weight_is_kept_with_reason():
+    model = matmul_model(np.zeros((16, 16), np.float32), [2, 16])
+    site = split_model(model, _config()).report.sites[0]
+    assert site.decision == "kept" and "does not depend on the input" in site.reason
+
+
+def test_threshold_splits_near_zero_weights_within_budget():
+    rng = np.random.default_rng(14)
+    w, _ = planted(rng, 64, 64, 4)
+    noisy = w + (rng.standard_normal(w.shape) * 1e-9).astype(np.float32) * (w == 0)
+    model = matmul_model(noisy.astype(np.float32), [3, 64])
+    assert split_model(model, _config()).report.sites[0].decision == "kept"
+    result = split_model(model, _config(threshold=1e-7))
+    assert result.report.sites[0].decision == "split" and result.report.sites[0].parts == 4
+    assert result.report.verification_passed
+
+
+def test_split_is_exact_on_block_identity_permutations():
+    rng = np.random.default_rng(15)
+    w, _ = planted(rng, 48, 48, 4, permute=False)
+    result = split_model(matmul_model(w, [2, 48]), _config())
+    counts = op_counts(result.model)
+    assert counts.get("Gather", 0) == 0 and counts["Slice"] == 4  # contiguous blocks: no Gather at all
