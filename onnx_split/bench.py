@@ -31,7 +31,7 @@ class LatencyEntry:
     detail: str = ""
 
 
-class _Runner:
+class Runner:
     """One session with its inputs bound on the provider's device."""
 
     def __init__(self, source, provider: str, feeds: dict[str, np.ndarray], threads: int):
@@ -82,8 +82,8 @@ def benchmark_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feed
                 entries.append(LatencyEntry(provider, "unavailable", threads=threads, detail=why))
                 continue
             try:
-                run_a = _Runner(src_a, provider, feeds, threads)
-                run_b = _Runner(src_b, provider, feeds, threads)
+                run_a = Runner(src_a, provider, feeds, threads)
+                run_b = Runner(src_b, provider, feeds, threads)
             except Exception as exc:  # ORT raises its own types
                 entries.append(LatencyEntry(provider, "unavailable", threads=threads,
                                             detail=f"cannot run here: {str(exc).splitlines()[0][:200]}"))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx_split  # noqa: E402
-from onnx_split.bench import _Runner, summarize, time_pair  # noqa: E402
+from onnx_split.bench import Runner, summarize, time_pair  # noqa: E402
 from onnx_split.config import normalize_provider  # noqa: E402
 from onnx_split.runtime import CUDA, available_providers, provider_status  # noqa: E402
 
@@ -90,10 +90,10 @@ def split(model: onnx.ModelProto, layout: str, parts: int):
     return result.model, result.report.sites[0]
 
 
-def measure(dense: _Runner, reference: np.ndarray, rewritten: onnx.ModelProto, provider: str,
+def measure(dense: Runner, reference: np.ndarray, rewritten: onnx.ModelProto, provider: str,
             feeds: dict, args) -> dict:
     """Check the rewrite's output, then time it against the dense session (never timed if wrong)."""
-    runner = _Runner(rewritten.SerializeToString(), provider, feeds, args.threads)
+    runner = Runner(rewritten.SerializeToString(), provider, feeds, args.threads)
     check = onnx_split.compare("y", reference, runner.session.run(None, feeds)[0])
     if not check.passed:
         return {"status": "wrong output", "max_rel_error": check.max_rel}
@@ -114,7 +114,7 @@ def run_grid(args, providers: list[str]) -> list[dict]:
         feeds = {"x": np.random.default_rng([args.seed, k, batch]).standard_normal((batch, k)).astype(np.float32)}
         rewrites = {layout: split(model, layout, parts) for layout in args.layouts}
         for provider in providers:
-            dense = _Runner(model.SerializeToString(), provider, feeds, args.threads)  # shared by both layouts
+            dense = Runner(model.SerializeToString(), provider, feeds, args.threads)  # shared by both layouts
             reference = dense.session.run(None, feeds)[0]
             for layout, (rewritten, site) in rewrites.items():
                 bar.set_postfix_str(f"K={k} parts={parts} batch={batch} {layout} perm={perm}")

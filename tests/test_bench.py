@@ -1,0 +1,36 @@
+import numpy as np
+
+from builders import matmul_model, planted
+from onnx_split import SplitConfig, benchmark_models, make_feeds, split_model
+from onnx_split.bench import summarize, time_pair
+
+
+def test_time_pair_warms_up_interleaves_and_respects_min_runs():
+    calls = []
+
+    def a():
+        calls.append("a")
+        return 2.0
+
+    def b():
+        calls.append("b")
+        return 1.0
+
+    ta, tb = time_pair(a, b, seconds=0.0, warmup=3, min_runs=6)
+    assert len(ta) == len(tb) == 6
+    timed = calls[6:]
+    assert timed[:4] == ["a", "b", "b", "a"]  # the order alternates, so neither always goes first
+    entry = summarize("CPUExecutionProvider", ta, tb, 1)
+    assert entry.speedup == 2.0 and entry.original_ms == 2.0 and entry.rewritten_p90_ms == 1.0
+
+
+def test_benchmark_models_measures_cpu_with_iobinding():
+    rng = np.random.default_rng(0)
+    w, _ = planted(rng, 64, 64, 4)
+    model = matmul_model(w, [4, 64])
+    rewritten = split_model(model, SplitConfig(min_elements=0, verify=False, bench=False)).model
+    feeds, _ = make_feeds(model)
+    (entry,) = benchmark_models(model, rewritten, feeds, providers=["CPUExecutionProvider"], seconds=0.05)
+    assert entry.status == "measured" and entry.runs >= 10
+    assert entry.original_ms > 0 and entry.rewritten_ms > 0
+    assert entry.speedup == entry.original_ms / entry.rewritten_ms

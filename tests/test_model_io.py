@@ -1,0 +1,82 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from builders import matmul_model, planted
+from onnx_split import ModelLoadError, OutputError, SplitConfig, load_model, save_model, split_model
+from onnx_split import model_io
+
+
+def _model(k=64, seed=0):
+    w, _ = planted(np.random.default_rng(seed), k, k, 4)
+    return matmul_model(w, [2, k])
+
+
+def test_external_data_loads_splits_and_saves_as_external(tmp_path):
+    model = _model()
+    src = tmp_path / "in.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=True, location="in.weights", size_threshold=0)
+    loaded, files = model_io.read_model(src)
+    assert files == {(tmp_path / "in.weights").resolve()}
+    result = split_model(loaded, SplitConfig(min_elements=0, bench=False, providers=("cpu",)))
+    assert result.report.verification_passed
+    out = tmp_path / "out.onnx"
+    written = save_model(result.model, out, external_data=True)
+    assert written == [out, tmp_path / "out.onnx.data"]
+    header = onnx.load(str(out), load_external_data=False)
+    assert model_io.uses_external_data(header)
+    onnx.checker.check_model(str(out), full_check=True)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def test_external_data_is_written_automatically_above_the_protobuf_limit(tmp_path, monkeypatch):
+    model = _model()
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", model.ByteSize() - 1)
+    written = save_model(model, tmp_path / "big.onnx")
+    assert [p.name for p in written] == ["big.onnx", "big.onnx.data"]
+    assert model_io.uses_external_data(onnx.load(str(tmp_path / "big.onnx"), load_external_data=False))
+    small = save_model(model, tmp_path / "small.onnx", external_data=False)
+    assert [p.name for p in small] == ["small.onnx"]
+
+
+def test_save_never_overwrites_the_input_and_leaves_no_partial_file(tmp_path):
+    model = _model()
+    src = tmp_path / "m.onnx"
+    onnx.save_model(model, str(src))
+    before = src.read_bytes()
+    with pytest.raises(OutputError, match="overwrite the input"):
+        save_model(model, src, protect=(src,))
+    assert src.read_bytes() == before
+    with pytest.raises(OutputError, match="directory does not exist"):
+        save_model(model, tmp_path / "nope" / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temp folders left
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "not found"),
+    (b"", "empty"),
+    (b"this is not an onnx model at all\n" * 4, "not"),
+])
+def test_bad_files_give_clear_errors(tmp_path, content, match):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=match):
+        load_model(path)
+
+
+def test_truncated_model_is_rejected(tmp_path):
+    data = _model().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        load_model(path)
+
+
+def test_missing_external_data_file_is_a_clear_error(tmp_path):
+    onnx.save_model(_model(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="w.bin",
+                    size_threshold=0)
+    (tmp_path / "w.bin").unlink()
+    with pytest.raises(ModelLoadError, match="external data file of the model is missing"):
+        load_model(tmp_path / "m.onnx")
