@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelLoadError, OutputError
 
@@ -59,9 +59,12 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def model_size(model: onnx.ModelProto) -> int:
-    """Bytes of the model if serialized as one file (initializer data included)."""
-    return model.ByteSize()
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when the model cannot be serialized as one protobuf (2 GB limit)."""
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except EncodeError:  # protobuf refuses to even size a message past its limit
+        return True
 
 
 def save_model(
@@ -85,7 +88,7 @@ def save_model(
     if out.is_dir():
         raise OutputError(f"output path is a directory: {out}")
     if external_data is None:
-        external_data = model_size(model) >= PROTOBUF_LIMIT
+        external_data = is_large(model)
     data_name = out.name + ".data"
     targets = [out] + ([parent / data_name] if external_data else [])
     for target in targets:
@@ -97,10 +100,7 @@ def save_model(
         tmp_model = tmp / out.name
         try:
             if external_data:
-                onnx.save_model(
-                    model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024,
-                )
+                _save_external(model, tmp_model, data_name)
             else:
                 onnx.save_model(model, str(tmp_model))
         except (OSError, ValueError) as exc:
@@ -114,6 +114,50 @@ def save_model(
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_external(model: onnx.ModelProto, path: Path, data_name: str, threshold: int = 1024) -> None:
+    """Write the main graph's tensors of ``threshold`` bytes or more to ``data_name`` beside ``path``.
+
+    Unlike ``onnx.save_model(save_as_external_data=True)`` this leaves ``model`` untouched and
+    holds at most one tensor's bytes at a time, so a model near the memory limit can be saved.
+    """
+    header = onnx.ModelProto()
+    _copy_fields(model, header, skip="graph")
+    _copy_fields(model.graph, header.graph, skip="initializer")
+    offset = 0
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else None
+            if raw is None or len(raw) < threshold:
+                header.graph.initializer.append(tensor)
+                continue
+            pad = -offset % 4096  # page-aligned, so runtimes can map it
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(raw)
+            ref = header.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                                               doc_string=tensor.doc_string)
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            for key, val in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                ref.external_data.add(key=key, value=val)
+            offset += len(raw)
+            del raw
+    with open(path, "wb") as f:
+        f.write(header.SerializeToString())
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of message ``src`` into ``dst`` except ``skip``."""
+    for desc, value in src.ListFields():
+        if desc.name == skip:
+            continue
+        if desc.is_repeated:
+            getattr(dst, desc.name).extend(value)
+        elif desc.type == desc.TYPE_MESSAGE:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
 
 
 def external_data_files(model: onnx.ModelProto, base: Path) -> set[Path]:

@@ -20,7 +20,7 @@ from .bench import benchmark_models
 from .config import SplitConfig
 from .errors import InputError
 from .inputs import make_feeds
-from .model_io import PROTOBUF_LIMIT, load_model, save_model
+from .model_io import is_large, load_model, save_model
 from .partition import Plan, exact_components
 from .report import SiteReport, SplitReport
 from .rewrite import layout_macs, rewrite_model
@@ -141,7 +141,7 @@ def _no_saving(plan: Plan, after: int) -> str:
 def check(model: onnx.ModelProto) -> dict:
     """onnx's full check (with shape inference) of the rewritten model."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if not is_large(model):
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory(prefix="onnx_split-") as tmp:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .model_io import PROTOBUF_LIMIT, save_model
+from .model_io import is_large, save_model
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _options(threads: int, optimization: str) -> ort.SessionOptions:
 @contextmanager
 def model_source(model: onnx.ModelProto):
     """Bytes of a small model, or the path of a temporary copy (with external data) of a large one."""
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if not is_large(model):
         yield model.SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="onnx_split-") as tmp:

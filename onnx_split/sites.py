@@ -137,18 +137,19 @@ def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets, ir_ver
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every tensor shape inference can tell, from a copy without weight data."""
+    """Rank of every tensor shape inference can tell, from a copy without the main graph's weight data."""
     light = onnx.ModelProto()
-    light.CopyFrom(model)
-    from onnx.external_data_helper import _get_all_tensors
-
-    for t in _get_all_tensors(light):
-        t.ClearField("raw_data")
-        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-            t.ClearField(f)
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            t.data_location = onnx.TensorProto.DEFAULT
-            del t.external_data[:]
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    for t in model.graph.initializer:  # shapes only: inference needs no values of weights
+        g.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
     try:
         light = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False)
     except Exception:  # shape inference is a help here, never a requirement

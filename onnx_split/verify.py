@@ -117,6 +117,7 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: 
                                                          f"the original model does not run here: {reason}"))
                     continue
                 names = [o.name for o in session_a.get_outputs()]
+                del session_a  # one model in memory at a time: large models need it
                 try:
                     session_b = make_session(src_b, provider, optimization, threads)
                     got = run(session_b, feeds)

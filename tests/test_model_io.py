@@ -32,10 +32,12 @@ def test_external_data_loads_splits_and_saves_as_external(tmp_path):
 
 def test_external_data_is_written_automatically_above_the_protobuf_limit(tmp_path, monkeypatch):
     model = _model()
-    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", model.ByteSize() - 1)
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", model.ByteSize() - 1)  # is_large() reads it
     written = save_model(model, tmp_path / "big.onnx")
     assert [p.name for p in written] == ["big.onnx", "big.onnx.data"]
     assert model_io.uses_external_data(onnx.load(str(tmp_path / "big.onnx"), load_external_data=False))
+    assert not model_io.uses_external_data(model)  # the caller's model still holds its weights
+    assert onnx.numpy_helper.to_array(model.graph.initializer[0]).shape == (64, 64)
     small = save_model(model, tmp_path / "small.onnx", external_data=False)
     assert [p.name for p in small] == ["small.onnx"]
 
