@@ -1,11 +1,16 @@
-"""``batched`` layout: every part padded to one [k, n] block; a single MatMul over a [P, k, n]
-weight computes all parts at once (one kernel instead of P)."""
+"""``batched`` layout: every part padded to one [k, n] block, and a single MatMul over a [P, n, k]
+weight computes all parts at once (one kernel instead of P).
+
+It works on x^T [K, M]: one row Gather lines the parts' inputs up as [P*k, M] (padding rows read a
+real input against zero weights), a Reshape makes it [P, k, M], and W^T [P, n, k] @ x^T gives
+y^T [P, n, M]; a row Gather then picks and orders the N real outputs, and a Transpose turns y^T back.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from ..partition import Plan
-from .emit import Emitter
+from .emit import Emitter, from_rows_view, rows_view
 
 
 def emit_batched(em: Emitter, site, plan: Plan) -> str:
@@ -13,34 +18,20 @@ def emit_batched(em: Emitter, site, plan: Plan) -> str:
     n_parts = len(parts)
     k = max(p.rows.size for p in parts)
     n = max(p.cols.size for p in parts)
-    dtype = site.weight.dtype
-    weight = np.zeros((n_parts, k, n), dtype=dtype)
+    weight_t = np.zeros((n_parts, n, k), dtype=site.weight.dtype)
     rows = np.empty((n_parts, k), dtype=np.int64)
-    where = np.empty(plan.n, dtype=np.int64)  # flat position of each original output
+    where = np.empty(plan.n, dtype=np.int64)  # row of y^T [P*n, M] holding each original output
     for i, p in enumerate(parts):
-        weight[i, : p.rows.size, : p.cols.size] = site.weight[np.ix_(p.rows, p.cols)]
+        weight_t[i, : p.cols.size, : p.rows.size] = site.weight[np.ix_(p.rows, p.cols)].T
         rows[i, : p.rows.size] = p.rows
         rows[i, p.rows.size:] = p.rows[0]  # padding reads a real input against zero weights
         where[p.cols] = i * n + np.arange(p.cols.size)
     doc = f"{n_parts} parts of '{site.name}' padded to [{k}, {n}] and computed by one MatMul"
 
-    x, rank = site.activation, site.activation_rank
-    if site.trans_a:
-        x = em.node("Transpose", [x], "transA/Transpose", f"transA of Gemm '{site.name}'", perm=[1, 0])
-    flat = x
-    if rank != 2:
-        flat = em.reshape(x, em.ints("flat_shape", [-1, plan.k]), "flatten/Reshape", "rows of the activation")
-    xg = em.take(flat, rows.reshape(-1), 1, 2, "inputs", "gather every part's inputs", size=plan.k)
-    x3 = em.reshape(xg, em.ints("parts_shape", [-1, n_parts, k]), "parts/Reshape", doc)
-    x3 = em.node("Transpose", [x3], "parts/Transpose", doc, perm=[1, 0, 2])
-    y3 = em.node("MatMul", [x3, em.const("W", weight)], "MatMul", doc)
-    y3 = em.node("Transpose", [y3], "join/Transpose", doc, perm=[1, 0, 2])
-    y = em.reshape(y3, em.ints("join_shape", [-1, n_parts * n]), "join/Reshape", doc)
-    if not np.array_equal(where, np.arange(plan.n)):
-        y = em.take(y, where, 1, 2, "order", f"select and order the outputs of '{site.name}'")
-    if rank != 2:
-        lead = em.node("Shape", [x], "shape/Shape", "leading dims of the activation")
-        lead = em.slice(lead, 0, -1, 0, "shape/Slice", "leading dims of the activation")
-        shape = em.node("Concat", [lead, em.ints("shape/N", [plan.n])], "shape/Concat", "output shape", axis=0)
-        y = em.reshape(y, shape, "unflatten/Reshape", "restore the leading dims")
-    return em.finish_gemm(y, site)
+    xt = rows_view(em, site, plan.k)
+    xg = em.take(xt, rows.reshape(-1), 0, 2, "inputs", "line up every part's inputs", size=plan.k)
+    x3 = em.reshape(xg, em.ints("parts_shape", [n_parts, k, -1]), "parts/Reshape", doc)
+    y3 = em.node("MatMul", [em.const("Wt", weight_t), x3], "MatMul", doc + " (as W^T @ x^T)")
+    yt = em.reshape(y3, em.ints("join_shape", [n_parts * n, -1]), "join/Reshape", doc)
+    yt = em.take(yt, where, 0, 2, "order", f"select and order the outputs of '{site.name}'", size=n_parts * n)
+    return em.finish_gemm(from_rows_view(em, yt, site, plan.n), site)

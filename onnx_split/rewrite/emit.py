@@ -115,3 +115,26 @@ class Emitter:
             return site.bias
         return self.node("Mul", [site.bias, self.const("beta", np.asarray(site.beta, dtype=dtype))],
                          "beta/Mul", f"beta = {site.beta} of Gemm '{site.name}'")
+
+
+def rows_view(em: Emitter, site, k: int) -> str:
+    """The activation as x^T [K, M], whose inputs are rows: selecting them is a contiguous copy per
+    input (cheap), where selecting columns of x [M, K] copies element by element (slow in ORT)."""
+    x, rank = site.activation, site.activation_rank
+    if site.trans_a:
+        return x  # Gemm's A is already [K, M]
+    if rank != 2:
+        x = em.reshape(x, em.ints("flat_shape", [-1, k]), "flatten/Reshape", "the activation as rows [M, K]")
+    return em.node("Transpose", [x], "to_rows/Transpose", "x^T: one row per input feature", perm=[1, 0])
+
+
+def from_rows_view(em: Emitter, yt: str, site, n: int) -> str:
+    """y^T [N, M] back to the shape of the original output."""
+    y = em.node("Transpose", [yt], "from_rows/Transpose", "back from y^T", perm=[1, 0])
+    if site.activation_rank == 2 or site.op_type == "Gemm":
+        return y
+    x = site.activation
+    lead = em.node("Shape", [x], "shape/Shape", "leading dims of the activation")
+    lead = em.slice(lead, 0, -1, 0, "shape/Slice", "leading dims of the activation")
+    shape = em.node("Concat", [lead, em.ints("shape/N", [n])], "shape/Concat", "output shape", axis=0)
+    return em.reshape(y, shape, "unflatten/Reshape", "restore the leading dims")

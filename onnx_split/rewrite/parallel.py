@@ -1,32 +1,61 @@
-"""``parallel`` layout: per part, take its inputs (Slice or Gather), MatMul, then Concat the parts
-and restore the output order."""
+"""``parallel`` layout: per part, take its inputs, MatMul with the part's weight, join the parts and
+restore the output order.
+
+When every part's inputs are a contiguous run and the parts' outputs are already in order, this is
+Slice -> MatMul -> Concat on the activation as it is. Otherwise (hidden permutations) it works on
+x^T, where picking inputs and reordering outputs are row copies instead of element gathers:
+y^T = Concat_p(W_p^T @ x^T[rows_p]), reordered by a row Gather, then transposed back.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from ..partition import Plan
-from .emit import Emitter
+from .emit import Emitter, from_rows_view, rows_view
+
+
+def _contiguous(index: np.ndarray) -> bool:
+    return bool(index.size) and np.array_equal(index, np.arange(index[0], index[0] + index.size))
 
 
 def emit_parallel(em: Emitter, site, plan: Plan) -> str:
     parts = plan.with_dead_columns()
-    x, rank = site.activation, site.activation_rank
-    if site.trans_a:
-        x = em.node("Transpose", [x], "transA/Transpose", f"transA of Gemm '{site.name}'", perm=[1, 0])
-    axis = em.axis(rank, -1)
+    order = np.concatenate([p.cols for p in parts])
+    in_order = np.array_equal(order, np.arange(plan.n))
+    if in_order and all(_contiguous(p.rows) for p in parts) and not site.trans_a:
+        return em.finish_gemm(_direct(em, site, plan, parts), site)
+    xt = rows_view(em, site, plan.k)
     outputs = []
     for i, part in enumerate(parts):
-        local = f"part{i}"
-        doc = (f"part {i} of {len(parts)} of '{site.name}': {part.rows.size} of {plan.k} inputs "
-               f"-> {part.cols.size} of {plan.n} outputs")
+        local, doc = f"part{i}", _doc(site, plan, parts, i)
+        xi = em.take(xt, part.rows, 0, 2, local, doc, size=plan.k)
+        wt = em.const(f"{local}/Wt", np.ascontiguousarray(site.weight[np.ix_(part.rows, part.cols)].T))
+        outputs.append(em.node("MatMul", [wt, xi], f"{local}/MatMul", doc + " (as W^T @ x^T)"))
+    yt = outputs[0]
+    if len(outputs) > 1:
+        yt = em.node("Concat", outputs, "Concat", f"join the {len(outputs)} parts of '{site.name}'", axis=0)
+    if not in_order:
+        yt = em.take(yt, np.argsort(order).astype(np.int64), 0, 2, "order",
+                     f"restore the output order of '{site.name}'")
+    return em.finish_gemm(from_rows_view(em, yt, site, plan.n), site)
+
+
+def _direct(em: Emitter, site, plan: Plan, parts) -> str:
+    """Slice -> MatMul -> Concat on the activation itself (no permutation to undo)."""
+    x, rank = site.activation, site.activation_rank
+    outputs = []
+    for i, part in enumerate(parts):
+        local, doc = f"part{i}", _doc(site, plan, parts, i)
         xi = em.take(x, part.rows, -1, rank, local, doc, size=plan.k)
         wi = em.const(f"{local}/W", site.weight[np.ix_(part.rows, part.cols)])
         outputs.append(em.node("MatMul", [xi, wi], f"{local}/MatMul", doc))
-    y = outputs[0]
-    if len(outputs) > 1:
-        y = em.node("Concat", outputs, "Concat", f"join the {len(outputs)} parts of '{site.name}'", axis=axis)
-    order = np.concatenate([p.cols for p in parts])
-    if not np.array_equal(order, np.arange(plan.n)):
-        inverse = np.argsort(order).astype(np.int64)
-        y = em.take(y, inverse, -1, rank, "order", f"restore the output order of '{site.name}'")
-    return em.finish_gemm(y, site)
+    if len(outputs) == 1:
+        return outputs[0]
+    return em.node("Concat", outputs, "Concat", f"join the {len(outputs)} parts of '{site.name}'",
+                   axis=em.axis(rank, -1))
+
+
+def _doc(site, plan: Plan, parts, i: int) -> str:
+    part = parts[i]
+    return (f"part {i} of {len(parts)} of '{site.name}': {part.rows.size} of {plan.k} inputs "
+            f"-> {part.cols.size} of {plan.n} outputs")
