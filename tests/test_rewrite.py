@@ -243,3 +243,41 @@ def test_split_is_exact_on_block_identity_permutations():
     result = split_model(matmul_model(w, [2, 48]), _config())
     counts = op_counts(result.model)
     assert counts.get("Gather", 0) == 0 and counts["Slice"] == 4  # contiguous blocks: no Gather at all
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_weights_inside_loop_and_scan_bodies(layout):
+    """A Loop body that applies an outer-scope weight 3 times, and a Scan body with its own weight."""
+    rng = np.random.default_rng(16)
+    w, _ = planted(rng, 24, 24, 3)
+    v, _ = planted(rng, 24, 24, 4)
+    f = TensorProto.FLOAT
+    loop_body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["h_in", "W"], ["h_out"], name="loop_fc")],
+        "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", f, [2, 24])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", f, [2, 24])])
+    scan_body = helper.make_graph(
+        [helper.make_node("MatMul", ["row", "V"], ["proj"], name="scan_fc"),
+         helper.make_node("Add", ["acc_in", "proj"], ["acc_out"])],
+        "scan_body",
+        [helper.make_tensor_value_info("acc_in", f, [24]), helper.make_tensor_value_info("row", f, [24])],
+        [helper.make_tensor_value_info("acc_out", f, [24])],
+        [numpy_helper.from_array(v, "V")])
+    nodes = [helper.make_node("Loop", ["trips", "", "x"], ["h"], name="loop", body=loop_body),
+             helper.make_node("Scan", ["acc0", "h"], ["acc"], name="scan", body=scan_body, num_scan_inputs=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", f, [2, 24])], [helper.make_tensor_value_info("acc", f, [24])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(3, np.int64), "trips"),
+         numpy_helper.from_array(np.zeros(24, np.float32), "acc0")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    result = split_model(model, _config(layout))
+    assert [(s.node, s.scope, s.decision) for s in result.report.sites] == [
+        ("loop_fc", "main/loop/body", "split"), ("scan_fc", "main/scan/body", "split")]
+    _assert_verified(result.report)
+    _assert_equivalent(model, result.model, {"x": rng.standard_normal((2, 24)).astype(np.float32)})
