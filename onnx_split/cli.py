@@ -94,15 +94,16 @@ def _run(args) -> int:
         verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds, threads=args.threads,
         providers=tuple(p for p in args.providers.split(",") if p.strip()) if args.providers else None,
         rtol=args.rtol, atol=args.atol, input_shapes=dict(parse_input_shape(s) for s in args.input_shape),
-        inputs_path=args.inputs, seed=args.seed, force=args.force,
+        inputs_path=args.inputs, seed=args.seed,
     )
     in_path, out_path = Path(args.input), Path(args.output)
     model, external_files = read_model(in_path)
     protect = (in_path, *external_files)
     if any(out_path.resolve() == Path(p).resolve() for p in protect):
         raise OnnxSplitError(f"output {out_path} would overwrite the input; choose another path")
-    if not (out_path.parent if str(out_path.parent) else Path(".")).is_dir():
-        raise OnnxSplitError(f"output directory does not exist: {out_path.parent}")
+    for path, what in ((out_path, "output"), (Path(args.report) if args.report else None, "--report")):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise OnnxSplitError(f"{what} directory does not exist: {path.parent}")
 
     bar = _ProgressBar(disabled=args.quiet)
     try:

@@ -39,8 +39,6 @@ class SplitConfig:
     """Time budget per provider for the latency measurement (after warm-up)."""
     threads: int = 1
     """intra_op_num_threads for verification and timing sessions (fixed, for stable ratios)."""
-    force: bool = False
-    """Write the output even when verification fails."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

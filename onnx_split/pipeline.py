@@ -5,6 +5,7 @@ returns a :class:`SplitResult`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -163,8 +164,6 @@ def _providers(config: SplitConfig, report: SplitReport) -> list[str]:
 
 
 def _config_dict(config: SplitConfig) -> dict:
-    import json
-
     return json.loads(config.to_json())
 
 

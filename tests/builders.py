@@ -79,3 +79,20 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def if_model(w: np.ndarray, m: int, else_scale: float) -> onnx.ModelProto:
+    """If(cond): then-branch x @ W with W from the outer graph, else-branch x @ V with V = else_scale * W
+    an initializer of the branch itself."""
+    k, n = w.shape
+    f = TensorProto.FLOAT
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="then_fc")], "then", [],
+                               [helper.make_tensor_value_info("t", f, [m, n])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "V"], ["e"], name="else_fc")], "else", [],
+                               [helper.make_tensor_value_info("e", f, [m, n])],
+                               [numpy_helper.from_array((else_scale * w).astype(np.float32), "V")])
+    node = helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                                        helper.make_tensor_value_info("x", f, [m, k])],
+                          [helper.make_tensor_value_info("y", f, [m, n])], [numpy_helper.from_array(w, "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

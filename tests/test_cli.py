@@ -148,7 +148,12 @@ def test_output_over_external_data_is_refused(tmp_path, capsys):
 
 
 def test_missing_output_directory(tmp_path, capsys, block_model):
-    _bad(tmp_path, capsys, [block_model, tmp_path / "no" / "o.onnx"], "directory does not exist", [block_model])
+    _bad(tmp_path, capsys, [block_model, tmp_path / "no" / "o.onnx"], "output directory does not exist", [block_model])
+
+
+def test_missing_report_directory_is_refused_before_anything_is_written(tmp_path, capsys, block_model):
+    _bad(tmp_path, capsys, [block_model, tmp_path / "o.onnx", "--report", tmp_path / "no" / "r.json"],
+         "--report directory does not exist", [block_model])
 
 
 @pytest.mark.parametrize("argv,match", [

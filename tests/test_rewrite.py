@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import gemm_model, matmul_model, op_counts, ort_run, planted
+from builders import gemm_model, if_model, matmul_model, op_counts, ort_run, planted
 from onnx_split import SplitConfig, split_model
 
 LAYOUTS = ["parallel", "batched"]
@@ -126,18 +126,7 @@ def test_old_and_new_opsets_use_their_own_op_forms(layout, opset):
 def test_weight_inside_if_subgraph(layout):
     rng = np.random.default_rng(8)
     w, _ = planted(rng, 16, 12, 2)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])
-    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 12])
-    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="then_fc")], "then", [],
-                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3, 12])])
-    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "V"], ["e"], name="else_fc")], "else", [],
-                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [3, 12])],
-                               [numpy_helper.from_array(-2 * w, "V")])
-    g = helper.make_graph([helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g,
-                                            else_branch=else_g)], "g", [cond, x], [out],
-                          [numpy_helper.from_array(w, "W")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = if_model(w, 3, else_scale=-2.0)
     result = split_model(model, _config(layout))
     assert [s.decision for s in result.report.sites] == ["split", "split"]
     _assert_verified(result.report)

@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import matmul_model
+from builders import if_model, matmul_model
 from onnx_split.sites import find_sites
 
 
@@ -102,18 +102,7 @@ def test_old_opset_is_kept():
 
 def test_sites_in_subgraphs_with_outer_scope_weight():
     w = _w()
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
-    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])
-    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="then_fc")], "then", [],
-                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 6])])
-    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "V"], ["e"], name="else_fc")], "else", [],
-                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 6])],
-                               [numpy_helper.from_array(-w, "V")])
-    g = helper.make_graph([helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g,
-                                            else_branch=else_g)], "g", [cond, x], [out],
-                          [numpy_helper.from_array(w, "W")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = if_model(w, 2, else_scale=-1.0)
     sites = find_sites(model)
     assert sorted((s.name, s.scope, s.reason) for s in sites) == [
         ("else_fc", "main/branch/else_branch", None), ("then_fc", "main/branch/then_branch", None)]
