@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .runtime import CUDA, make_session, model_source, provider_status
+from .runtime import CUDA, make_session, model_source, ort_error, provider_status
 
 
 @dataclass
@@ -86,7 +86,7 @@ def benchmark_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feed
                 run_b = Runner(src_b, provider, feeds, threads)
             except Exception as exc:  # ORT raises its own types
                 entries.append(LatencyEntry(provider, "unavailable", threads=threads,
-                                            detail=f"cannot run here: {str(exc).splitlines()[0][:200]}"))
+                                            detail=f"cannot run here: {ort_error(exc)}"))
                 continue
             a, b = time_pair(run_a, run_b, seconds=seconds)
             entries.append(summarize(provider, a, b, threads))

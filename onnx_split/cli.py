@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import LAYOUTS, SplitConfig
-from .errors import OnnxSplitError
+from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
 from .model_io import read_model, save_model
 from .pipeline import split_model
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line, unless --debug
         if args.debug:
             raise
-        print(f"onnx_split: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        print(f"onnx_split: internal error: {type(exc).__name__}: {first_line(exc)} "
               f"(rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_BAD_INPUT
 

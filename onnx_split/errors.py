@@ -15,3 +15,9 @@ class ModelLoadError(InputError):
 
 class OutputError(OnnxSplitError):
     """The output cannot be written where asked."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line, for reasons and error messages."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -88,7 +88,7 @@ def _load_npz(path: str, specs: list[onnx.ValueInfoProto]) -> dict[str, np.ndarr
         with np.load(p, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as exc:  # numpy raises several types for a bad file
-        raise InputError(f"--inputs {p} is not a readable .npz file: {str(exc).splitlines()[0][:200]}") from None
+        raise InputError(f"--inputs {p} is not a readable .npz file: {first_line(exc)}") from None
     feeds = {}
     for spec in specs:
         if spec.name not in arrays:

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
-from .errors import ModelLoadError, OutputError
+from .errors import ModelLoadError, OutputError, first_line
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -35,7 +35,7 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise ModelLoadError(f"{p} is not a valid ONNX model (truncated or not ONNX): {_first_line(exc)}") from None
+        raise ModelLoadError(f"{p} is not a valid ONNX model (truncated or not ONNX): {first_line(exc)}") from None
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{p} is not an ONNX model (no IR version, graph or opset)")
     files = external_data_files(model, p.parent)
@@ -45,11 +45,11 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{p}: cannot read external data: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{p}: cannot read external data: {first_line(exc)}") from None
     try:
         onnx.checker.check_model(str(p))
     except (onnx.checker.ValidationError, DecodeError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{p} is not a valid ONNX model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{p} is not a valid ONNX model: {first_line(exc)}") from None
     return model, files
 
 
@@ -104,7 +104,7 @@ def save_model(
             else:
                 onnx.save_model(model, str(tmp_model))
         except (OSError, ValueError) as exc:
-            raise OutputError(f"cannot write {out}: {_first_line(exc)}") from None
+            raise OutputError(f"cannot write {out}: {first_line(exc)}") from None
         written = []
         if external_data:
             os.replace(tmp / data_name, parent / data_name)
@@ -181,8 +181,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except OSError:
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -19,13 +19,13 @@ import onnx
 from . import __version__
 from .bench import benchmark_models
 from .config import SplitConfig
-from .errors import InputError
+from .errors import InputError, first_line
 from .inputs import make_feeds
 from .model_io import is_large, load_model, save_model
 from .partition import Plan, exact_components
 from .report import SiteReport, SplitReport
 from .rewrite import layout_macs, rewrite_model
-from .runtime import CPU, CUDA, available_providers, provider_status
+from .runtime import CPU, CUDA, available_providers, make_session, model_source, ort_error, provider_status
 from .sites import Site, find_sites
 from .verify import verify_models
 
@@ -73,6 +73,8 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     _record_metadata(model, config, report)
 
     report.checker = check(model)
+    if not config.verify:
+        report.checker["ort_loads"] = loads_in_ort(model)
     if config.verify or config.bench:
         providers = _providers(config, report)
         feeds, report.inputs = make_feeds(original, config.input_shapes, config.inputs_path, config.seed)
@@ -150,8 +152,18 @@ def check(model: onnx.ModelProto) -> dict:
                 save_model(model, path, external_data=True)
                 onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # the checker raises several types
-        return {"passed": False, "error": str(exc).splitlines()[0][:300]}
+        return {"passed": False, "error": first_line(exc)}
     return {"passed": True, "error": None}
+
+
+def loads_in_ort(model: onnx.ModelProto) -> str:
+    """"yes", or why the installed ONNX Runtime cannot load the model (one line)."""
+    try:
+        with model_source(model) as source:
+            make_session(source, CPU, "disabled")
+    except Exception as exc:  # ORT raises its own types
+        return ort_error(exc)
+    return "yes"
 
 
 def _providers(config: SplitConfig, report: SplitReport) -> list[str]:

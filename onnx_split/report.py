@@ -6,6 +6,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+import onnxruntime as ort
+
 from .bench import LatencyEntry
 from .verify import VerificationEntry
 
@@ -82,6 +84,8 @@ class SplitReport:
         if self.checker:
             lines.append("onnx checker (full): " + ("passed" if self.checker.get("passed") else
                                                     f"FAILED: {self.checker.get('error')}"))
+            if "ort_loads" in self.checker:
+                lines.append(f"loads in onnxruntime {ort.__version__}: {self.checker['ort_loads']}")
         if self.verification:
             lines.append("verification (" + "; ".join(self.inputs) + "):")
             for v in self.verification:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,12 +46,28 @@ def provider_status(provider: str) -> str | None:
                                        providers=[provider, CPU])
         used = session.get_providers()
     except Exception as exc:  # ORT raises its own types
-        return f"{provider} failed to start: {str(exc).splitlines()[0][:200]}"
+        return f"{provider} failed to start: {ort_error(exc)}"
     finally:
         ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
     if not used or used[0] != provider:
         return f"{provider} is listed by onnxruntime but did not start (no usable GPU or CUDA libraries)"
     return None
+
+
+def ort_error(exc: BaseException) -> str:
+    """ORT's message without its source path and C++ signature, on one line.
+
+    "[ONNXRuntimeError] : 1 : FAIL : /src/model.cc:256 onnxruntime::Model::Model(...) Unsupported model
+    IR version: 14, ..." -> "FAIL: Unsupported model IR version: 14, ..."
+    """
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    match = re.match(r"\[ONNXRuntimeError\] : \d+ : (\w+) : (.*)", text)
+    if match:
+        status, rest = match.groups()
+        if rest.startswith("/") and ") " in rest:  # a source location and a C++ signature come first
+            rest = rest[rest.rindex(") ") + 2:]
+        text = f"{status}: {rest}"
+    return text[:300]
 
 
 def available_providers() -> list[str]:

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .errors import first_line
+
 SUPPORTED_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
@@ -121,7 +123,7 @@ class _Resolver:
         try:
             out = _run_node(node, feeds, self.opsets, self.model.ir_version)
         except Exception as exc:  # the reference evaluator raises many types
-            return None, f"weight '{name}' could not be folded from {what}: {str(exc).splitlines()[0][:200]}", []
+            return None, f"weight '{name}' could not be folded from {what}: {first_line(exc)}", []
         return out[list(node.output).index(name)], None, chain
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import InputError
-from .runtime import CPU, make_session, model_source, provider_status, run
+from .errors import InputError, first_line
+from .runtime import CPU, make_session, model_source, ort_error, provider_status, run
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: 
                     session_a = make_session(src_a, provider, optimization, threads)
                     ref = run(session_a, feeds)
                 except Exception as exc:  # ORT raises its own types
-                    reason = str(exc).splitlines()[0][:200]
+                    reason = ort_error(exc)
                     if provider == CPU and optimization == "disabled":
                         entries.append(_reference(original, rewritten, feeds, rtol, atol, reason))
                     else:
@@ -123,7 +123,7 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: 
                     got = run(session_b, feeds)
                 except Exception as exc:
                     entries.append(VerificationEntry(provider, optimization, False, "failed",
-                                                     f"the rewritten model does not run: {str(exc).splitlines()[0][:200]}"))
+                                                     f"the rewritten model does not run: {ort_error(exc)}"))
                     continue
                 entries.append(_entry(provider, optimization, names, ref, got, rtol, atol))
     return entries
@@ -143,13 +143,13 @@ def _reference(original, rewritten, feeds, rtol, atol, ort_reason: str) -> Verif
     except Exception as exc:
         raise InputError(
             f"the input model runs neither in ONNX Runtime ({ort_reason}) nor in onnx's reference evaluator "
-            f"({str(exc).splitlines()[0][:120]}); use --no-verify to skip verification") from None
+            f"({first_line(exc, 120)}); use --no-verify to skip verification") from None
     names = [o.name for o in original.graph.output]
     try:
         got = ReferenceEvaluator(rewritten).run(None, feeds)
     except Exception as exc:
         return VerificationEntry(REFERENCE, "n/a", False, "failed",
-                                 f"the rewritten model does not run: {str(exc).splitlines()[0][:200]}")
+                                 f"the rewritten model does not run: {first_line(exc)}")
     log.info("ONNX Runtime cannot run the original (%s); verified with onnx.reference", ort_reason)
     return _entry(REFERENCE, "n/a", names, ref, got, rtol, atol,
                   f"ONNX Runtime cannot run the original ({ort_reason}); compared in onnx's reference evaluator")

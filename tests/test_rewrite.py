@@ -270,3 +270,24 @@ def test_weights_inside_loop_and_scan_bodies(layout):
         ("loop_fc", "main/loop/body", "split"), ("scan_fc", "main/scan/body", "split")]
     _assert_verified(result.report)
     _assert_equivalent(model, result.model, {"x": rng.standard_normal((2, 24)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("ir_version", [8, 10])
+def test_node_metadata_tags_the_rewrite_where_the_ir_version_has_it(ir_version):
+    w, _ = planted(np.random.default_rng(17), 32, 32, 4)
+    result = split_model(matmul_model(w, [2, 32], opset=21, ir_version=ir_version), _config())
+    tags = [{p.key: p.value for p in n.metadata_props} for n in result.model.graph.node]
+    if ir_version >= 10:
+        assert all(t["onnx_split.site"] == "fc1" and t["onnx_split.layout"] == "parallel" for t in tags)
+    else:
+        assert tags and not any(tags)
+    _assert_verified(result.report)
+
+
+def test_without_verification_the_output_is_still_loaded_in_ort():
+    w, _ = planted(np.random.default_rng(18), 32, 32, 4)
+    report = split_model(matmul_model(w, [2, 32]), _config(verify=False)).report
+    assert report.checker["ort_loads"] == "yes" and report.verification == []
+    too_new = matmul_model(w, [2, 32], ir_version=14)  # onnx 1.23's default; ORT 1.31 reads up to 13
+    report = split_model(too_new, _config(verify=False)).report
+    assert "IR version" in report.checker["ort_loads"]

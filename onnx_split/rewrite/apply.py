@@ -27,7 +27,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Site, Plan]], layout:
     by_graph: dict[str, tuple[onnx.GraphProto, dict[int, list[onnx.NodeProto]]]] = {}
     dropped: set[str] = set()
     for j, (site, plan) in enumerate(jobs):
-        em = Emitter(site.name, opset, taken, layout)
+        em = Emitter(site.name, opset, taken, layout, model.ir_version)
         try:
             y = emit(em, site, plan)
         except Unsupported as exc:

@@ -18,9 +18,11 @@ class Emitter:
     Every name is ``<site>/split/<local>``, made unique against ``taken`` (all names in the model).
     """
 
-    def __init__(self, base: str, opset: int, taken: set[str], layout: str):
+    def __init__(self, base: str, opset: int, taken: set[str], layout: str, ir_version: int = 0):
+        self.site = base
         self.base = f"{base}/split"
         self.opset = opset
+        self.ir_version = ir_version
         self.taken = taken
         self.layout = layout
         self.nodes: list[onnx.NodeProto] = []
@@ -47,6 +49,10 @@ class Emitter:
         out = output if output is not None else self.name(f"{local}_out")
         node = onnx.helper.make_node(op, inputs, [out], name=node_name, **attrs)
         node.doc_string = f"onnx_split {__version__} ({self.layout} layout): {doc}"
+        if self.ir_version >= 10:  # node metadata exists from IR 10 on; Netron shows it
+            for key, value in (("onnx_split.site", self.site), ("onnx_split.layout", self.layout),
+                               ("onnx_split.version", __version__)):
+                node.metadata_props.add(key=key, value=value)
         self.nodes.append(node)
         return out
 
