@@ -60,11 +60,33 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    """True when the model cannot be serialized as one protobuf (2 GB limit)."""
+    """True when the model cannot be serialized as one protobuf (2 GB limit).
+
+    Counted without serializing it: the main graph's weights from their dims, everything else from
+    a copy without them (``ByteSize`` would serialize the whole model just to count it).
+    """
     try:
-        return model.ByteSize() >= PROTOBUF_LIMIT
+        size = _header(model).ByteSize()
     except EncodeError:  # protobuf refuses to even size a message past its limit
         return True
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.STRING or t.data_location == onnx.TensorProto.EXTERNAL:
+            size += t.ByteSize()
+        else:
+            count = 1
+            for d in t.dims:
+                count *= d
+            size += count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            size += 32 + len(t.name) + 11 * len(t.dims)  # tags, lengths, name, dims: a safe upper bound
+    return size >= PROTOBUF_LIMIT
+
+
+def _header(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its main graph's initializers."""
+    header = onnx.ModelProto()
+    _copy_fields(model, header, skip="graph")
+    _copy_fields(model.graph, header.graph, skip="initializer")
+    return header
 
 
 def save_model(
@@ -122,9 +144,7 @@ def _save_external(model: onnx.ModelProto, path: Path, data_name: str, threshold
     Unlike ``onnx.save_model(save_as_external_data=True)`` this leaves ``model`` untouched and
     holds at most one tensor's bytes at a time, so a model near the memory limit can be saved.
     """
-    header = onnx.ModelProto()
-    _copy_fields(model, header, skip="graph")
-    _copy_fields(model.graph, header.graph, skip="initializer")
+    header = _header(model)
     offset = 0
     with open(path.parent / data_name, "wb") as data:
         for tensor in model.graph.initializer:

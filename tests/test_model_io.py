@@ -82,3 +82,12 @@ def test_missing_external_data_file_is_a_clear_error(tmp_path):
     (tmp_path / "w.bin").unlink()
     with pytest.raises(ModelLoadError, match="external data file of the model is missing"):
         load_model(tmp_path / "m.onnx")
+
+
+def test_is_large_counts_weights_without_serializing(monkeypatch):
+    model = _model()
+    exact = model.ByteSize()
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", exact + 256)
+    assert not model_io.is_large(model)  # the estimate is close to the real size...
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", exact)
+    assert model_io.is_large(model)  # ...and never below it

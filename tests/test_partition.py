@@ -68,3 +68,28 @@ def test_partition_code_does_not_import_onnx():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in ("onnx", "onnxruntime") for n in names), path
+
+
+def test_dense_shortcut_agrees_with_the_graph_path():
+    """A weight with one full row is decided without the graph; the answer must be the same."""
+    from onnx_split.partition.components import _labels
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        mask = rng.random((12, 9)) < 0.3
+        mask[rng.integers(12)] = True  # a full row
+        mask[:, rng.integers(9)] = False  # an output no input feeds
+        mask[rng.integers(12)] = False  # an input no output uses (may undo the full row: both paths run)
+        n_fast, fast = _labels(mask)
+        adj = sparse.csr_matrix(mask)
+        _, slow = connected_components(sparse.bmat([[None, adj], [adj.T, None]], format="csr"), directed=False)
+        # same partition of the nodes, whatever the label numbers
+        pairs = {(int(a), int(b)) for a, b in zip(fast, slow)}
+        assert len(pairs) == len(set(fast.tolist())) == len(set(slow.tolist()))
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    w[5] = 0.0
+    w[:, 7] = 0.0
+    plan = exact_components(w)
+    assert plan.n_components == 1 and plan.unused_rows.tolist() == [5] and plan.dead_cols.tolist() == [7]

@@ -15,14 +15,26 @@ from scipy.sparse.csgraph import connected_components
 from .plan import Part, Plan
 
 
-def significant_mask(weight: np.ndarray, threshold: float) -> sparse.csr_matrix:
-    """Sparse K x N boolean matrix of ``|w| > threshold``; NaN and inf count as significant."""
+def significant_mask(weight: np.ndarray, threshold: float) -> np.ndarray:
+    """K x N boolean matrix of ``|w| > threshold``; NaN and inf count as significant."""
     w = np.asarray(weight)
     if w.dtype.kind != "f":  # ml_dtypes (bfloat16) report kind 'V'
         w = w.astype(np.float32)
-    mag = np.abs(w)
-    mask = ~(mag <= threshold)  # NaN compares False, so it stays significant
-    return sparse.csr_matrix(mask)
+    return ~(np.abs(w) <= threshold)  # NaN compares False, so it stays significant
+
+
+def _labels(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected-component labels of the K + N nodes of the bipartite graph of ``mask``."""
+    k, n = mask.shape
+    if mask.all(axis=1).any() or mask.all(axis=0).any():
+        # An input that reaches every output (or an output every input reaches) joins all edges into
+        # one component: the usual case of a dense weight, decided without building the graph.
+        labels = np.concatenate([np.where(mask.any(axis=1), 0, 1 + np.arange(k)),
+                                 np.where(mask.any(axis=0), 0, 1 + k + np.arange(n))])
+        return 1 + k + n, labels
+    adjacency = sparse.csr_matrix(mask)
+    graph = sparse.bmat([[None, adjacency], [adjacency.T, None]], format="csr")
+    return connected_components(graph, directed=False)
 
 
 def exact_components(weight: np.ndarray, threshold: float = 0.0, max_parts: int = 16) -> Plan:
@@ -32,9 +44,7 @@ def exact_components(weight: np.ndarray, threshold: float = 0.0, max_parts: int 
     if max_parts < 1:
         raise ValueError("max_parts must be >= 1")
     k, n = weight.shape
-    mask = significant_mask(weight, threshold)
-    graph = sparse.bmat([[None, mask], [mask.T, None]], format="csr")
-    n_labels, labels = connected_components(graph, directed=False)
+    n_labels, labels = _labels(significant_mask(weight, threshold))
     row_labels, col_labels = labels[:k], labels[k:]
 
     row_count = np.bincount(row_labels, minlength=n_labels)
