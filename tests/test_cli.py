@@ -196,3 +196,14 @@ def test_gemm_model_through_the_cli(tmp_path, capsys):
     code, stdout, _ = _run(capsys, src, tmp_path / "o.onnx", "--min-elements", "0", "--no-bench", "--layout",
                            "batched")
     assert code == 0 and "split (batched)" in stdout
+
+
+def test_installed_console_script(tmp_path, block_model):
+    script = Path(sys.executable).parent / "onnx-split"
+    if not script.exists():
+        pytest.skip("onnx_split is not pip-installed in this environment (no onnx-split script)")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "onnx_split 0.1.0"
+    proc = subprocess.run([str(script), str(block_model), str(tmp_path / "o.onnx"), "--min-elements", "0",
+                           "--no-bench", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "o.onnx").exists(), proc.stderr
