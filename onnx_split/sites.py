@@ -46,6 +46,7 @@ class Site:
     bias: str | None = None  # name of Gemm's C
     bias_value: np.ndarray | None = None  # C's value when it is a constant
     activation_rank: int | None = None
+    activation_rows: int | None = None  # rows M of the activation seen as [M, K], when static
     weight_producers: list[int] = field(default_factory=list)  # node indices folded into the weight
 
     @property
@@ -138,8 +139,9 @@ def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets, ir_ver
     return ReferenceEvaluator(model).run(None, feeds)
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every tensor shape inference can tell, from a copy without the main graph's weight data."""
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Shape (None for a dynamic dim) of every tensor shape inference can tell, from a copy without
+    the main graph's weight data."""
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
@@ -156,22 +158,22 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         light = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False)
     except Exception:  # shape inference is a help here, never a requirement
         pass
-    ranks: dict[str, int] = {}
+    shapes: dict[str, list[int | None]] = {}
 
     def visit(graph: onnx.GraphProto):
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             tt = vi.type.tensor_type
             if tt.HasField("shape"):
-                ranks[vi.name] = len(tt.shape.dim)
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         for t in graph.initializer:
-            ranks[t.name] = len(t.dims)
+            shapes[t.name] = list(t.dims)
         for node in graph.node:
             for a in node.attribute:
                 for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                     visit(g)
 
     visit(light.graph)
-    return ranks
+    return shapes
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -184,7 +186,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
     """Every MatMul/Gemm of the model, in graph order (subgraphs after their parent node)."""
     resolver = _Resolver(model)
-    ranks = _ranks(model)
+    shapes = _shapes(model)
     opset = default_opset(model)
     sites: list[Site] = []
 
@@ -194,7 +196,7 @@ def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
             if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
                 site = Site(node=node, graph=graph, scope=scope_name, index=index,
                             name=node.name or node.output[0], op_type=node.op_type)
-                _describe(site, scopes, resolver, ranks, opset, min_elements)
+                _describe(site, scopes, resolver, shapes, opset, min_elements)
                 sites.append(site)
             for attr in node.attribute:
                 subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
@@ -206,7 +208,7 @@ def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
     return sites
 
 
-def _describe(site: Site, scopes, resolver: _Resolver, ranks, opset: int, min_elements: int) -> None:
+def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_elements: int) -> None:
     node = site.node
     if opset < MIN_OPSET:
         site.reason = f"opset {opset} is older than {MIN_OPSET}; not supported"
@@ -227,7 +229,10 @@ def _describe(site: Site, scopes, resolver: _Resolver, ranks, opset: int, min_el
             site.reason = b_reason
         return
     site.activation, site.weight_name, site.weight_producers = a_name, b_name, chain
-    site.activation_rank = ranks.get(a_name)
+    shape = shapes.get(a_name)
+    site.activation_rank = None if shape is None else len(shape)
+    if shape is not None and all(d is not None for d in shape[:-1]):
+        site.activation_rows = int(np.prod(shape[:-1], dtype=np.int64))
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     weight = b_val
     if node.op_type == "Gemm":
@@ -237,6 +242,8 @@ def _describe(site: Site, scopes, resolver: _Resolver, ranks, opset: int, min_el
         site.alpha = float(attrs.get("alpha", 1.0))
         site.beta = float(attrs.get("beta", 1.0))
         site.activation_rank = 2
+        if shape is not None and len(shape) == 2 and shape[-1 if site.trans_a else 0] is not None:
+            site.activation_rows = int(shape[-1 if site.trans_a else 0])
         if "broadcast" in attrs and opset < 7:
             site.reason = "Gemm with the legacy broadcast attribute is not supported"
         if len(node.input) > 2 and node.input[2]:

@@ -291,3 +291,13 @@ def test_without_verification_the_output_is_still_loaded_in_ort():
     too_new = matmul_model(w, [2, 32], ir_version=14)  # onnx 1.23's default; ORT 1.31 reads up to 13
     report = split_model(too_new, _config(verify=False)).report
     assert "IR version" in report.checker["ort_loads"]
+
+
+@pytest.mark.parametrize("shape,transposes", [([1, 40], 0), (["N", 40], 2), ([3, 40], 2), ([1, 1, 40], 0)])
+def test_permuted_parallel_form_follows_the_static_row_count(shape, transposes):
+    """One static row: gather elements of x directly; otherwise work on x^T (row copies)."""
+    rng = np.random.default_rng(19)
+    w, _ = planted(rng, 40, 32, 4)  # permuted
+    result = split_model(matmul_model(w, shape), _config())
+    assert op_counts(result.model).get("Transpose", 0) == transposes
+    _assert_verified(result.report)

@@ -200,7 +200,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict, providers: list[str
              "(> 1: the rewrite is faster); *ideal* = FLOPs before / FLOPs after from the split report; "
              "*of ideal* = speedup / ideal.", "",
              "Reading the figures: without permutations, `parallel` is Slice -> MatMul -> Concat on x itself. "
-             "With permutations, and always for `batched`, the rewrite works on x^T, where selecting inputs and "
+             "With permutations (except where the activation has one static row: then it gathers elements of x), and always for `batched`, the rewrite works on x^T, where selecting inputs and "
              "restoring the output order are row copies rather than ORT's slow element-wise Gather on the last axis; "
              "the part weights then sit on MatMul's left (W^T @ x^T). That shape runs at higher throughput than the "
              "dense x @ W at batch 32 in ORT's CPU kernels (hence rows above 100% of ideal) and lower at batch 1. "
