@@ -108,14 +108,15 @@ def _plan_sites(sites: list[Site], config: SplitConfig, progress: Progress):
                          dtype=str(site.weight.dtype) if site.weight is not None else None,
                          decision="kept", reason=site.reason or "")
         reports.append(rep)
+        if site.shape is not None and len(site.shape) == 2:
+            rep.flops_before = 2 * site.shape[0] * site.shape[1]
         if site.reason is not None:
             continue
-        key = (site.scope, site.weight_name, site.shape)
+        key = (site.scope, site.weight_name, site.trans_b)  # one plan per stored weight and orientation
         if key not in cache:
             cache[key] = plan_site(site, config)
         plan = cache[key]
         k, n = plan.k, plan.n
-        rep.flops_before = 2 * k * n
         rep.components, rep.unused_inputs, rep.dead_outputs = plan.n_components, plan.unused_rows.size, plan.dead_cols.size
         after = layout_macs(plan, config.layout)
         if plan.n_components == 0:

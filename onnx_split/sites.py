@@ -41,6 +41,7 @@ class Site:
     weight_name: str = ""
     weight: np.ndarray | None = None  # [K, N], oriented so that y = x @ weight
     trans_a: bool = False
+    trans_b: bool = False  # the stored weight is W^T (Gemm transB); ``weight`` is already W
     alpha: float = 1.0
     beta: float = 1.0
     bias: str | None = None  # name of Gemm's C
@@ -236,7 +237,8 @@ def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_e
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     weight = b_val
     if node.op_type == "Gemm":
-        if weight.ndim == 2 and attrs.get("transB", 0):
+        site.trans_b = bool(attrs.get("transB", 0))
+        if weight.ndim == 2 and site.trans_b:
             weight = weight.T
         site.trans_a = bool(attrs.get("transA", 0))
         site.alpha = float(attrs.get("alpha", 1.0))

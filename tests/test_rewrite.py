@@ -301,3 +301,29 @@ def test_permuted_parallel_form_follows_the_static_row_count(shape, transposes):
     result = split_model(matmul_model(w, shape), _config())
     assert op_counts(result.model).get("Transpose", 0) == transposes
     _assert_verified(result.report)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_square_weight_shared_by_gemms_in_both_orientations(layout):
+    rng = np.random.default_rng(20)
+    w = np.zeros((24, 24), np.float32)
+    w[:8, :12] = rng.standard_normal((8, 12))  # not symmetric: W and W^T split differently
+    w[8:, 12:] = rng.standard_normal((16, 12))
+    w = w[rng.permutation(24)]
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Gemm", ["a", "W"], ["y1"], name="plain"),
+             helper.make_node("Gemm", ["a", "W"], ["y2"], name="transposed", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", f, [3, 24])],
+                          [helper.make_tensor_value_info(n, f, [3, 24]) for n in ("y1", "y2")],
+                          [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    result = split_model(model, _config(layout))
+    assert [s.decision for s in result.report.sites] == ["split", "split"]
+    assert [s.part_shapes for s in result.report.sites][0] != [s.part_shapes for s in result.report.sites][1]
+    _assert_verified(result.report)
+    _assert_equivalent(model, result.model, {"a": rng.standard_normal((3, 24)).astype(np.float32)})
+
+
+def test_kept_sites_still_report_their_dense_flops():
+    report = split_model(matmul_model(np.ones((8, 4), np.float32), [2, 8]), _config(min_elements=100)).report
+    assert report.sites[0].decision == "kept" and report.sites[0].flops_before == 2 * 8 * 4
