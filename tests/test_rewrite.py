@@ -327,3 +327,15 @@ def test_square_weight_shared_by_gemms_in_both_orientations(layout):
 def test_kept_sites_still_report_their_dense_flops():
     report = split_model(matmul_model(np.ones((8, 4), np.float32), [2, 8]), _config(min_elements=100)).report
     assert report.sites[0].decision == "kept" and report.sites[0].flops_before == 2 * 8 * 4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ir3_model_lists_new_weights_as_graph_inputs(layout):
+    """Before IR 4 every initializer must also be a graph input."""
+    w, _ = planted(np.random.default_rng(21), 32, 32, 4)
+    model = matmul_model(w, [2, 32], opset=7, ir_version=3, weight_as_constant_node=True)
+    result = split_model(model, _config(layout))
+    assert result.report.sites[0].decision == "split"
+    inputs = {i.name for i in result.model.graph.input}
+    assert result.model.ir_version == 3 and all(t.name in inputs for t in result.model.graph.initializer)
+    _assert_verified(result.report)

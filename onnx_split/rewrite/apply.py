@@ -27,6 +27,9 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Site, Plan]], layout:
     by_graph: dict[str, tuple[onnx.GraphProto, dict[int, list[onnx.NodeProto]]]] = {}
     dropped: set[str] = set()
     for j, (site, plan) in enumerate(jobs):
+        if model.ir_version < 4 and site.scope != "main":
+            refused[j] = "IR version < 4 needs new weights to be graph inputs, which a subgraph cannot take"
+            continue
         em = Emitter(site.name, opset, taken, layout, model.ir_version)
         try:
             y = emit(em, site, plan)
@@ -37,6 +40,9 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Site, Plan]], layout:
         graph, replacements = by_graph.setdefault(site.scope, (site.graph, {}))
         replacements[site.index] = em.nodes
         graph.initializer.extend(em.initializers)
+        if model.ir_version < 4:  # IR 3: every initializer is also a graph input
+            graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                               for t in em.initializers)
         dropped.update(n for n in site.node.input[1:] if n)
         dropped.update(site.graph.node[i].output[0] for i in site.weight_producers)
     for graph, replacements in by_graph.values():
