@@ -63,9 +63,11 @@ def make_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
 def _dims(spec: onnx.ValueInfoProto) -> list[int | None]:
     tt = spec.type.tensor_type
     if not spec.type.HasField("tensor_type"):
-        raise InputError(f"graph input {spec.name!r} is not a tensor; only tensor inputs are supported")
+        raise InputError(f"graph input {spec.name!r} is not a tensor, so no input can be made for it: "
+                         f"give real ones with --inputs, or skip with --no-verify --no-bench")
     if not tt.HasField("shape"):
-        raise InputError(f"graph input {spec.name!r} has no shape: give it with --input-shape {spec.name}:d0,d1,..")
+        raise InputError(f"graph input {spec.name!r} has no shape: give it with --input-shape {spec.name}:d0,d1,.. "
+                         f"(or skip verification and timing with --no-verify --no-bench)")
     return [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
 
 
