@@ -66,7 +66,7 @@ def is_large(model: onnx.ModelProto) -> bool:
     a copy without them (``ByteSize`` would serialize the whole model just to count it).
     """
     try:
-        size = _header(model).ByteSize()
+        size = without_weights(model).ByteSize()
     except EncodeError:  # protobuf refuses to even size a message past its limit
         return True
     for t in model.graph.initializer:
@@ -81,8 +81,8 @@ def is_large(model: onnx.ModelProto) -> bool:
     return size >= PROTOBUF_LIMIT
 
 
-def _header(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its main graph's initializers."""
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model without its main graph's initializers (cheap: no weight data)."""
     header = onnx.ModelProto()
     _copy_fields(model, header, skip="graph")
     _copy_fields(model.graph, header.graph, skip="initializer")
@@ -144,7 +144,7 @@ def _save_external(model: onnx.ModelProto, path: Path, data_name: str, threshold
     Unlike ``onnx.save_model(save_as_external_data=True)`` this leaves ``model`` untouched and
     holds at most one tensor's bytes at a time, so a model near the memory limit can be saved.
     """
-    header = _header(model)
+    header = without_weights(model)
     offset = 0
     with open(path.parent / data_name, "wb") as data:
         for tensor in model.graph.initializer:

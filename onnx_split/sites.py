@@ -13,6 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import first_line
+from .model_io import without_weights
 
 SUPPORTED_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -140,41 +141,50 @@ def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets, ir_ver
     return ReferenceEvaluator(model).run(None, feeds)
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Shape (None for a dynamic dim) of every tensor shape inference can tell, from a copy without
-    the main graph's weight data."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    g = light.graph
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    for t in model.graph.initializer:  # shapes only: inference needs no values of weights
-        g.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
+def _shapes(model: onnx.ModelProto) -> dict[str, dict[str, list[int | None]]]:
+    """{scope name: {tensor: shape}} (None for a dynamic dim) for every tensor shape inference can
+    tell, from a copy that has the main graph's weight shapes but not their data."""
+    light = without_weights(model)
+    for t in model.graph.initializer:  # inference needs the shapes of weights, not their values
+        light.graph.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
     try:
         light = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False)
     except Exception:  # shape inference is a help here, never a requirement
         pass
-    shapes: dict[str, list[int | None]] = {}
+    shapes: dict[str, dict[str, list[int | None]]] = {}
 
-    def visit(graph: onnx.GraphProto):
+    def visit(graph: onnx.GraphProto, scope_name: str):
+        known = shapes.setdefault(scope_name, {})
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             tt = vi.type.tensor_type
             if tt.HasField("shape"):
-                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+                known[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         for t in graph.initializer:
-            shapes[t.name] = list(t.dims)
-        for node in graph.node:
-            for a in node.attribute:
-                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    visit(g)
+            known[t.name] = list(t.dims)
+        for _, _, sub_name, sub in subgraphs(graph, scope_name):
+            visit(sub, sub_name)
 
-    visit(light.graph)
+    visit(light.graph, "main")
     return shapes
+
+
+def subgraphs(graph: onnx.GraphProto, scope_name: str):
+    """(node index, node, scope name, subgraph) for each subgraph attribute of the graph's nodes.
+
+    Scope names read ``main/<node>/<attribute>``; a node without a name, or one whose name is
+    already used in this graph, gets ``<op_type>#<index>`` so that every scope name is unique.
+    """
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        label = node.name or f"{node.op_type}#{index}"
+        if label in seen:
+            label = f"{label}#{index}"
+        seen.add(label)
+        for attr in node.attribute:
+            graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for i, sub in enumerate(graphs):
+                suffix = attr.name if len(graphs) == 1 else f"{attr.name}[{i}]"
+                yield index, node, f"{scope_name}/{label}/{suffix}", sub
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -199,11 +209,8 @@ def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
                             name=node.name or node.output[0], op_type=node.op_type)
                 _describe(site, scopes, resolver, shapes, opset, min_elements)
                 sites.append(site)
-            for attr in node.attribute:
-                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-                for i, sub in enumerate(subgraphs):
-                    suffix = attr.name if len(subgraphs) == 1 else f"{attr.name}[{i}]"
-                    visit(sub, f"{scope_name}/{node.name or node.op_type}/{suffix}", scopes)
+        for _, _, sub_name, sub in subgraphs(graph, scope_name):
+            visit(sub, sub_name, scopes)
 
     visit(model.graph, "main", [])
     return sites
@@ -230,7 +237,7 @@ def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_e
             site.reason = b_reason
         return
     site.activation, site.weight_name, site.weight_producers = a_name, b_name, chain
-    shape = shapes.get(a_name)
+    shape = next((shapes[sc.name][a_name] for sc in scopes if a_name in shapes.get(sc.name, {})), None)
     site.activation_rank = None if shape is None else len(shape)
     if shape is not None and all(d is not None for d in shape[:-1]):
         site.activation_rows = int(np.prod(shape[:-1], dtype=np.int64))

@@ -339,3 +339,60 @@ def test_ir3_model_lists_new_weights_as_graph_inputs(layout):
     inputs = {i.name for i in result.model.graph.input}
     assert result.model.ir_version == 3 and all(t.name in inputs for t in result.model.graph.initializer)
     _assert_verified(result.report)
+
+
+def _branch(name: str, w: np.ndarray, x: str, out: str, m: int) -> onnx.GraphProto:
+    f = TensorProto.FLOAT
+    return helper.make_graph([helper.make_node("MatMul", [x, f"{name}_W"], [out], name=name)], name, [],
+                             [helper.make_tensor_value_info(out, f, [m, w.shape[1]])],
+                             [numpy_helper.from_array(w, f"{name}_W")])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_subgraph_rewrite_survives_a_split_site_in_the_parent(layout):
+    """The parent graph is rebuilt too: the subgraph's rewrite must land in the graph that is kept."""
+    rng = np.random.default_rng(22)
+    w0, _ = planted(rng, 16, 16, 2)
+    w1, _ = planted(rng, 16, 16, 4)
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="fc0"),
+             helper.make_node("If", ["cond"], ["y"], name="br", then_branch=_branch("then_fc", w1, "h", "t", 3),
+                              else_branch=_branch("else_fc", -w1, "h", "e", 3))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                                       helper.make_tensor_value_info("x", f, [3, 16])],
+                          [helper.make_tensor_value_info("y", f, [3, 16])], [numpy_helper.from_array(w0, "W0")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = split_model(model, _config(layout))
+    assert [s.decision for s in result.report.sites] == ["split"] * 3
+    if_node = next(n for n in result.model.graph.node if n.op_type == "If")
+    for attr in if_node.attribute:
+        body = [n.op_type for n in attr.g.node]
+        assert "MatMul" in body and len(body) > 1, (attr.name, body)  # rewritten, not the original node
+        assert not any(t.name.endswith("_W") for t in attr.g.initializer)  # the old weight went away
+    _assert_verified(result.report)
+    xv = rng.standard_normal((3, 16)).astype(np.float32)
+    for c in (True, False):
+        _assert_equivalent(model, result.model, {"x": xv, "cond": np.array(c)})
+
+
+def test_unnamed_control_flow_nodes_get_distinct_scopes():
+    rng = np.random.default_rng(23)
+    a, _ = planted(rng, 16, 16, 2)
+    b, _ = planted(rng, 16, 16, 4)
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("If", ["cond"], ["y1"], then_branch=_branch("t1", a, "x", "o1", 2),
+                              else_branch=_branch("e1", a, "x", "p1", 2)),
+             helper.make_node("If", ["cond"], ["y2"], then_branch=_branch("t2", b, "x", "o2", 2),
+                              else_branch=_branch("e2", b, "x", "p2", 2))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                                       helper.make_tensor_value_info("x", f, [2, 16])],
+                          [helper.make_tensor_value_info(n, f, [2, 16]) for n in ("y1", "y2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = split_model(model, _config())
+    scopes = [s.scope for s in result.report.sites]
+    assert len(set(scopes)) == 4 and all(s.startswith("main/If#") for s in scopes)
+    assert sorted(s.parts for s in result.report.sites) == [2, 2, 4, 4]
+    _assert_verified(result.report)
+    xv = rng.standard_normal((2, 16)).astype(np.float32)
+    for c in (True, False):
+        _assert_equivalent(model, result.model, {"x": xv, "cond": np.array(c)})

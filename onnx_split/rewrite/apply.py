@@ -45,7 +45,10 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Site, Plan]], layout:
                                for t in em.initializers)
         dropped.update(n for n in site.node.input[1:] if n)
         dropped.update(site.graph.node[i].output[0] for i in site.weight_producers)
-    for graph, replacements in by_graph.values():
+    # Innermost graphs first: rebuilding a graph copies its nodes, subgraph attributes included, so a
+    # subgraph edited after its parent was rebuilt would be edited in a detached copy.
+    for scope in sorted(by_graph, key=lambda name: -name.count("/")):
+        graph, replacements = by_graph[scope]
         nodes = []
         for i, node in enumerate(graph.node):
             nodes.extend(replacements.get(i, [node]))
