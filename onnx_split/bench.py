@@ -88,7 +88,12 @@ def benchmark_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feed
                 entries.append(LatencyEntry(provider, "unavailable", threads=threads,
                                             detail=f"cannot run here: {ort_error(exc)}"))
                 continue
-            a, b = time_pair(run_a, run_b, seconds=seconds)
+            try:
+                a, b = time_pair(run_a, run_b, seconds=seconds)
+            except Exception as exc:  # a model that loads can still fail to run on these inputs
+                entries.append(LatencyEntry(provider, "unavailable", threads=threads,
+                                            detail=f"failed while running: {ort_error(exc)}"))
+                continue
             entries.append(summarize(provider, a, b, threads))
     return entries
 

@@ -14,7 +14,7 @@ from . import __version__
 from .config import LAYOUTS, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
-from .model_io import read_model, save_model
+from .model_io import read_model, refuse_overwrite, save_model
 from .pipeline import split_model
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -99,11 +99,17 @@ def _run(args) -> int:
     in_path, out_path = Path(args.input), Path(args.output)
     model, external_files = read_model(in_path)
     protect = (in_path, *external_files)
-    if any(out_path.resolve() == Path(p).resolve() for p in protect):
-        raise OnnxSplitError(f"output {out_path} would overwrite the input; choose another path")
-    for path, what in ((out_path, "output"), (Path(args.report) if args.report else None, "--report")):
-        if path is not None and not path.resolve().parent.is_dir():
+    report_path = Path(args.report) if args.report else None
+    refuse_overwrite([out_path] + ([report_path] if report_path else []), protect)
+    if report_path is not None and report_path.resolve() == out_path.resolve():
+        raise OnnxSplitError(f"--report {report_path} is the output model's path; choose another")
+    for path, what in ((out_path, "output"), (report_path, "--report")):
+        if path is None:
+            continue
+        if not path.resolve().parent.is_dir():
             raise OnnxSplitError(f"{what} directory does not exist: {path.parent}")
+        if path.is_dir():
+            raise OnnxSplitError(f"{what} path is a directory: {path}")
 
     bar = _ProgressBar(disabled=args.quiet)
     try:
@@ -121,7 +127,7 @@ def _run(args) -> int:
     if not args.quiet:
         print(report.to_text())
     if args.report:
-        Path(args.report).write_text(report.to_json())
+        report_path.write_text(report.to_json())
     _summary(report, out_path, ok, args.force)
     return EXIT_OK if ok else EXIT_VERIFY_FAILED
 

@@ -53,7 +53,7 @@ class SplitConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise InputError(f"--{name} must be >= 0, got {value}")
-        if self.bench_seconds <= 0:
+        if not self.bench_seconds > 0:  # NaN too
             raise InputError(f"--bench-seconds must be > 0, got {self.bench_seconds}")
         if self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")

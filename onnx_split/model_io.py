@@ -44,7 +44,7 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
             raise ModelLoadError(f"external data file of the model is missing: {f}")
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # onnx raises OSError, ValueError or its ValidationError here
         raise ModelLoadError(f"{p}: cannot read external data: {first_line(exc)}") from None
     try:
         onnx.checker.check_model(str(p))
@@ -112,11 +112,7 @@ def save_model(
     if external_data is None:
         external_data = is_large(model)
     data_name = out.name + ".data"
-    targets = [out] + ([parent / data_name] if external_data else [])
-    for target in targets:
-        for guarded in protect:
-            if _same_file(target, Path(guarded)):
-                raise OutputError(f"refusing to overwrite the input: {target}")
+    refuse_overwrite([out] + ([parent / data_name] if external_data else []), protect)
     tmp = Path(tempfile.mkdtemp(prefix=".onnx_split-", dir=parent))
     try:
         tmp_model = tmp / out.name
@@ -194,6 +190,14 @@ def _all_tensors(model: onnx.ModelProto):
     from onnx.external_data_helper import _get_all_tensors
 
     return _get_all_tensors(model)
+
+
+def refuse_overwrite(targets, protect) -> None:
+    """Raise :class:`OutputError` if any of ``targets`` is one of the ``protect`` paths (the input)."""
+    for target in targets:
+        for guarded in protect:
+            if _same_file(Path(target), Path(guarded)):
+                raise OutputError(f"refusing to overwrite the input: {target}")
 
 
 def _same_file(a: Path, b: Path) -> bool:

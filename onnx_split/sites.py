@@ -25,6 +25,7 @@ MIN_OPSET = 7
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                      "Multinomial", "Bernoulli"}
 _MAX_FOLD_DEPTH = 16
+_TOO_DEEP = "producer chain deeper than"
 
 
 @dataclass
@@ -88,10 +89,15 @@ class _Resolver:
             key = (scope.name, name)
             if key not in self._cache:
                 if name in scope.producers:
-                    self._cache[key] = self._fold(name, scope, scopes[level:], depth)
+                    result = self._fold(name, scope, scopes[level:], depth)
+                    if result[1] and _TOO_DEEP in result[1]:
+                        return result  # depends on where the chain was entered: not cached
+                    self._cache[key] = result
                 elif name in scope.inputs:
                     where = "graph input" if level == len(scopes) - 1 else "subgraph input"
                     extra = " with an initializer default" if name in scope.initializers else ""
+                    if extra and self.model.ir_version < 4:
+                        extra += " (IR version < 4 lists every weight as a graph input; export with IR >= 4 to split)"
                     self._cache[key] = (None, f"weight '{name}' is a {where}{extra}: it can change at run time", [])
                 elif name in scope.initializers:
                     self._cache[key] = (numpy_helper.to_array(scope.initializers[name]), None, [])
@@ -113,7 +119,7 @@ class _Resolver:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             return None, f"weight '{name}' comes from control-flow {what}", []
         if depth >= _MAX_FOLD_DEPTH:
-            return None, f"weight '{name}' comes from a producer chain deeper than {_MAX_FOLD_DEPTH}", []
+            return None, f"weight '{name}' comes from a {_TOO_DEEP} {_MAX_FOLD_DEPTH}", []
         feeds, chain = {}, [index]
         for inp in node.input:
             if not inp:
@@ -253,8 +259,6 @@ def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_e
         site.activation_rank = 2
         if shape is not None and len(shape) == 2 and shape[-1 if site.trans_a else 0] is not None:
             site.activation_rows = int(shape[-1 if site.trans_a else 0])
-        if "broadcast" in attrs and opset < 7:
-            site.reason = "Gemm with the legacy broadcast attribute is not supported"
         if len(node.input) > 2 and node.input[2]:
             site.bias = node.input[2]
             site.bias_value = resolver.value(site.bias, scopes)[0]

@@ -143,7 +143,8 @@ def _reference(original, rewritten, feeds, rtol, atol, ort_reason: str) -> Verif
     except Exception as exc:
         raise InputError(
             f"the input model runs neither in ONNX Runtime ({ort_reason}) nor in onnx's reference evaluator "
-            f"({first_line(exc, 120)}); use --no-verify to skip verification") from None
+            f"({first_line(exc, 120)}); give input shapes with --input-shape or real inputs with --inputs, "
+            f"or skip with --no-verify") from None
     names = [o.name for o in original.graph.output]
     try:
         got = ReferenceEvaluator(rewritten).run(None, feeds)

@@ -207,3 +207,30 @@ def test_installed_console_script(tmp_path, block_model):
     proc = subprocess.run([str(script), str(block_model), str(tmp_path / "o.onnx"), "--min-elements", "0",
                            "--no-bench", "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and (tmp_path / "o.onnx").exists(), proc.stderr
+
+
+def test_report_path_over_the_input_or_a_directory_is_refused(tmp_path, capsys, block_model):
+    _bad(tmp_path, capsys, [block_model, tmp_path / "o.onnx", "--report", block_model], "overwrite the input",
+         [block_model])
+    _bad(tmp_path, capsys, [block_model, tmp_path / "o.onnx", "--report", tmp_path], "is a directory", [block_model])
+    _bad(tmp_path, capsys, [block_model, tmp_path / "o.onnx", "--report", tmp_path / "o.onnx"],
+         "output model's path", [block_model])
+
+
+def test_absolute_external_data_location_is_a_load_error(tmp_path, capsys):
+    w, _ = planted(np.random.default_rng(7), 64, 64, 4)
+    src = tmp_path / "m.onnx"
+    onnx.save_model(matmul_model(w, [2, 64]), str(src), save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    model = onnx.load(str(src), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = str(tmp_path / "m.data")
+    onnx.save_model(model, str(src))
+    _bad(tmp_path, capsys, [src, tmp_path / "o.onnx"], "cannot read external data", [src, tmp_path / "m.data"])
+
+
+def test_nan_timing_budget_is_refused(tmp_path, capsys, block_model):
+    _bad(tmp_path, capsys, [block_model, tmp_path / "o.onnx", "--bench-seconds", "nan"], "--bench-seconds must be > 0",
+         [block_model])

@@ -132,3 +132,10 @@ def test_gemm_weight_is_oriented_k_by_n():
     assert site.shape == (8, 6) and site.alpha == 0.5 and site.bias is None
     np.testing.assert_array_equal(site.weight, w)
     onnx.checker.check_model(helper.make_model(g))
+
+
+def test_ir3_weights_are_graph_inputs_and_the_reason_says_how_to_split_them():
+    model = matmul_model(_w(), [2, 8], opset=7, ir_version=3)
+    model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [8, 6]))
+    reason = _one(model).reason
+    assert "initializer default" in reason and "IR >= 4" in reason

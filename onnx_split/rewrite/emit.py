@@ -8,6 +8,11 @@ from onnx import numpy_helper
 from .. import __version__
 
 
+def is_run(index: np.ndarray) -> bool:
+    """True when ``index`` is a contiguous ascending run (a Slice can take it)."""
+    return bool(index.size) and np.array_equal(index, np.arange(index[0], index[0] + index.size))
+
+
 class Unsupported(Exception):
     """A layout cannot express this site; the message is the reason it is kept."""
 
@@ -81,14 +86,12 @@ class Emitter:
         if size is not None and np.array_equal(index, np.arange(size)):
             return x
         ax = self.axis(rank, axis)
-        if index.size and np.array_equal(index, np.arange(index[0], index[0] + index.size)):
+        if is_run(index):
             return self.slice(x, int(index[0]), int(index[0] + index.size), ax, f"{local}/Slice", doc)
         return self.node("Gather", [x, self.ints(f"{local}/indices", index)], f"{local}/Gather", doc, axis=ax)
 
     def reshape(self, x: str, shape: str, local: str, doc: str) -> str:
-        if self.opset < 5:
-            raise Unsupported(f"opset {self.opset} < 5 has no Reshape with a shape input")
-        return self.node("Reshape", [x, shape], local, doc)
+        return self.node("Reshape", [x, shape], local, doc)  # the shape input form: opset >= 5
 
     def finish_gemm(self, y: str, site) -> str:
         """Apply Gemm's alpha and beta * C to the x @ W result."""

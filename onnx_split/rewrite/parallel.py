@@ -14,18 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..partition import Plan
-from .emit import Emitter, from_rows_view, rows_view
-
-
-def _contiguous(index: np.ndarray) -> bool:
-    return bool(index.size) and np.array_equal(index, np.arange(index[0], index[0] + index.size))
+from .emit import Emitter, from_rows_view, is_run, rows_view
 
 
 def emit_parallel(em: Emitter, site, plan: Plan) -> str:
     parts = plan.with_dead_columns()
     order = np.concatenate([p.cols for p in parts])
     in_order = np.array_equal(order, np.arange(plan.n))
-    direct = in_order and all(_contiguous(p.rows) for p in parts)
+    direct = in_order and all(is_run(p.rows) for p in parts)
     if (direct or site.activation_rows == 1) and not site.trans_a:
         return em.finish_gemm(_direct(em, site, plan, parts, order), site)
     xt = rows_view(em, site, plan.k)
