@@ -349,21 +349,27 @@ def _branch(name: str, w: np.ndarray, x: str, out: str, m: int) -> onnx.GraphPro
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_subgraph_rewrite_survives_a_split_site_in_the_parent(layout):
-    """The parent graph is rebuilt too: the subgraph's rewrite must land in the graph that is kept."""
+@pytest.mark.parametrize("w0_source", ["initializer", "constant_node"])
+def test_subgraph_rewrite_survives_a_split_site_in_the_parent(layout, w0_source):
+    """The parent graph is rebuilt too (and, with a Constant-node weight, rebuilt again when the
+    Constant is dropped): the subgraph's rewrite and cleanup must land in the graph that is kept."""
     rng = np.random.default_rng(22)
     w0, _ = planted(rng, 16, 16, 2)
     w1, _ = planted(rng, 16, 16, 4)
     f = TensorProto.FLOAT
-    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="fc0"),
+    constant = [helper.make_node("Constant", [], ["W0"], value=numpy_helper.from_array(w0, "W0"))]
+    nodes = (constant if w0_source == "constant_node" else []) + [
+             helper.make_node("MatMul", ["x", "W0"], ["h"], name="fc0"),
              helper.make_node("If", ["cond"], ["y"], name="br", then_branch=_branch("then_fc", w1, "h", "t", 3),
                               else_branch=_branch("else_fc", -w1, "h", "e", 3))]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
                                        helper.make_tensor_value_info("x", f, [3, 16])],
-                          [helper.make_tensor_value_info("y", f, [3, 16])], [numpy_helper.from_array(w0, "W0")])
+                          [helper.make_tensor_value_info("y", f, [3, 16])],
+                          [numpy_helper.from_array(w0, "W0")] if w0_source == "initializer" else [])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     result = split_model(model, _config(layout))
     assert [s.decision for s in result.report.sites] == ["split"] * 3
+    assert "Constant" not in op_counts(result.model)
     if_node = next(n for n in result.model.graph.node if n.op_type == "If")
     for attr in if_node.attribute:
         body = [n.op_type for n in attr.g.node]

@@ -1,7 +1,6 @@
 """Replace each split site's node by its layout's nodes and drop what the old node alone used."""
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable
 
 import onnx
@@ -92,8 +91,11 @@ def _drop_unused(main: onnx.GraphProto, candidates: set[str]) -> None:
         if not unused:
             return
         next_candidates: set[str] = set()
-        for g in list(_graphs(main)):
-            keep_init = [t for t in g.initializer if t.name not in unused or t.name in {i.name for i in g.input}]
+        # Innermost first (reversed pre-order): rebuilding a graph's node list copies its nodes, so a
+        # subgraph reached through the old parent after the parent was rebuilt would be a detached copy.
+        for g in reversed(list(_graphs(main))):
+            inputs = {i.name for i in g.input}
+            keep_init = [t for t in g.initializer if t.name not in unused or t.name in inputs]
             if len(keep_init) != len(g.initializer):
                 del g.initializer[:]
                 g.initializer.extend(keep_init)
