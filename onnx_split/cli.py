@@ -5,7 +5,6 @@ Exit codes: 0 written; 1 verification failed (nothing written unless --force); 2
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -142,7 +141,7 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
     elif force:
         print(f"VERIFICATION FAILED; wrote {out_path} anyway (--force)", file=sys.stderr)
     else:
-        print(f"VERIFICATION FAILED; nothing written (use --force to write anyway)", file=sys.stderr)
+        print("VERIFICATION FAILED; nothing written (use --force to write anyway)", file=sys.stderr)
 
 
 class _ProgressBar:

@@ -93,10 +93,6 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     return SplitResult(model, report)
 
 
-def plan_site(site: Site, config: SplitConfig) -> Plan:
-    return exact_components(site.weight, config.threshold, config.max_parts)
-
-
 def _plan_sites(sites: list[Site], config: SplitConfig, progress: Progress):
     jobs: list[tuple[int, Plan]] = []
     reports: list[SiteReport] = []
@@ -114,7 +110,7 @@ def _plan_sites(sites: list[Site], config: SplitConfig, progress: Progress):
             continue
         key = (site.scope, site.weight_name, site.trans_b)  # one plan per stored weight and orientation
         if key not in cache:
-            cache[key] = plan_site(site, config)
+            cache[key] = exact_components(site.weight, config.threshold, config.max_parts)
         plan = cache[key]
         k, n = plan.k, plan.n
         rep.components, rep.unused_inputs, rep.dead_outputs = plan.n_components, plan.unused_rows.size, plan.dead_cols.size

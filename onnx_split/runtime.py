@@ -12,7 +12,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -98,7 +97,3 @@ def make_session(source, provider: str, optimization: str = "enabled", threads: 
     """A session that runs on ``provider`` (CPU as fallback for nodes it lacks)."""
     providers = [provider] if provider == CPU else [provider, CPU]
     return ort.InferenceSession(source, _options(threads, optimization), providers=providers)
-
-
-def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return session.run(None, feeds)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError, first_line
-from .runtime import CPU, make_session, model_source, ort_error, provider_status, run
+from .runtime import CPU, make_session, model_source, ort_error, provider_status
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: 
                     continue
                 try:
                     session_a = make_session(src_a, provider, optimization, threads)
-                    ref = run(session_a, feeds)
+                    ref = session_a.run(None, feeds)
                 except Exception as exc:  # ORT raises its own types
                     reason = ort_error(exc)
                     if provider == CPU and optimization == "disabled":
@@ -120,7 +120,7 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: 
                 del session_a  # one model in memory at a time: large models need it
                 try:
                     session_b = make_session(src_b, provider, optimization, threads)
-                    got = run(session_b, feeds)
+                    got = session_b.run(None, feeds)
                 except Exception as exc:
                     entries.append(VerificationEntry(provider, optimization, False, "failed",
                                                      f"the rewritten model does not run: {ort_error(exc)}"))
