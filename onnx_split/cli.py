@@ -13,7 +13,7 @@ from . import __version__
 from .config import LAYOUTS, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
-from .model_io import read_model, refuse_overwrite, save_model
+from .model_io import check_destination, read_model, refuse_overwrite, save_model
 from .pipeline import split_model
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -102,13 +102,9 @@ def _run(args) -> int:
     refuse_overwrite([out_path] + ([report_path] if report_path else []), protect)
     if report_path is not None and report_path.resolve() == out_path.resolve():
         raise OnnxSplitError(f"--report {report_path} is the output model's path; choose another")
-    for path, what in ((out_path, "output"), (report_path, "--report")):
-        if path is None:
-            continue
-        if not path.resolve().parent.is_dir():
-            raise OnnxSplitError(f"{what} directory does not exist: {path.parent}")
-        if path.is_dir():
-            raise OnnxSplitError(f"{what} path is a directory: {path}")
+    check_destination(out_path)
+    if report_path is not None:
+        check_destination(report_path, "--report")
 
     bar = _ProgressBar(disabled=args.quiet)
     try:

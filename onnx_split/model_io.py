@@ -104,11 +104,7 @@ def save_model(
     destination directory and renamed into place, so a failure leaves no partial output.
     """
     out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory does not exist: {parent}")
-    if out.is_dir():
-        raise OutputError(f"output path is a directory: {out}")
+    parent = check_destination(out)
     if external_data is None:
         external_data = is_large(model)
     data_name = out.name + ".data"
@@ -190,6 +186,17 @@ def _all_tensors(model: onnx.ModelProto):
     from onnx.external_data_helper import _get_all_tensors
 
     return _get_all_tensors(model)
+
+
+def check_destination(path: str | os.PathLike, what: str = "output") -> Path:
+    """Raise :class:`OutputError` unless a file can be written at ``path``; return its folder."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{what} directory does not exist: {parent}")
+    if out.is_dir():
+        raise OutputError(f"{what} path is a directory: {out}")
+    return parent
 
 
 def refuse_overwrite(targets, protect) -> None:
