@@ -29,6 +29,8 @@ class LatencyEntry:
     runs: int = 0
     threads: int = 1
     detail: str = ""
+    inputs: str = ""
+    """what the models ran on (e.g. ``batch 32``)"""
 
 
 class Runner:

@@ -37,8 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-parts", type=int, default=16, help="pack components into at most this many parts (16)")
     g.add_argument("--min-elements", type=int, default=4096,
                    help="keep weights with fewer elements (4096); 0 splits everything")
-    g.add_argument("--layout", choices=LAYOUTS, default="parallel",
-                   help="parallel: Slice->MatMul->Concat per part; batched: one MatMul over [parts,k,n]")
+    g.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="auto (default): time every layout and the dense original per site in ORT and keep the "
+                        "fastest, then write the original unless the whole model is faster; parallel: per part "
+                        "Slice->MatMul->Concat; batched: one MatMul over [parts,n,k]; function: one onnx_split node "
+                        "per site whose function body is the parallel layout")
+    g.add_argument("--no-chains", action="store_true",
+                   help="split each layer on its own (default: consecutive split layers joined by feature-wise ops "
+                        "become independent sub-networks, with no Concat/Slice between them)")
+    g = p.add_argument_group("autotuning (--layout auto)")
+    g.add_argument("--batch", default=None, metavar="B1,B2,..",
+                   help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
+                        "(default: the inputs verification uses)")
+    g.add_argument("--tune-seconds", type=float, default=10.0, help="time budget of all tuning measurements (10)")
+    g.add_argument("--min-speedup", type=float, default=1.02,
+                   help="write the original unless the rewrite is at least this much faster (1.02) and slower nowhere")
     g = p.add_argument_group("verification and latency")
     g.add_argument("--providers", default=None,
                    help="comma list of cpu,cuda (default: every one that really runs here)")
@@ -93,7 +106,8 @@ def _run(args) -> int:
         verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds, threads=args.threads,
         providers=tuple(p for p in args.providers.split(",") if p.strip()) if args.providers else None,
         rtol=args.rtol, atol=args.atol, input_shapes=dict(parse_input_shape(s) for s in args.input_shape),
-        inputs_path=args.inputs, seed=args.seed,
+        inputs_path=args.inputs, seed=args.seed, chains=not args.no_chains, batches=_batches(args.batch),
+        tune_seconds=args.tune_seconds, min_speedup=args.min_speedup,
     )
     in_path, out_path = Path(args.input), Path(args.output)
     model, external_files = read_model(in_path)
@@ -127,10 +141,21 @@ def _run(args) -> int:
     return EXIT_OK if ok else EXIT_VERIFY_FAILED
 
 
+def _batches(text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return ()
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise OnnxSplitError(f"--batch wants whole numbers like 1,32, got {text!r}") from None
+
+
 def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
     speed = [f"{e.provider.replace('ExecutionProvider', '')} {e.speedup:.2f}x" for e in report.latency
              if e.status == "measured"]
-    if ok:
+    if ok and report.reverted:
+        print(f"wrote {out_path}: the original model, unchanged (the rewrite was not measured faster)")
+    elif ok:
         what = "verified" if report.verification_passed else "not verified"
         print(f"wrote {out_path}: {report.n_split} of {len(report.sites)} sites split, {what}"
               + (f", speedup {', '.join(speed)}" if speed else ""))

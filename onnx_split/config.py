@@ -8,7 +8,7 @@ from typing import Mapping
 
 from .errors import InputError
 
-LAYOUTS = ("parallel", "batched")
+LAYOUTS = ("auto", "parallel", "batched", "function")
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -22,8 +22,22 @@ class SplitConfig:
     """Components are packed into at most this many parts, balanced by FLOPs."""
     min_elements: int = 4096
     """Weights with fewer elements are kept (not worth a rewrite). 0 splits everything."""
-    layout: str = "parallel"
-    """``parallel``: Slice/Gather -> MatMul per part -> Concat. ``batched``: one MatMul over [P,k,n]."""
+    layout: str = "auto"
+    """``auto``: measure every layout and the dense original per site in ORT, keep the fastest.
+    ``parallel``: per part Slice/Gather -> MatMul -> Concat. ``batched``: one MatMul over
+    [P, n, k]. ``function``: one ``onnx_split`` node per site whose function body is the parallel
+    layout."""
+    chains: bool = True
+    """Keep the parts of consecutive split layers apart across feature-wise ops (one network
+    becomes several); False splits each layer on its own."""
+    batches: tuple[int, ...] = ()
+    """Batch sizes to tune and time at (the first dim of every graph input whose first dim is
+    dynamic); empty: the inputs verification uses."""
+    tune_seconds: float = 10.0
+    """Time budget of ``--layout auto`` for all its measurements together."""
+    min_speedup: float = 1.02
+    """``--layout auto`` writes the original model unless the rewritten one is measured at least
+    this much faster (and no slower at any measured batch and provider)."""
     verify: bool = True
     providers: tuple[str, ...] | None = None
     """ORT providers to verify and time on; None means every available one of CPU and CUDA."""
@@ -55,6 +69,14 @@ class SplitConfig:
                 raise InputError(f"--{name} must be >= 0, got {value}")
         if not self.bench_seconds > 0:  # NaN too
             raise InputError(f"--bench-seconds must be > 0, got {self.bench_seconds}")
+        if not self.tune_seconds > 0:
+            raise InputError(f"--tune-seconds must be > 0, got {self.tune_seconds}")
+        if not self.min_speedup > 0:
+            raise InputError(f"--min-speedup must be > 0, got {self.min_speedup}")
+        batches = tuple(int(b) for b in self.batches)
+        if any(b < 1 for b in batches):
+            raise InputError(f"--batch sizes must be >= 1, got {list(batches)}")
+        object.__setattr__(self, "batches", batches)
         if self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
         if self.providers is not None:

@@ -27,6 +27,19 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def batch_shapes(model: onnx.ModelProto, batch: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` plus, for every other graph input whose first dim is dynamic, its shape with that
+    dim set to ``batch`` (other dynamic dims 1)."""
+    result = dict(shapes)
+    for spec in graph_inputs(model):
+        if spec.name in result or not spec.type.HasField("tensor_type"):
+            continue
+        dims = _dims(spec)
+        if dims and dims[0] is None:
+            result[spec.name] = (batch,) + tuple(1 if d is None else d for d in dims[1:])
+    return result
+
+
 def make_feeds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
                inputs_path: str | None = None, seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
     """Feeds for every graph input, and notes on what was assumed."""

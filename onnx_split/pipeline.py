@@ -13,23 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
+import numpy as np
 import onnx
 
 from . import __version__
 from .bench import benchmark_models
+from .chains import Chain, chains_from_links, find_links
 from .config import SplitConfig
 from .errors import InputError, first_line
-from .inputs import make_feeds
+from .inputs import batch_shapes, make_feeds
 from .model_io import is_large, load_model, save_model
-from .partition import Plan, exact_components
-from .report import SiteReport, SplitReport
-from .rewrite import layout_macs, rewrite_model
+from .partition import ChainPlan, Plan, exact_components, joint_components
+from .report import ChainReport, SiteReport, SplitReport
+from .rewrite import layout_macs, rewrite_model, static_form
+from .rewrite.batched import padded_sizes
 from .runtime import CPU, CUDA, available_providers, make_session, model_source, ort_error, provider_status
 from .sites import Site, find_sites
+from .tune import keep_if_faster, tune_chains
 from .verify import verify_models
 
 log = logging.getLogger(__name__)
+
+CHAIN_SLACK = 1.1
+"""A link joins two layers when their joint partition costs at most this times splitting each alone."""
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances (the CLI draws a bar with it)."""
@@ -63,40 +69,74 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     model = onnx.ModelProto()
     model.CopyFrom(original)
     sites = find_sites(model, min_elements=config.min_elements)
-    jobs, site_reports = _plan_sites(sites, config, progress)
-    refused = rewrite_model(model, [(sites[i], plan) for i, plan in jobs], config.layout)
-    for j, reason in refused.items():
-        rep = site_reports[jobs[j][0]]
-        rep.decision, rep.reason, rep.parts, rep.part_shapes, rep.layout = "kept", reason, 0, [], None
-        rep.flops_after = 0
+    plans, site_reports = _plan_sites(sites, config, progress)
     report.sites = site_reports
+    chains = _build_chains(sites, plans, config)
+    points: list[tuple[str, dict[str, np.ndarray]]] = []
+    providers: list[str] = []
+    if config.verify or config.bench or config.layout == "auto":
+        providers = _providers(config, report)
+        points, report.inputs = _points(original, config)
+    forms = _choose_forms(original, chains, config, points, providers, report, progress)
+    jobs = [(chain, plan, form, config.layout == "function") for (chain, plan), form in zip(chains, forms)
+            if form != "dense"]
+    refused, gathers = rewrite_model(model, jobs)
+    for j, (chain, plan, form, _) in enumerate(jobs):
+        _record_chain(report, chain, plan, form, refused.get(j), config.layout, gathers.get(j, 0))
     _record_metadata(model, config, report)
 
     report.checker = check(model)
     if not config.verify:
         report.checker["ort_loads"] = loads_in_ort(model)
-    if config.verify or config.bench:
-        providers = _providers(config, report)
-        feeds, report.inputs = make_feeds(original, config.input_shapes, config.inputs_path, config.seed)
+    if points:
+        label, feeds = points[0]
         if config.verify:
             progress("verify", 0, 1)
             report.verification = verify_models(original, model, feeds, providers=providers, rtol=config.rtol,
                                                 atol=config.atol, threads=config.threads)
             progress("verify", 1, 1)
-        if config.bench and report.modified:
-            progress("bench", 0, 1)
-            report.latency = benchmark_models(original, model, feeds, providers=providers,
-                                              seconds=config.bench_seconds, threads=config.threads)
-            progress("bench", 1, 1)
+        if (config.bench or config.layout == "auto") and report.modified:
+            for i, (label, feeds) in enumerate(points):
+                progress("bench", i, len(points))
+                entries = benchmark_models(original, model, feeds, providers=providers,
+                                           seconds=config.bench_seconds, threads=config.threads)
+                for e in entries:
+                    e.inputs = label
+                report.latency.extend(entries)
+            progress("bench", len(points), len(points))
+            if config.layout == "auto":
+                model = keep_if_faster(original, model, config.min_speedup, report)
         elif config.bench:
             report.notes.append("nothing was split: latency not measured")
     return SplitResult(model, report)
 
 
+def _points(original: onnx.ModelProto, config: SplitConfig) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The inputs to verify, tune and time at: one set per ``--batch`` size, else the given ones."""
+    if not config.batches or config.inputs_path is not None:
+        feeds, notes = make_feeds(original, config.input_shapes, config.inputs_path, config.seed)
+        if config.batches:
+            notes.append("--batch is ignored with --inputs: the given inputs set the batch")
+        return [(_describe_feeds(feeds), feeds)], notes
+    points, notes = [], []
+    for batch in config.batches:
+        shapes = batch_shapes(original, batch, config.input_shapes)
+        feeds, notes = make_feeds(original, shapes, None, config.seed)
+        points.append((f"batch {batch}", feeds))
+    return points, notes
+
+
+def _describe_feeds(feeds: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {list(v.shape)}" for name, v in feeds.items())
+
+
 def _plan_sites(sites: list[Site], config: SplitConfig, progress: Progress):
-    jobs: list[tuple[int, Plan]] = []
+    """Plan each candidate site on its own: ``{site index: plan}`` for those worth splitting, and a
+    report for every site."""
+    plans: dict[int, ChainPlan] = {}
     reports: list[SiteReport] = []
     cache: dict[tuple, Plan] = {}
+    form = "batched" if config.layout == "batched" else "parallel"
     for i, site in enumerate(sites):
         progress("analyse", i, len(sites))
         rep = SiteReport(node=site.name, op_type=site.op_type, scope=site.scope,
@@ -114,21 +154,86 @@ def _plan_sites(sites: list[Site], config: SplitConfig, progress: Progress):
         plan = cache[key]
         k, n = plan.k, plan.n
         rep.components, rep.unused_inputs, rep.dead_outputs = plan.n_components, plan.unused_rows.size, plan.dead_cols.size
-        after = layout_macs(plan, config.layout)
+        chain_plan = ChainPlan.from_plan(plan)
+        after = layout_macs(chain_plan, form)
         if plan.n_components == 0:
             rep.reason = f"every weight is within --threshold {config.threshold}: the output does not depend on the input"
         elif after >= k * n:
             rep.reason = _no_saving(plan, after)
         else:
-            parts = plan.with_dead_columns()
-            rep.decision, rep.layout, rep.parts = "split", config.layout, len(parts)
-            rep.part_shapes = [list(p.shape) for p in parts]
-            rep.flops_after = 2 * after
-            rep.reason = (f"{plan.n_components} components -> {len(parts)} parts; {plan.unused_rows.size} "
-                          f"unused inputs, {plan.dead_cols.size} outputs with no input")
-            jobs.append((i, plan))
+            rep.reason = (f"{plan.n_components} components; {plan.unused_rows.size} unused inputs, "
+                          f"{plan.dead_cols.size} outputs with no input")
+            plans[i] = chain_plan
     progress("analyse", len(sites), len(sites))
-    return jobs, reports
+    return plans, reports
+
+
+def _build_chains(sites: list[Site], plans: dict[int, ChainPlan], config: SplitConfig) -> list[tuple[Chain, ChainPlan]]:
+    """Group linked sites into chains whose joint partition costs at most ``CHAIN_SLACK`` times
+    splitting them one by one; a link whose layers do not line up is cut (the parts join there)."""
+    eligible = sorted(plans)
+    links = find_links(sites, eligible) if config.chains else []
+    after = {link.a: link for link in links}
+    result = []
+    for path in chains_from_links(sites, eligible, links):
+        segment, plan = [path[0]], plans[path[0]]
+        for nxt in path[1:]:
+            joint = joint_components([sites[i].weight for i in segment + [nxt]], config.threshold, config.max_parts)
+            if joint is not None and joint.macs_split <= CHAIN_SLACK * (plan.macs_split + plans[nxt].macs_split):
+                segment, plan = segment + [nxt], joint
+                continue
+            log.info("chain cut after %s: the joint partition would cost %s MACs per row", sites[segment[-1]].name,
+                     "no valid" if joint is None else f"{joint.macs_split:,}")
+            result.append((Chain([sites[i] for i in segment], [after[i] for i in segment[:-1]]), plan))
+            segment, plan = [nxt], plans[nxt]
+        result.append((Chain([sites[i] for i in segment], [after[i] for i in segment[:-1]]), plan))
+    return result
+
+
+def _choose_forms(original, chains, config: SplitConfig, points, providers, report: SplitReport, progress) -> list[str]:
+    if config.layout != "auto":
+        return [static_form(config.layout, chain, plan) for chain, plan in chains]
+    why = None if points else "no inputs to measure with"
+    if why is None and loads_in_ort(original) != "yes":
+        why = f"onnxruntime cannot load the original: {loads_in_ort(original)}"
+    if why is not None:
+        report.notes.append(f"--layout auto could not measure ({why}): the static parallel rule chose the layouts")
+        return [static_form("parallel", chain, plan) for chain, plan in chains]
+    results = tune_chains(original, chains, points, providers=providers, seconds=config.tune_seconds,
+                          threads=config.threads, margin=config.min_speedup, progress=progress)
+    report.tuning = results
+    return [r.choice for r in results]
+
+
+def _record_chain(report: SplitReport, chain: Chain, plan: ChainPlan, form: str, refused: str | None,
+                  layout: str, gathers: int) -> None:
+    reports = [r for r in report.sites if any(r.node == s.name and r.scope == s.scope for s in chain.sites)]
+    if refused is not None:
+        for rep in reports:
+            rep.reason = refused
+        return
+    written = "function" if layout == "function" else form
+    report.chains.append(ChainReport(sites=[s.name for s in chain.sites], scope=chain.first.scope,
+                                     parts=len(plan.parts), layout=written, boundary_gathers=gathers,
+                                     flops_before=2 * plan.macs_dense, flops_after=2 * layout_macs(plan, form)))
+    for layer, site in enumerate(chain.sites):
+        rep = next(r for r in reports if r.node == site.name)
+        rep.decision, rep.layout, rep.parts = "split", written, len(plan.parts)
+        rep.part_shapes = [list(p.layer_shape(layer)) for p in plan.parts]
+        rep.flops_after = 2 * _layer_macs(plan, form, layer)
+        if len(chain.sites) > 1:
+            rep.chain = chain.name
+            rep.reason = (f"layer {layer + 1} of {len(chain.sites)} of one network split into {len(plan.parts)} "
+                          f"({plan.n_components} joint components)")
+        else:
+            rep.reason = f"{rep.components} components -> {len(plan.parts)} parts; " + rep.reason.split("; ", 1)[-1]
+
+
+def _layer_macs(plan: ChainPlan, form: str, layer: int) -> int:
+    if form == "batched":
+        sizes = padded_sizes(plan)
+        return len(plan.parts) * sizes[layer] * sizes[layer + 1]
+    return plan.layer_macs(layer)
 
 
 def _no_saving(plan: Plan, after: int) -> str:

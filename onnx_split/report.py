@@ -31,6 +31,23 @@ class SiteReport:
     flops_after: int = 0
     """FLOPs per activation row of the layout actually written (padding included)"""
     layout: str | None = None
+    chain: str | None = None
+    """the chain of layers this site was split with (``a -> b -> c``), if more than itself"""
+
+
+@dataclass
+class ChainReport:
+    """One rewrite: a site, or a chain of sites split as one set of sub-networks."""
+
+    sites: list[str]
+    scope: str
+    parts: int
+    layout: str
+    boundary_gathers: int
+    """Gather nodes on activations, all at the chain's ends (inside a chain, permutations are folded
+    into the weights)"""
+    flops_before: int
+    flops_after: int
 
 
 @dataclass
@@ -38,6 +55,9 @@ class SplitReport:
     version: str
     config: dict
     sites: list[SiteReport] = field(default_factory=list)
+    chains: list[ChainReport] = field(default_factory=list)
+    tuning: list = field(default_factory=list)
+    """``--layout auto``: per chain, every candidate's measured time and the choice (tune.TuneResult)"""
     checker: dict = field(default_factory=dict)
     verification: list[VerificationEntry] = field(default_factory=list)
     latency: list[LatencyEntry] = field(default_factory=list)
@@ -46,6 +66,8 @@ class SplitReport:
     input: str | None = None
     output: str | None = None
     written: bool = False
+    reverted: bool = False
+    """``--layout auto`` measured the rewrite slower than the margin and the original was written"""
 
     @property
     def n_split(self) -> int:

@@ -7,6 +7,7 @@ reason it is kept as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -51,6 +52,8 @@ class Site:
     activation_rank: int | None = None
     activation_rows: int | None = None  # rows M of the activation seen as [M, K], when static
     weight_producers: list[int] = field(default_factory=list)  # node indices folded into the weight
+    constant: Callable[[str], np.ndarray | None] = field(default=lambda name: None, repr=False, compare=False)
+    """The value of a tensor visible from this site's graph if it is a constant, else None."""
 
     @property
     def output(self) -> str:
@@ -213,6 +216,7 @@ def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
             if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
                 site = Site(node=node, graph=graph, scope=scope_name, index=index,
                             name=node.name or node.output[0], op_type=node.op_type)
+                site.constant = lambda name, scopes=scopes: resolver.value(name, scopes)[0]
                 _describe(site, scopes, resolver, shapes, opset, min_elements)
                 sites.append(site)
         for _, _, sub_name, sub in subgraphs(graph, scope_name):

@@ -96,3 +96,78 @@ def if_model(w: np.ndarray, m: int, else_scale: float) -> onnx.ModelProto:
                                         helper.make_tensor_value_info("x", f, [m, k])],
                           [helper.make_tensor_value_info("y", f, [m, n])], [numpy_helper.from_array(w, "W")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def feature_wise(op: str, rng: np.random.Generator):
+    """A builder of the nodes for one feature-wise step named ``op``: (h, n, tag) -> (nodes, inits, out)."""
+    def build(h: str, n: int, tag: str):
+        out = f"{tag}_{op}"
+        vec = lambda name: numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"{tag}_{name}")
+        scalar = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), f"{tag}_{name}")
+        if op == "GeluErf":  # x * 0.5 * (1 + erf(x / sqrt 2)), as exporters write Gelu
+            inits = [scalar("sqrt2", np.sqrt(2.0)), scalar("one", 1.0), scalar("half", 0.5)]
+            nodes = [helper.make_node("Div", [h, f"{tag}_sqrt2"], [f"{tag}_d"], name=f"{tag}_div"),
+                     helper.make_node("Erf", [f"{tag}_d"], [f"{tag}_e"], name=f"{tag}_erf"),
+                     helper.make_node("Add", [f"{tag}_e", f"{tag}_one"], [f"{tag}_a"], name=f"{tag}_add"),
+                     helper.make_node("Mul", [h, f"{tag}_a"], [f"{tag}_m"], name=f"{tag}_mul"),
+                     helper.make_node("Mul", [f"{tag}_m", f"{tag}_half"], [out], name=f"{tag}_mul2")]
+            return nodes, inits, out
+        if op in ("Add", "Mul"):  # per-feature constant
+            return [helper.make_node(op, [h, f"{tag}_c"], [out], name=f"{tag}_{op}")], [vec("c")], out
+        if op in ("Sub", "Div"):  # scalar constant
+            return [helper.make_node(op, [h, f"{tag}_c"], [out], name=f"{tag}_{op}")], [scalar("c", 1.5)], out
+        if op == "Cast":  # to fp16 and back
+            return ([helper.make_node("Cast", [h], [f"{tag}_h16"], name=f"{tag}_cast16", to=TensorProto.FLOAT16),
+                     helper.make_node("Cast", [f"{tag}_h16"], [out], name=f"{tag}_cast32", to=TensorProto.FLOAT)],
+                    [], out)
+        if op == "Dropout":
+            return [helper.make_node("Dropout", [h, f"{tag}_ratio"], [out], name=f"{tag}_drop")], [scalar("ratio", 0.5)], out
+        attrs = {"LeakyRelu": {"alpha": 0.1}}.get(op, {})
+        return [helper.make_node(op, [h], [out], name=f"{tag}_{op}", **attrs)], [], out
+    return build
+
+
+def chain_model(weights: list[np.ndarray], between: list, x_shape, *, opset: int = 17, ir_version: int = 8,
+                biases: bool = True, output_between: int | None = None) -> onnx.ModelProto:
+    """x -> MatMul(W0) [+ b0] -> between[0] -> MatMul(W1) [+ b1] -> ... -> y.
+
+    ``between[i]`` is a list of feature-wise builders; ``output_between`` also makes the tensor after
+    layer i's feature-wise steps a graph output."""
+    rng = np.random.default_rng(99)
+    nodes, inits = [], []
+    h = "x"
+    extra_outputs = []
+    for i, w in enumerate(weights):
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [h, f"W{i}"], [f"mm{i}"], name=f"fc{i}"))
+        h = f"mm{i}"
+        if biases:
+            inits.append(numpy_helper.from_array(rng.standard_normal(w.shape[1]).astype(w.dtype), f"b{i}"))
+            nodes.append(helper.make_node("Add", [h, f"b{i}"], [f"z{i}"], name=f"bias{i}"))
+            h = f"z{i}"
+        if i < len(weights) - 1:
+            for j, build in enumerate(between[i]):
+                more_nodes, more_inits, h = build(h, w.shape[1], f"l{i}s{j}")
+                nodes += more_nodes
+                inits += more_inits
+            if output_between == i:
+                extra_outputs.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, None))
+    nodes[-1].output[0] = "y"
+    dt = ONNX_DTYPE[weights[0].dtype]
+    x = helper.make_tensor_value_info("x", dt, list(x_shape))
+    y = helper.make_tensor_value_info("y", dt, list(x_shape[:-1]) + [weights[-1].shape[1]])
+    graph = helper.make_graph(nodes, "mlp", [x], [y] + extra_outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+
+
+def chained_blocks(rng: np.random.Generator, sizes: list[int], parts: int) -> list[np.ndarray]:
+    """Weights of consecutive layers whose ``parts`` blocks line up under hidden permutations: layer
+    l's column permutation is layer l+1's row permutation, so the layers form ``parts`` sub-networks."""
+    perms = [rng.permutation(s) for s in sizes]
+    weights = []
+    for i in range(len(sizes) - 1):
+        w = np.zeros((sizes[i], sizes[i + 1]))
+        for r, c in zip(np.array_split(np.arange(sizes[i]), parts), np.array_split(np.arange(sizes[i + 1]), parts)):
+            w[np.ix_(r, c)] = rng.standard_normal((r.size, c.size)) / np.sqrt(r.size)
+        weights.append(w[perms[i]][:, perms[i + 1]].astype(np.float32))
+    return weights

@@ -28,7 +28,7 @@ def test_benchmark_models_measures_cpu_with_iobinding():
     rng = np.random.default_rng(0)
     w, _ = planted(rng, 64, 64, 4)
     model = matmul_model(w, [4, 64])
-    rewritten = split_model(model, SplitConfig(min_elements=0, verify=False, bench=False)).model
+    rewritten = split_model(model, SplitConfig(layout="parallel", min_elements=0, verify=False, bench=False)).model
     feeds, _ = make_feeds(model)
     (entry,) = benchmark_models(model, rewritten, feeds, providers=["CPUExecutionProvider"], seconds=0.05)
     assert entry.status == "measured" and entry.runs >= 10
@@ -45,7 +45,7 @@ def test_a_model_that_fails_while_running_is_reported_not_raised():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
                           [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([4, 64], np.int64), "s")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    rewritten = split_model(model, SplitConfig(min_elements=0, verify=False, bench=False)).model
+    rewritten = split_model(model, SplitConfig(layout="parallel", min_elements=0, verify=False, bench=False)).model
     feeds = {"x": np.zeros((1, 64), np.float32)}  # 64 values cannot be reshaped to [4, 64]
     (entry,) = benchmark_models(model, rewritten, feeds, providers=["CPUExecutionProvider"], seconds=0.01)
     assert entry.status == "unavailable" and entry.detail.startswith("failed while running")

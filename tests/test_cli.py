@@ -38,10 +38,11 @@ def test_end_to_end_in_a_subprocess_writes_model_and_report(tmp_path, block_mode
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "onnx_split", str(block_model), str(out), "--min-elements", "0",
-         "--bench-seconds", "0.1", "--input-shape", "x:4,64", "--report", str(report)],
+         "--bench-seconds", "0.1", "--input-shape", "x:4,64", "--report", str(report),
+         "--layout", "parallel"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "fc1" in proc.stdout and "split (parallel)" in proc.stdout and "PASSED" in proc.stdout
+    assert "fc1" in proc.stdout and "split (parallel" in proc.stdout and "PASSED" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith(f"wrote {out}")
     data = json.loads(report.read_text())
     (site,) = data["sites"]
@@ -79,9 +80,11 @@ def test_failed_verification_exits_1_and_writes_nothing_unless_forced(tmp_path, 
     onnx.save_model(matmul_model(w, [2, 32]), str(src))
     out = tmp_path / "out.onnx"
     # a lossy threshold that drops the significant off-block weights must fail the default tolerance
-    code, stdout, err = _run(capsys, src, out, "--min-elements", "0", "--threshold", "1.0", "--no-bench")
+    code, stdout, err = _run(capsys, src, out, "--min-elements", "0", "--threshold", "1.0", "--no-bench",
+                             "--layout", "parallel")
     assert code == 1 and "FAILED" in stdout and "nothing written" in err and not out.exists()
-    code, _, err = _run(capsys, src, out, "--min-elements", "0", "--threshold", "1.0", "--no-bench", "--force")
+    code, _, err = _run(capsys, src, out, "--min-elements", "0", "--threshold", "1.0", "--no-bench", "--force",
+                         "--layout", "parallel")
     assert code == 1 and "anyway" in err and out.exists()
 
 

@@ -16,7 +16,7 @@ def test_the_library_never_prints_even_when_probing_cuda():
         "import numpy as np, onnx_split\n"
         "from builders import matmul_model, planted\n"
         "w, _ = planted(np.random.default_rng(0), 64, 64, 4)\n"
-        "r = onnx_split.split_model(matmul_model(w, [2, 64]), onnx_split.SplitConfig(min_elements=0, bench_seconds=0.05))\n"
+        "r = onnx_split.split_model(matmul_model(w, [2, 64]), onnx_split.SplitConfig(layout='parallel', min_elements=0, bench_seconds=0.05))\n"
         "assert r.report.verification_passed\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -29,11 +29,11 @@ def test_split_model_takes_a_path_and_never_modifies_its_input(tmp_path):
     w, _ = planted(np.random.default_rng(1), 64, 64, 4)
     model = matmul_model(w, [2, 64])
     before = model.SerializeToString()
-    result = onnx_split.split_model(model, onnx_split.SplitConfig(min_elements=0, verify=False, bench=False))
+    result = onnx_split.split_model(model, onnx_split.SplitConfig(layout="parallel", min_elements=0, verify=False, bench=False))
     assert model.SerializeToString() == before and result.report.modified
     path = tmp_path / "m.onnx"
     path.write_bytes(before)
-    from_path = onnx_split.split_model(str(path), onnx_split.SplitConfig(min_elements=0, verify=False, bench=False))
+    from_path = onnx_split.split_model(str(path), onnx_split.SplitConfig(layout="parallel", min_elements=0, verify=False, bench=False))
     assert from_path.report.input == str(path)
     assert from_path.model.SerializeToString() == result.model.SerializeToString()
 
@@ -49,7 +49,7 @@ def test_report_json_round_trips():
     import json
 
     w, _ = planted(np.random.default_rng(2), 64, 64, 4)
-    result = onnx_split.split_model(matmul_model(w, [2, 64]), onnx_split.SplitConfig(min_elements=0, bench=False,
+    result = onnx_split.split_model(matmul_model(w, [2, 64]), onnx_split.SplitConfig(layout="parallel", min_elements=0, bench=False,
                                                                                      providers=("cpu",)))
     data = json.loads(result.report.to_json())
     assert data["sites"][0]["decision"] == "split" and data["modified"] is True

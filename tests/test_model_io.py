@@ -19,7 +19,7 @@ def test_external_data_loads_splits_and_saves_as_external(tmp_path):
     onnx.save_model(model, str(src), save_as_external_data=True, location="in.weights", size_threshold=0)
     loaded, files = model_io.read_model(src)
     assert files == {(tmp_path / "in.weights").resolve()}
-    result = split_model(loaded, SplitConfig(min_elements=0, bench=False, providers=("cpu",)))
+    result = split_model(loaded, SplitConfig(layout="parallel", min_elements=0, bench=False, providers=("cpu",)))
     assert result.report.verification_passed
     out = tmp_path / "out.onnx"
     written = save_model(result.model, out, external_data=True)

@@ -278,7 +278,7 @@ def test_node_metadata_tags_the_rewrite_where_the_ir_version_has_it(ir_version):
     result = split_model(matmul_model(w, [2, 32], opset=21, ir_version=ir_version), _config())
     tags = [{p.key: p.value for p in n.metadata_props} for n in result.model.graph.node]
     if ir_version >= 10:
-        assert all(t["onnx_split.site"] == "fc1" and t["onnx_split.layout"] == "parallel" for t in tags)
+        assert all(t["onnx_split.site"] == "fc1" and t["onnx_split.layout"].startswith("parallel") for t in tags)
     else:
         assert tags and not any(tags)
     _assert_verified(result.report)

@@ -12,7 +12,7 @@ def wide_split():
     rng = np.random.default_rng(0)
     w, _ = planted(rng, 16384, 64, 4)
     model = matmul_model(w, [8, 16384])
-    result = split_model(model, SplitConfig(min_elements=0, bench=False, providers=("cpu",)))
+    result = split_model(model, SplitConfig(layout="parallel", min_elements=0, bench=False, providers=("cpu",)))
     return model, result
 
 
@@ -68,7 +68,7 @@ def test_cuda_is_reported_unavailable_not_passed_without_a_gpu():
     rng = np.random.default_rng(1)
     w, _ = planted(rng, 32, 32, 2)
     result = split_model(matmul_model(w, [2, 32]),
-                         SplitConfig(min_elements=0, providers=("cpu", "cuda"), bench_seconds=0.05))
+                         SplitConfig(layout="parallel", min_elements=0, providers=("cpu", "cuda"), bench_seconds=0.05))
     cuda = [v for v in result.report.verification if v.provider == CUDA]
     assert [v.status for v in cuda] == ["unavailable", "unavailable"] and all(v.passed is None for v in cuda)
     assert [e.status for e in result.report.latency if e.provider == CUDA] == ["unavailable"]
@@ -79,7 +79,7 @@ def test_cuda_is_reported_unavailable_not_passed_without_a_gpu():
 def test_cuda_verification_and_iobinding_timing():
     rng = np.random.default_rng(2)
     w, _ = planted(rng, 256, 256, 4)
-    result = split_model(matmul_model(w, [32, 256]), SplitConfig(min_elements=0, providers=("cuda",),
+    result = split_model(matmul_model(w, [32, 256]), SplitConfig(layout="parallel", min_elements=0, providers=("cuda",),
                                                                  bench_seconds=0.2))
     assert [v.status for v in result.report.verification] == ["passed", "passed"]
     assert result.report.latency[0].status == "measured"

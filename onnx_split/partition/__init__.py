@@ -1,5 +1,6 @@
-"""Partitioners: pure numpy/scipy, each returning a :class:`Plan`."""
+"""Partitioners: pure numpy/scipy. One layer gets a :class:`Plan`, a chain of layers a :class:`ChainPlan`."""
+from .chain import ChainPart, ChainPlan, joint_components
 from .components import exact_components
 from .plan import Part, Plan
 
-__all__ = ["Part", "Plan", "exact_components"]
+__all__ = ["ChainPart", "ChainPlan", "Part", "Plan", "exact_components", "joint_components"]

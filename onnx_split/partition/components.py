@@ -53,7 +53,7 @@ def exact_components(weight: np.ndarray, threshold: float = 0.0, max_parts: int 
     unused_rows = np.flatnonzero(col_count[row_labels] == 0).astype(np.int64)
     dead_cols = np.flatnonzero(row_count[col_labels] == 0).astype(np.int64)
 
-    groups = _pack(live, row_count, col_count, max_parts)
+    groups = [live[g] for g in pack(np.stack([row_count[live], col_count[live]], axis=1), max_parts)]
     parts = []
     for group in groups:
         rows = np.flatnonzero(np.isin(row_labels, group)).astype(np.int64)
@@ -72,21 +72,27 @@ def exact_components(weight: np.ndarray, threshold: float = 0.0, max_parts: int 
     )
 
 
-def _pack(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray, max_parts: int) -> list[list[int]]:
+def pack(counts: np.ndarray, max_parts: int) -> list[np.ndarray]:
     """Greedy largest-first packing of components into at most ``max_parts`` bins.
 
-    A merged bin is computed as one dense block, so its cost is (sum rows) x (sum cols); each
-    component goes to the bin whose merged cost stays smallest, which balances the bins and keeps
-    the extra work from merging low.
+    ``counts[c, l]`` is how many units of level ``l`` component ``c`` has (one layer: inputs and
+    outputs; a chain of layers: one level per layer boundary). A bin is computed as one dense block
+    per layer, so its cost is the sum over layers of (units in) x (units out); each component goes
+    to the bin whose cost stays smallest, which balances the bins and keeps merging waste low.
+    Returns the component indices of each non-empty bin.
     """
-    order = sorted(labels.tolist(), key=lambda c: (-int(rows[c]) * int(cols[c]), c))
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.shape[0] == 0:
+        return []
+    own = (counts[:, :-1] * counts[:, 1:]).sum(axis=1)
+    order = sorted(range(counts.shape[0]), key=lambda c: (-int(own[c]), c))
     n_bins = min(max_parts, len(order))
     bins: list[list[int]] = [[] for _ in range(n_bins)]
-    size = np.zeros((n_bins, 2), dtype=np.int64)
+    size = np.zeros((n_bins, counts.shape[1]), dtype=np.int64)
     for comp in order:
-        r, c = int(rows[comp]), int(cols[comp])
-        cost = (size[:, 0] + r) * (size[:, 1] + c)
+        merged = size + counts[comp]
+        cost = (merged[:, :-1] * merged[:, 1:]).sum(axis=1)
         best = int(np.argmin(cost))
         bins[best].append(comp)
-        size[best] += (r, c)
-    return [b for b in bins if b]
+        size[best] = merged[best]
+    return [np.asarray(b, dtype=np.int64) for b in bins if b]

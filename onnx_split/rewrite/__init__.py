@@ -1,5 +1,5 @@
-"""Graph surgery: one layout per module, all fed by a site and its plan."""
-from .apply import LAYOUT_EMITTERS, layout_macs, rewrite_model
+"""Graph surgery: one layout per module, all fed by a chain of sites and its plan."""
+from .apply import FORMS, emit_chain, layout_macs, rewrite_model, static_form
 from .emit import Unsupported
 
-__all__ = ["LAYOUT_EMITTERS", "Unsupported", "layout_macs", "rewrite_model"]
+__all__ = ["FORMS", "Unsupported", "emit_chain", "layout_macs", "rewrite_model", "static_form"]

@@ -1,49 +1,90 @@
-"""Replace each split site's node by its layout's nodes and drop what the old node alone used."""
+"""Replace each rewritten chain's nodes by its layout's nodes and drop what the old nodes alone used."""
 from __future__ import annotations
-
-from typing import Callable
 
 import onnx
 
-from ..partition import Plan
-from ..sites import Site, default_opset
-from .batched import emit_batched
+from ..chains import Chain
+from ..partition import ChainPlan
+from ..sites import default_opset
+from .batched import emit_batched, padded_sizes
 from .emit import Emitter, Unsupported
-from .parallel import emit_parallel
+from .function import add_functions, wrap_function
+from .parallel import emit_parallel, prefers_rows
 
-LAYOUT_EMITTERS: dict[str, Callable] = {"parallel": emit_parallel, "batched": emit_batched}
+FORMS = ("parallel", "parallel-rows", "batched")
+"""The concrete layouts a chain can be written in (``--layout auto`` measures each)."""
 
 
-def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Site, Plan]], layout: str) -> dict[int, str]:
-    """Rewrite ``model`` in place. ``jobs`` are sites found in this very model with their plans.
+def static_form(layout: str, chain: Chain, plan: ChainPlan) -> str:
+    """The form ``--layout parallel|batched|function`` writes, without measuring."""
+    if layout == "batched":
+        return "batched"
+    return "parallel-rows" if prefers_rows(chain, plan) else "parallel"
 
-    Returns ``{job index: reason}`` for the sites the layout could not express (left untouched).
-    """
-    emit = LAYOUT_EMITTERS[layout]
+
+def emit_form(em: Emitter, chain: Chain, plan: ChainPlan, form: str) -> str:
+    if form == "batched":
+        return emit_batched(em, chain, plan)
+    return emit_parallel(em, chain, plan, rows=form == "parallel-rows")
+
+
+def emit_chain(chain: Chain, plan: ChainPlan, form: str, *, opset: int, taken: set[str], ir_version: int,
+               function_index: int | None = None) -> tuple[Emitter, onnx.FunctionProto | None]:
+    """The nodes and initializers that compute ``chain`` in ``form``; with ``function_index``, as
+    one call of a new function (returned too). Raises :class:`Unsupported`."""
+    layout = "function" if function_index is not None else form
+    em = Emitter(chain.first.name, opset, taken, layout, ir_version)
+    y = emit_form(em, chain, plan, form)
+    em.rename_output(y, chain.last.output)
+    em.gathers = sum(n.op_type == "Gather" for n in em.nodes)
+    func = None
+    if function_index is not None:
+        func = wrap_function(em, chain, chain.last.output, opset, function_index)
+    return em, func
+
+
+def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Chain, ChainPlan, str, bool]]
+                  ) -> tuple[dict[int, str], dict[int, int]]:
+    """Rewrite ``model`` in place. ``jobs`` are (chain, plan, form, as a function) for chains found in
+    this very model. Returns ``{job index: reason}`` for the chains that could not be written
+    (left untouched), and ``{job index: Gather nodes written}`` for the others."""
     opset = default_opset(model)
     taken = _all_names(model.graph)
     refused: dict[int, str] = {}
     by_graph: dict[str, tuple[onnx.GraphProto, dict[int, list[onnx.NodeProto]]]] = {}
     dropped: set[str] = set()
-    for j, (site, plan) in enumerate(jobs):
+    functions: list[onnx.FunctionProto] = []
+    gathers: dict[int, int] = {}
+    for j, (chain, plan, form, as_function) in enumerate(jobs):
+        site = chain.last
         if model.ir_version < 4 and site.scope != "main":
             refused[j] = "IR version < 4 needs new weights to be graph inputs, which a subgraph cannot take"
             continue
-        em = Emitter(site.name, opset, taken, layout, model.ir_version)
         try:
-            y = emit(em, site, plan)
+            em, func = emit_chain(chain, plan, form, opset=opset, taken=taken, ir_version=model.ir_version,
+                                  function_index=len(functions) if as_function else None)
         except Unsupported as exc:
             refused[j] = str(exc)
             continue
-        em.rename_output(y, site.output)
+        gathers[j] = em.gathers
+        if func is not None:
+            functions.append(func)
         graph, replacements = by_graph.setdefault(site.scope, (site.graph, {}))
+        for other in chain.sites[:-1]:
+            replacements[other.index] = []
+        for link in chain.links:
+            for index in link.nodes:
+                replacements[index] = []
+            dropped.update(link.constants)
+        # at the last site's place: every input of the chain (its activation, a Gemm's C) exists there
         replacements[site.index] = em.nodes
         graph.initializer.extend(em.initializers)
         if model.ir_version < 4:  # IR 3: every initializer is also a graph input
             graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
                                for t in em.initializers)
-        dropped.update(n for n in site.node.input[1:] if n)
-        dropped.update(site.graph.node[i].output[0] for i in site.weight_producers)
+        for s in chain.sites:
+            dropped.update(n for n in s.node.input[1:] if n)
+            dropped.update(s.graph.node[i].output[0] for i in s.weight_producers)
     # Innermost graphs first: rebuilding a graph copies its nodes, subgraph attributes included, so a
     # subgraph edited after its parent was rebuilt would be edited in a detached copy.
     for scope in sorted(by_graph, key=lambda name: -name.count("/")):
@@ -53,8 +94,9 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Site, Plan]], layout:
             nodes.extend(replacements.get(i, [node]))
         del graph.node[:]
         graph.node.extend(nodes)
+    add_functions(model, functions)
     _drop_unused(model.graph, dropped)
-    return refused
+    return refused, gathers
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
@@ -111,11 +153,11 @@ def _drop_unused(main: onnx.GraphProto, candidates: set[str]) -> None:
         candidates = next_candidates
 
 
-def layout_macs(plan: Plan, layout: str) -> int:
-    """Multiply-accumulates per activation row that ``layout`` really executes for ``plan``."""
-    parts = plan.with_dead_columns()
-    if not parts:
+def layout_macs(plan: ChainPlan, form: str) -> int:
+    """Multiply-accumulates per activation row that ``form`` really executes for ``plan``."""
+    if not plan.parts:
         return 0
-    if layout == "batched":
-        return len(parts) * max(p.rows.size for p in parts) * max(p.cols.size for p in parts)
-    return sum(p.macs for p in parts)
+    if form == "batched":
+        sizes = padded_sizes(plan)
+        return len(plan.parts) * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return plan.macs_split

@@ -1,37 +1,63 @@
-"""``batched`` layout: every part padded to one [k, n] block, and a single MatMul over a [P, n, k]
-weight computes all parts at once (one kernel instead of P).
+"""``batched`` layout: every part padded to one size per level, and one MatMul per layer computes
+all parts at once (one kernel instead of P).
 
 It works on x^T [K, M]: one row Gather lines the parts' inputs up as [P*k, M] (padding rows read a
 real input against zero weights), a Reshape makes it [P, k, M], and W^T [P, n, k] @ x^T gives
-y^T [P, n, M]; a row Gather then picks and orders the N real outputs, and a Transpose turns y^T back.
+[P, n, M] per layer; per-feature constants between layers are [P, n, 1] (padding lanes get 0, or
+1 as a divisor, so they stay finite and meet only zero weights). After the last layer a row Gather
+picks and orders the real outputs, and a Transpose turns y^T back.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..partition import Plan
+from ..chains import Chain
+from ..partition import ChainPlan
 from .emit import Emitter, from_rows_view, rows_view
+from .layers import Lane, run_layers
 
 
-def emit_batched(em: Emitter, site, plan: Plan) -> str:
-    parts = plan.with_dead_columns()
+def padded_sizes(plan: ChainPlan) -> list[int]:
+    return [max(p.levels[level].size for p in plan.parts) for level in range(len(plan.sizes))]
+
+
+def emit_batched(em: Emitter, chain: Chain, plan: ChainPlan) -> str:
+    first, last = chain.first, chain.last
+    parts, sizes = plan.parts, padded_sizes(plan)
     n_parts = len(parts)
-    k = max(p.rows.size for p in parts)
-    n = max(p.cols.size for p in parts)
-    weight_t = np.zeros((n_parts, n, k), dtype=site.weight.dtype)
-    rows = np.empty((n_parts, k), dtype=np.int64)
-    where = np.empty(plan.n, dtype=np.int64)  # row of y^T [P*n, M] holding each original output
+    rows = np.empty((n_parts, sizes[0]), dtype=np.int64)
+    where = np.empty(plan.sizes[-1], dtype=np.int64)  # row of y^T [P*n, M] holding each output
     for i, p in enumerate(parts):
-        weight_t[i, : p.cols.size, : p.rows.size] = site.weight[np.ix_(p.rows, p.cols)].T
-        rows[i, : p.rows.size] = p.rows
-        rows[i, p.rows.size:] = p.rows[0]  # padding reads a real input against zero weights
-        where[p.cols] = i * n + np.arange(p.cols.size)
-    doc = f"{n_parts} parts of '{site.name}' padded to [{k}, {n}] and computed by one MatMul"
+        rows[i, : p.levels[0].size] = p.levels[0]
+        rows[i, p.levels[0].size:] = p.levels[0][0]  # padding reads a real input against zero weights
+        where[p.levels[-1]] = i * sizes[-1] + np.arange(p.levels[-1].size)
 
-    xt = rows_view(em, site, plan.k)
-    xg = em.take(xt, rows.reshape(-1), 0, 2, "inputs", "line up every part's inputs", size=plan.k)
-    x3 = em.reshape(xg, em.ints("parts_shape", [n_parts, k, -1]), "parts/Reshape", doc)
-    y3 = em.node("MatMul", [em.const("Wt", weight_t), x3], "MatMul", doc + " (as W^T @ x^T)")
-    yt = em.reshape(y3, em.ints("join_shape", [n_parts * n, -1]), "join/Reshape", doc)
-    yt = em.take(yt, where, 0, 2, "order", f"select and order the outputs of '{site.name}'", size=n_parts * n)
-    return em.finish_gemm(from_rows_view(em, yt, site, plan.n), site)
+    def weight(layer: int) -> np.ndarray:
+        site = chain.sites[layer]
+        w = np.zeros((n_parts, sizes[layer + 1], sizes[layer]), dtype=site.weight.dtype)
+        for i, p in enumerate(parts):
+            a, b = p.levels[layer], p.levels[layer + 1]
+            w[i, : b.size, : a.size] = site.weight[np.ix_(a, b)].T
+        return w
+
+    def vector(values: np.ndarray, level: int, pad: float) -> np.ndarray:
+        if values.ndim == 0:
+            return values
+        out = np.full((n_parts, sizes[level], 1), pad, dtype=values.dtype)
+        for i, p in enumerate(parts):
+            out[i, : p.levels[level].size, 0] = values[p.levels[level]]
+        return out
+
+    def doc(layer: int) -> str:
+        return (f"{n_parts} parts of '{chain.sites[layer].name}' padded to [{sizes[layer]}, {sizes[layer + 1]}] "
+                f"and computed by one MatMul (as W^T @ x^T)")
+
+    em.at(first.name)
+    xt = rows_view(em, first, plan.sizes[0])
+    xg = em.take(xt, rows.reshape(-1), 0, 2, "inputs", "line up every part's inputs", size=plan.sizes[0])
+    h = em.reshape(xg, em.ints("parts_shape", [n_parts, sizes[0], -1]), "parts/Reshape", doc(0))
+    h = run_layers(em, chain, Lane("parts", weight, vector, True, doc), h)
+    em.at(last.name)
+    yt = em.reshape(h, em.ints("join_shape", [n_parts * sizes[-1], -1]), "join/Reshape", doc(len(parts[0].levels) - 2))
+    yt = em.take(yt, where, 0, 2, "order", f"select and order the outputs of '{last.name}'", size=n_parts * sizes[-1])
+    return em.finish_gemm(from_rows_view(em, yt, first, plan.sizes[-1]), last)

@@ -32,6 +32,12 @@ class Emitter:
         self.layout = layout
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.gathers = 0  # Gather nodes on activations (set when the layout is complete)
+
+    def at(self, base: str) -> None:
+        """Name what follows under another node (a later layer of a chain, a cloned activation)."""
+        self.site = base
+        self.base = f"{base}/split"
 
     def name(self, local: str) -> str:
         candidate = f"{self.base}/{local}"
@@ -49,10 +55,12 @@ class Emitter:
     def ints(self, local: str, values) -> str:
         return self.const(local, np.asarray(values, dtype=np.int64))
 
-    def node(self, op: str, inputs: list[str], local: str, doc: str, *, output: str | None = None, **attrs) -> str:
+    def node(self, op: str, inputs: list[str], local: str, doc: str, *, output: str | None = None,
+             attributes=(), **attrs) -> str:
         node_name = self.name(local)
         out = output if output is not None else self.name(f"{local}_out")
         node = onnx.helper.make_node(op, inputs, [out], name=node_name, **attrs)
+        node.attribute.extend(attributes)
         node.doc_string = f"onnx_split {__version__} ({self.layout} layout): {doc}"
         if self.ir_version >= 10:  # node metadata exists from IR 10 on; Netron shows it
             for key, value in (("onnx_split.site", self.site), ("onnx_split.layout", self.layout),

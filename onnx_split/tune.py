@@ -1,0 +1,241 @@
+"""``--layout auto``: keep a rewrite only where it is measured faster.
+
+For each chain (a site, or layers split together) every layout is written into a small model of its
+own, next to a model of the original nodes, and all are timed in ORT, interleaved, on the chain's
+real input activations (the original model is run once per batch to get them). The fastest layout
+that is never slower than dense at any measured batch and provider, and faster by the margin on
+average, is kept; otherwise the chain stays dense. The whole rewritten model is then timed against
+the original, and the original is written when the rewrite does not pay there either.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .bench import Runner
+from .chains import Chain
+from .partition import ChainPlan
+from .rewrite import FORMS, Unsupported, emit_chain, static_form
+from .runtime import CPU, make_session, model_source, ort_error, provider_status
+from .sites import default_opset
+
+log = logging.getLogger(__name__)
+
+Timer = Callable[[dict[str, onnx.ModelProto], dict[str, np.ndarray], str, float, int], dict[str, float]]
+"""(candidate models, feeds, provider, seconds, threads) -> median milliseconds per candidate."""
+
+
+@dataclass
+class TuneResult:
+    chain: list[str]
+    choice: str  # "dense" or one of rewrite.FORMS
+    reason: str
+    times_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    """candidate -> {"CPU, batch 32": median ms}"""
+
+
+def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, ChainPlan]],
+                points: list[tuple[str, dict[str, np.ndarray]]], *, providers: list[str], seconds: float,
+                threads: int, margin: float, progress=None, timer: Timer | None = None) -> list[TuneResult]:
+    """Measure every layout of every chain; return each chain's choice with all the times."""
+    timer = timer or measure
+    progress = progress or (lambda stage, done, total: None)
+    usable = [p for p in providers if provider_status(p) is None]
+    tunable = [i for i, (chain, _) in enumerate(chains) if chain.first.scope == "main"]
+    results: list[TuneResult] = []
+    for chain, plan in chains:
+        form = static_form("parallel", chain, plan)
+        why = "inside a subgraph, where activations cannot be captured" if chain.first.scope != "main" else (
+            "no provider runs here")
+        results.append(TuneResult([s.name for s in chain.sites], form, f"not measured ({why}): static rule"))
+    if not tunable or not usable:
+        return results
+    try:
+        activations = _activations(original, [chains[i][0] for i in tunable], points, threads)
+    except Exception as exc:  # ORT raises its own types; the model may not run on these inputs
+        for i in tunable:
+            results[i].reason = f"not measured (the original failed to run: {ort_error(exc)}): static rule"
+        return results
+    budget = seconds / (len(tunable) * len(usable) * len(points))
+    for done, i in enumerate(tunable):
+        progress("tune", done, len(tunable))
+        chain, plan = chains[i]
+        models = candidates(original, chain, plan, activations[points[0][0]])
+        times: dict[str, dict[str, float]] = {name: {} for name in models}
+        for provider in usable:
+            for label, _ in points:
+                feeds = {name: activations[label][name] for name in _inputs(models["dense"])}
+                where = f"{provider.replace('ExecutionProvider', '')}, {label}"
+                try:
+                    measured = timer(models, feeds, provider, budget, threads)
+                except Exception as exc:  # ORT raises its own types
+                    results[i].reason = f"not measured ({where}: {ort_error(exc)}): static rule"
+                    break
+                for name, ms in measured.items():
+                    times[name][where] = ms
+            else:
+                continue
+            break
+        else:
+            choice, reason = choose(times, margin)
+            results[i] = TuneResult([s.name for s in chain.sites], choice, reason, times)
+        log.info("%s: %s (%s)", chain.name, choice, reason)
+    progress("tune", len(tunable), len(tunable))
+    return results
+
+
+def choose(times: dict[str, dict[str, float]], margin: float) -> tuple[str, str]:
+    """The fastest candidate that is no slower than ``dense`` anywhere and, as a geometric mean over
+    the measured points, at least ``margin`` times faster; else ``dense``. With the reason."""
+    dense = times["dense"]
+    best, best_mean = None, math.inf
+    slower = []
+    for name, measured in times.items():
+        if name == "dense":
+            continue
+        ratios = [measured[p] / dense[p] for p in dense if p in measured and dense[p] > 0]
+        if not ratios:
+            continue
+        worst = max(ratios)
+        mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        if worst > 1.0:
+            slower.append(f"{name} {1 / worst:.2f}x")
+            continue
+        if mean < best_mean:
+            best, best_mean = name, mean
+    if best is not None and 1 / best_mean >= margin:
+        return best, f"{best} measured {1 / best_mean:.2f}x faster than dense (geometric mean over {len(dense)} points)"
+    found = f"best {best} {1 / best_mean:.2f}x" if best is not None else "no layout as fast"
+    more = f"; slower somewhere: {', '.join(slower)}" if slower else ""
+    return "dense", f"kept dense: {found}, below the {margin:g}x margin{more}"
+
+
+def candidates(original: onnx.ModelProto, chain: Chain, plan: ChainPlan,
+               examples: dict[str, np.ndarray]) -> dict[str, onnx.ModelProto]:
+    """``dense`` (the original nodes) and every layout that can express the chain, each as a model
+    from the chain's runtime inputs (typed like ``examples``, all but the last dim dynamic) to its
+    output."""
+    nodes, constants, runtime = chain_nodes(chain)
+    runtime = [_input_info(name, examples[name]) for name in runtime]
+    inits = [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()]
+    models = {"dense": _model(original, nodes, inits, runtime, chain.last.output)}
+    opset = default_opset(original)
+    for form in FORMS:
+        taken = {n.name for n in nodes} | {o for n in nodes for o in n.output} | set(constants) | set(examples)
+        try:
+            em, _ = emit_chain(chain, plan, form, opset=opset, taken=taken, ir_version=original.ir_version)
+        except Unsupported as exc:
+            log.info("%s: %s not possible: %s", chain.name, form, exc)
+            continue
+        models[form] = _model(original, em.nodes, em.initializers, runtime, chain.last.output)
+    return models
+
+
+def chain_nodes(chain: Chain) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray], list[str]]:
+    """The chain's original nodes in graph order, the constants they read, and their runtime inputs."""
+    graph = chain.first.graph
+    indices = sorted([s.index for s in chain.sites] + [i for link in chain.links for i in link.nodes])
+    nodes = [graph.node[i] for i in indices]
+    produced = {o for n in nodes for o in n.output}
+    constants: dict[str, np.ndarray] = {}
+    runtime: list[str] = []
+    for node in nodes:
+        for name in node.input:
+            if not name or name in produced or name in constants or name in runtime:
+                continue
+            value = chain.first.constant(name)
+            if value is None:
+                runtime.append(name)
+            else:
+                constants[name] = value
+    return nodes, constants, runtime
+
+
+def _input_info(name: str, example: np.ndarray) -> onnx.ValueInfoProto:
+    dims = [f"{name}_d{i}" for i in range(example.ndim - 1)] + list(example.shape[-1:])
+    return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(example.dtype), dims)
+
+
+def _model(original: onnx.ModelProto, nodes, initializers, inputs: list[onnx.ValueInfoProto],
+           output: str) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(list(nodes), "candidate", inputs,
+                                   [onnx.helper.make_empty_tensor_value_info(output)], list(initializers))
+    return onnx.helper.make_model(graph, opset_imports=list(original.opset_import), ir_version=original.ir_version)
+
+
+def _inputs(model: onnx.ModelProto) -> list[str]:
+    return [i.name for i in model.graph.input]
+
+
+def _activations(original: onnx.ModelProto, chains: list[Chain], points, threads: int) -> dict[str, dict]:
+    """{point: {tensor: value}} for every runtime input of the chains, from one run of the original
+    per point with those tensors made graph outputs."""
+    wanted: list[str] = []
+    for chain in chains:
+        wanted += [name for name in chain_nodes(chain)[2] if name not in wanted]
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    outputs = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name not in outputs:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    found = {}
+    with model_source(model) as source:
+        session = make_session(source, CPU, "disabled", threads)
+        names = [o.name for o in session.get_outputs()]
+        for label, feeds in points:
+            values = dict(zip(names, session.run(None, feeds)))
+            values.update(feeds)
+            found[label] = {name: values[name] for name in wanted}
+    return found
+
+
+def measure(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], provider: str, seconds: float,
+            threads: int, min_rounds: int = 5, max_rounds: int = 200) -> dict[str, float]:
+    """Median ms of each model, run round-robin (rotating who goes first) after a warm-up, until
+    ``seconds`` have passed or ``max_rounds`` rounds are done (at least ``min_rounds``)."""
+    runners = {name: Runner(m.SerializeToString(), provider, feeds, threads) for name, m in models.items()}
+    names = list(runners)
+    for name in names:
+        for _ in range(3):
+            runners[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + seconds
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() < deadline):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(runners[name]())
+        rounds += 1
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def keep_if_faster(original: onnx.ModelProto, model: onnx.ModelProto, min_speedup: float, report) -> onnx.ModelProto:
+    """The rewritten model if it was measured faster than the original by ``min_speedup`` (geometric
+    mean over the measured points) and slower nowhere; else the original, with the reason."""
+    measured = [e for e in report.latency if e.status == "measured" and e.speedup]
+    if not measured:
+        report.notes.append("the whole rewritten model could not be timed: written without that check")
+        return model
+    speedups = [e.speedup for e in measured]
+    mean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+    worst = min(measured, key=lambda e: e.speedup)
+    if mean >= min_speedup and worst.speedup >= 1.0:
+        return model
+    where = f"{worst.provider.replace('ExecutionProvider', '')} {worst.inputs}".strip()
+    why = (f"the rewritten model measured {mean:.2f}x the original's speed (worst {worst.speedup:.2f}x at {where}), "
+           f"below --min-speedup {min_speedup:g} or slower somewhere: the original was written unchanged")
+    report.notes.append(why)
+    for rep in report.sites:
+        if rep.decision == "split":
+            rep.decision, rep.reason, rep.layout = "kept", why, None
+    report.reverted = True
+    kept = onnx.ModelProto()
+    kept.CopyFrom(original)
+    return kept
