@@ -30,6 +30,7 @@ import onnx_split  # noqa: E402
 from onnx_split.bench import Runner, summarize, time_pair  # noqa: E402
 from onnx_split.config import normalize_provider  # noqa: E402
 from onnx_split.runtime import CUDA, available_providers, provider_status  # noqa: E402
+from benchdocs import meta_lines, run_meta, write_section  # noqa: E402
 
 DEFAULTS = dict(k=[1024, 4096], parts=[2, 4, 8, 16], batch=[1, 32, 256], seconds=0.5)
 QUICK = dict(k=[256], parts=[2, 4], batch=[1, 8], seconds=0.05)
@@ -137,16 +138,6 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else format(value, spec) + suffix
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def results_table(rows: list[dict]) -> list[str]:
     lines = ["| K | parts | batch | layout | perm | original ms | rewritten ms | speedup | ideal | of ideal |",
              "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
@@ -183,12 +174,9 @@ def key_rows(rows: list[dict]) -> list[str]:
 
 
 def write_markdown(path: Path, rows: list[dict], meta: dict, providers: list[str]) -> None:
-    lines = ["# onnx_split benchmarks: block-diagonal MatMul", "",
+    lines = ["# onnx_split benchmarks: one block-diagonal MatMul, per layout", "",
              "## How this was made", "",
-             f"- Command: `{meta['command']}`", f"- Date: {meta['date']}",
-             f"- Machine: {meta['machine']} ({meta['processor'] or 'processor n/a'}), CPU: {meta['cpu_model']}, "
-             f"{meta['cpu_count']} logical CPUs",
-             f"- Python {meta['python']}, onnx {meta['onnx']}, onnxruntime {meta['onnxruntime']}, onnx_split {meta['onnx_split']}",
+             *meta_lines(meta),
              f"- Intra-op threads: {meta['threads']}; time budget per pair: {meta['seconds']} s (after 5 warm-up runs "
              f"each, at least 10 runs each); seed {meta['seed']}", "",
              "Model: `y = x @ W`, x float32 [batch, K], W [K, K] block-diagonal with `parts` equal dense blocks "
@@ -204,16 +192,15 @@ def write_markdown(path: Path, rows: list[dict], meta: dict, providers: list[str
              "restoring the output order are row copies rather than ORT's slow element-wise Gather on the last axis; "
              "the part weights then sit on MatMul's left (W^T @ x^T). That shape runs at higher throughput than the "
              "dense x @ W at batch 32 in ORT's CPU kernels (hence rows above 100% of ideal) and lower at batch 1. "
-             "Which layout wins depends on K, parts and batch: choosing per site from measurements is the autotuner's "
-             "job, not done here.", ""]
+             "Which layout wins depends on K, parts and batch; `--layout auto` measures them per site (next section). "
+             "These rows are the static layouts.", ""]
     if CUDA not in providers:
         why = provider_status(CUDA) or "not requested on the command line"
         lines += [f"CUDA EP rows are absent because no GPU was available: {why}.", ""]
     for provider in providers:
         lines += [f"## {provider}", ""] + results_table([r for r in rows if r["provider"] == provider]) + [""]
     lines += ["## Key rows", ""] + key_rows(rows) + [""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    write_section(path, "bench_split", lines)
 
 
 def main(argv=None) -> int:
@@ -229,13 +216,7 @@ def main(argv=None) -> int:
     if not providers:
         print("no requested provider runs here", file=sys.stderr)
         return 2
-    python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else sys.executable
-    meta = dict(command=shlex.join([python] + (sys.argv if argv is None else [sys.argv[0], *argv])),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                machine=platform.machine(), processor=platform.processor(), cpu_model=cpu_model(),
-                cpu_count=os.cpu_count(), python=platform.python_version(), onnx=onnx.__version__,
-                onnxruntime=ort.__version__, onnx_split=onnx_split.__version__, threads=args.threads,
-                seconds=args.seconds, seed=args.seed, providers=providers)
+    meta = run_meta(argv, threads=args.threads, seconds=args.seconds, seed=args.seed, providers=providers)
     rows = run_grid(args, providers)
     out = Path(args.out)
     write_markdown(out, rows, meta, providers)
