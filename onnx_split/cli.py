@@ -151,8 +151,9 @@ def _batches(text: str | None) -> tuple[int, ...]:
 
 
 def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
-    speed = [f"{e.provider.replace('ExecutionProvider', '')} {e.speedup:.2f}x" for e in report.latency
-             if e.status == "measured"]
+    measured = [e for e in report.latency if e.status == "measured"]
+    speed = [f"{e.provider.replace('ExecutionProvider', '')} {e.speedup:.2f}x"
+             + (f" ({e.inputs})" if len(measured) > 1 else "") for e in measured]
     if ok and report.reverted:
         print(f"wrote {out_path}: the original model, unchanged (the rewrite was not measured faster)")
     elif ok:

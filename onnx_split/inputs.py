@@ -28,15 +28,17 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def batch_shapes(model: onnx.ModelProto, batch: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """``shapes`` plus, for every other graph input whose first dim is dynamic, its shape with that
-    dim set to ``batch`` (other dynamic dims 1)."""
+    """``shapes`` with the first dim of every graph input whose first dim is dynamic set to
+    ``batch`` (other dynamic dims as ``shapes`` gives them, else 1)."""
     result = dict(shapes)
     for spec in graph_inputs(model):
-        if spec.name in result or not spec.type.HasField("tensor_type"):
+        if not spec.type.HasField("tensor_type"):
             continue
         dims = _dims(spec)
         if dims and dims[0] is None:
-            result[spec.name] = (batch,) + tuple(1 if d is None else d for d in dims[1:])
+            given = shapes.get(spec.name)
+            rest = given[1:] if given is not None and len(given) == len(dims) else tuple(1 if d is None else d for d in dims[1:])
+            result[spec.name] = (batch,) + tuple(rest)
     return result
 
 

@@ -78,6 +78,11 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         providers = _providers(config, report)
         points, report.inputs = _points(original, config)
     forms = _choose_forms(original, chains, config, points, providers, report, progress)
+    for (chain, _), result in zip(chains, report.tuning):
+        if result.choice == "dense":
+            for rep in report.sites:
+                if any(rep.node == s.name and rep.scope == s.scope for s in chain.sites):
+                    rep.reason = f"--layout auto {result.reason}"
     jobs = [(chain, plan, form, config.layout == "function") for (chain, plan), form in zip(chains, forms)
             if form != "dense"]
     refused, gathers = rewrite_model(model, jobs)
@@ -176,6 +181,11 @@ def _build_chains(sites: list[Site], plans: dict[int, ChainPlan], config: SplitC
     after = {link.a: link for link in links}
     result = []
     for path in chains_from_links(sites, eligible, links):
+        if len(path) > 2:  # the usual case, one joint partition for the whole path, costs one pass
+            whole = joint_components([sites[i].weight for i in path], config.threshold, config.max_parts)
+            if whole is not None and whole.macs_split <= CHAIN_SLACK * sum(plans[i].macs_split for i in path):
+                result.append((Chain([sites[i] for i in path], [after[i] for i in path[:-1]]), whole))
+                continue
         segment, plan = [path[0]], plans[path[0]]
         for nxt in path[1:]:
             joint = joint_components([sites[i].weight for i in segment + [nxt]], config.threshold, config.max_parts)

@@ -103,6 +103,13 @@ class SplitReport:
         split_after = sum(s.flops_after for s in self.sites if s.decision == "split")
         lines.append(f"{self.n_split} of {len(self.sites)} MatMul/Gemm sites split"
                      + (f"; their FLOPs per row {split_before:,} -> {split_after:,}" if self.n_split else ""))
+        for c in self.chains:
+            what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
+                    else f"split into {c.parts} parts")
+            lines.append(f"{' -> '.join(c.sites)}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
+                         f"{'s' if c.boundary_gathers != 1 else ''} on activations")
+        for t in self.tuning:
+            lines.append(f"autotune {' -> '.join(t.chain)}: {t.reason}")
         if self.checker:
             lines.append("onnx checker (full): " + ("passed" if self.checker.get("passed") else
                                                     f"FAILED: {self.checker.get('error')}"))
@@ -122,7 +129,8 @@ class SplitReport:
                 if e.status != "measured":
                     lines.append(f"  {_short(e.provider):<15} {e.status}: {e.detail}")
                 else:
-                    lines.append(f"  {_short(e.provider):<15} original {e.original_ms:.4f} ms, rewritten "
+                    lines.append(f"  {_short(e.provider):<15} {e.inputs + ': ' if len(self.latency) > 1 else ''}"
+                                 f"original {e.original_ms:.4f} ms, rewritten "
                                  f"{e.rewritten_ms:.4f} ms, speedup {e.speedup:.2f}x  "
                                  f"(p90 {e.original_p90_ms:.4f} / {e.rewritten_p90_ms:.4f} ms, {e.runs} runs, "
                                  f"{e.threads} thread{'s' if e.threads > 1 else ''})")

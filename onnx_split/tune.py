@@ -85,7 +85,7 @@ def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, ChainPlan]]
         else:
             choice, reason = choose(times, margin)
             results[i] = TuneResult([s.name for s in chain.sites], choice, reason, times)
-        log.info("%s: %s (%s)", chain.name, choice, reason)
+        log.info("%s: %s (%s)", chain.name, results[i].choice, results[i].reason)
     progress("tune", len(tunable), len(tunable))
     return results
 

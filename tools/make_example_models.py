@@ -4,8 +4,9 @@
 
 mlp_blocks.onnx: a 3-layer MLP in the form exporters write (Gemm with transB=1 + Relu, then
 MatMul + Add + Relu, then a dense Gemm classifier head). The two hidden layers, 512 wide, hold 8
-exact dense blocks each under hidden row/column permutations, so onnx_split finds 8 independent
-sub-networks per layer; the head is dense and is kept, with its reason.
+exact dense blocks each under hidden row/column permutations that agree between the layers, so
+onnx_split finds 8 independent sub-networks running through both; the head is dense and is kept,
+with its reason.
 """
 from __future__ import annotations
 
@@ -17,17 +18,21 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def block_weight(rng: np.random.Generator, k: int, n: int, blocks: int) -> np.ndarray:
+def block_weight(rng: np.random.Generator, k: int, n: int, blocks: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``blocks`` dense blocks on the diagonal, rows and columns shuffled by ``rows`` and ``cols``."""
     w = np.zeros((k, n), np.float32)
     for r, c in zip(np.array_split(np.arange(k), blocks), np.array_split(np.arange(n), blocks)):
         w[np.ix_(r, c)] = rng.standard_normal((r.size, c.size)) * np.sqrt(2.0 / r.size)
-    return w[rng.permutation(k)][:, rng.permutation(n)]
+    return w[rows][:, cols]
 
 
 def mlp_blocks(width: int = 512, blocks: int = 8, n_in: int = 512, n_out: int = 10, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
-    w1 = block_weight(rng, n_in, width, blocks)
-    w2 = block_weight(rng, width, width, blocks)
+    # the hidden units are shuffled once, so fc1's column order is fc2's row order: the two layers
+    # hold 8 sub-networks that run through both (as in a network trained to be block-sparse)
+    p_in, p_hidden, p_out = rng.permutation(n_in), rng.permutation(width), rng.permutation(width)
+    w1 = block_weight(rng, n_in, width, blocks, p_in, p_hidden)
+    w2 = block_weight(rng, width, width, blocks, p_hidden, p_out)
     w3 = (rng.standard_normal((width, n_out)) / np.sqrt(width)).astype(np.float32)
     inits = [
         numpy_helper.from_array(np.ascontiguousarray(w1.T), "fc1.weight"),  # [out, in], as exporters store it

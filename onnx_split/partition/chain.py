@@ -85,6 +85,10 @@ def joint_components(weights: list[np.ndarray], threshold: float = 0.0, max_part
     for layer, m in enumerate(masks):
         if m.shape[0] != sizes[layer]:
             raise ValueError(f"layer {layer} has {m.shape[0]} inputs, the layer before has {sizes[layer]} outputs")
+    for layer in range(len(masks) - 1, 0, -1):  # a hidden unit that feeds nothing live is dead work
+        dead = ~masks[layer].any(axis=1)
+        if dead.any():
+            masks[layer - 1][:, dead] = False
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     rows, cols = [], []
     for layer, m in enumerate(masks):

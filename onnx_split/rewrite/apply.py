@@ -29,7 +29,8 @@ def emit_form(em: Emitter, chain: Chain, plan: ChainPlan, form: str) -> str:
 
 
 def emit_chain(chain: Chain, plan: ChainPlan, form: str, *, opset: int, taken: set[str], ir_version: int,
-               function_index: int | None = None) -> tuple[Emitter, onnx.FunctionProto | None]:
+               function_index: int | None = None, overloads: set[str] | None = None
+               ) -> tuple[Emitter, onnx.FunctionProto | None]:
     """The nodes and initializers that compute ``chain`` in ``form``; with ``function_index``, as
     one call of a new function (returned too). Raises :class:`Unsupported`."""
     layout = "function" if function_index is not None else form
@@ -39,7 +40,8 @@ def emit_chain(chain: Chain, plan: ChainPlan, form: str, *, opset: int, taken: s
     em.gathers = sum(n.op_type == "Gather" for n in em.nodes)
     func = None
     if function_index is not None:
-        func = wrap_function(em, chain, chain.last.output, opset, function_index)
+        func = wrap_function(em, chain, chain.last.output, opset, function_index,
+                             overloads if overloads is not None else set())
     return em, func
 
 
@@ -55,6 +57,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Chain, ChainPlan, str
     dropped: set[str] = set()
     functions: list[onnx.FunctionProto] = []
     gathers: dict[int, int] = {}
+    overloads: set[str] = set()
     for j, (chain, plan, form, as_function) in enumerate(jobs):
         site = chain.last
         if model.ir_version < 4 and site.scope != "main":
@@ -62,7 +65,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Chain, ChainPlan, str
             continue
         try:
             em, func = emit_chain(chain, plan, form, opset=opset, taken=taken, ir_version=model.ir_version,
-                                  function_index=len(functions) if as_function else None)
+                                  function_index=len(functions) if as_function else None, overloads=overloads)
         except Unsupported as exc:
             refused[j] = str(exc)
             continue

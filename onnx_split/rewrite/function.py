@@ -20,8 +20,10 @@ DOMAIN = "onnx_split"
 SMALL = 64  # constants up to this many elements go into the body
 
 
-def wrap_function(em: Emitter, chain: Chain, output: str, opset: int, index: int) -> onnx.FunctionProto:
-    """Replace ``em``'s nodes by one call of a new function (returned); its weights stay in ``em``."""
+def wrap_function(em: Emitter, chain: Chain, output: str, opset: int, index: int,
+                  overloads: set[str]) -> onnx.FunctionProto:
+    """Replace ``em``'s nodes by one call of a new function (returned); its weights stay in ``em``.
+    ``overloads`` are the function ids already written (updated)."""
     if em.ir_version < 8:
         raise Unsupported(f"the function layout needs IR version >= 8 (this model has {em.ir_version})")
     produced = {o for n in em.nodes for o in n.output}
@@ -47,7 +49,12 @@ def wrap_function(em: Emitter, chain: Chain, output: str, opset: int, index: int
     node = onnx.helper.make_node(op_type, inputs, [output], name=em.name("function"), domain=DOMAIN,
                                  doc_string=func.doc_string)
     if overload:
-        func.overload = node.overload = chain.first.name
+        label = chain.first.name if chain.first.scope == "main" else f"{chain.first.scope}/{chain.first.name}"
+        unique, i = label, 1
+        while unique in overloads:
+            unique, i = f"{label}#{i}", i + 1
+        overloads.add(unique)
+        func.overload = node.overload = unique
         for key, value in (("onnx_split.site", chain.name), ("onnx_split.layout", "function"),
                            ("onnx_split.version", __version__)):
             node.metadata_props.add(key=key, value=value)
