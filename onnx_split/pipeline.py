@@ -100,7 +100,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
             report.verification = verify_models(original, model, feeds, providers=providers, rtol=config.rtol,
                                                 atol=config.atol, threads=config.threads)
             progress("verify", 1, 1)
-        if (config.bench or config.layout == "auto") and report.modified:
+        if config.bench and report.modified:
             for i, (label, feeds) in enumerate(points):
                 progress("bench", i, len(points))
                 entries = benchmark_models(original, model, feeds, providers=providers,
@@ -113,6 +113,9 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
                 model = keep_if_faster(original, model, config.min_speedup, report)
         elif config.bench:
             report.notes.append("nothing was split: latency not measured")
+        elif config.layout == "auto" and report.modified:
+            report.notes.append("--no-bench: the whole rewritten model was not timed against the original, so "
+                                "only the per-site measurements chose what to write")
     return SplitResult(model, report)
 
 

@@ -61,7 +61,7 @@ def test_model_over_2gb_is_split_verified_and_written_with_external_data(big_mod
     code = main([str(big_model), str(out), "--no-bench", "--input-shape", "ids:8", "--providers", "cpu"])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
-    assert "proj" in stdout and "split (parallel)" in stdout and stdout.count("PASSED") == 2
+    assert "proj" in stdout and "split (" in stdout and stdout.count("PASSED") == 2
     assert (big_model.parent / "big.split.onnx.data").stat().st_size > 2**31
     assert out.stat().st_size < 2**20  # the weights are in the external data file
     onnx.checker.check_model(str(out))

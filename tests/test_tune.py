@@ -121,3 +121,13 @@ def test_cli_rejects_a_bad_batch_list(tmp_path, capsys):
     code = main([str(src), str(tmp_path / "o.onnx"), "--batch", "1,x"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--batch" in err and not (tmp_path / "o.onnx").exists()
+
+
+def test_no_bench_skips_the_whole_model_check_and_says_so(monkeypatch):
+    import onnx_split.pipeline as pipeline
+
+    monkeypatch.setattr("onnx_split.tune.measure", lambda models, *a: {n: (2.0 if n == "dense" else 1.0) for n in models})
+    monkeypatch.setattr(pipeline, "benchmark_models", lambda *a, **k: pytest.fail("timed despite --no-bench"))
+    result = split_model(_model(), SplitConfig(min_elements=0, providers=("cpu",), bench=False))
+    assert result.report.modified and not result.report.latency
+    assert any("--no-bench" in n and "not timed" in n for n in result.report.notes)
