@@ -78,11 +78,6 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         providers = _providers(config, report)
         points, report.inputs = _points(original, config)
     forms = _choose_forms(original, chains, config, points, providers, report, progress)
-    for (chain, _), result in zip(chains, report.tuning):
-        if result.choice == "dense":
-            for rep in report.sites:
-                if any(rep.node == s.name and rep.scope == s.scope for s in chain.sites):
-                    rep.reason = f"--layout auto {result.reason}"
     jobs = [(chain, plan, form, config.layout == "function") for (chain, plan), form in zip(chains, forms)
             if form != "dense"]
     refused, gathers = rewrite_model(model, jobs)
@@ -94,29 +89,36 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if not config.verify:
         report.checker["ort_loads"] = loads_in_ort(model)
     if points:
-        label, feeds = points[0]
-        if config.verify:
-            progress("verify", 0, 1)
-            report.verification = verify_models(original, model, feeds, providers=providers, rtol=config.rtol,
-                                                atol=config.atol, threads=config.threads)
-            progress("verify", 1, 1)
-        if config.bench and report.modified:
-            for i, (label, feeds) in enumerate(points):
-                progress("bench", i, len(points))
-                entries = benchmark_models(original, model, feeds, providers=providers,
-                                           seconds=config.bench_seconds, threads=config.threads)
-                for e in entries:
-                    e.inputs = label
-                report.latency.extend(entries)
-            progress("bench", len(points), len(points))
-            if config.layout == "auto":
-                model = keep_if_faster(original, model, config.min_speedup, report)
-        elif config.bench:
-            report.notes.append("nothing was split: latency not measured")
-        elif config.layout == "auto" and report.modified:
-            report.notes.append("--no-bench: the whole rewritten model was not timed against the original, so "
-                                "only the per-site measurements chose what to write")
+        model = _verify_and_time(original, model, config, points, providers, report, progress)
     return SplitResult(model, report)
+
+
+def _verify_and_time(original, model, config: SplitConfig, points, providers, report: SplitReport, progress):
+    """Verification on the first set of inputs, timing on every set; with ``--layout auto`` the
+    original when the rewrite does not pay as a whole."""
+    _, feeds = points[0]
+    if config.verify:
+        progress("verify", 0, 1)
+        report.verification = verify_models(original, model, feeds, providers=providers, rtol=config.rtol,
+                                            atol=config.atol, threads=config.threads)
+        progress("verify", 1, 1)
+    if config.bench and report.modified:
+        for i, (label, feeds) in enumerate(points):
+            progress("bench", i, len(points))
+            entries = benchmark_models(original, model, feeds, providers=providers,
+                                       seconds=config.bench_seconds, threads=config.threads)
+            for e in entries:
+                e.inputs = label
+            report.latency.extend(entries)
+        progress("bench", len(points), len(points))
+        if config.layout == "auto":
+            model = keep_if_faster(original, model, config.min_speedup, report)
+    elif config.bench:
+        report.notes.append("nothing was split: latency not measured")
+    elif config.layout == "auto" and report.modified:
+        report.notes.append("--no-bench: the whole rewritten model was not timed against the original, so "
+                            "only the per-site measurements chose what to write")
+    return model
 
 
 def _points(original: onnx.ModelProto, config: SplitConfig) -> tuple[list[tuple[str, dict]], list[str]]:
@@ -215,6 +217,11 @@ def _choose_forms(original, chains, config: SplitConfig, points, providers, repo
     results = tune_chains(original, chains, points, providers=providers, seconds=config.tune_seconds,
                           threads=config.threads, margin=config.min_speedup, progress=progress)
     report.tuning = results
+    for (chain, _), result in zip(chains, results):
+        if result.choice == "dense":
+            for rep in report.sites:
+                if any(rep.node == s.name and rep.scope == s.scope for s in chain.sites):
+                    rep.reason = f"--layout auto {result.reason}"
     return [r.choice for r in results]
 
 

@@ -10,18 +10,13 @@ JSON. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import os
-import platform
-import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
