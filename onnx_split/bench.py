@@ -55,22 +55,29 @@ class Runner:
         return (time.perf_counter_ns() - start) / 1e6
 
 
+def round_robin(runs: list, *, seconds: float, warmup: int = 5, min_rounds: int = 10,
+                max_rounds: int = 100_000) -> list[list[float]]:
+    """Warm every run up, then run them in rounds, rotating which goes first, until ``seconds`` have
+    passed or ``max_rounds`` are done (at least ``min_rounds``). Returns each run's times."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    deadline = time.perf_counter() + seconds
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() < deadline):
+        shift = rounds % len(runs)
+        for i in list(range(shift, len(runs))) + list(range(shift)):
+            times[i].append(runs[i]())
+        rounds += 1
+    return times
+
+
 def time_pair(run_a, run_b, *, seconds: float, warmup: int = 5, min_runs: int = 10,
               max_runs: int = 100_000) -> tuple[list[float], list[float]]:
-    """Warm both up, then alternate them until ``seconds`` have passed (at least ``min_runs`` each)."""
-    for _ in range(warmup):
-        run_a()
-        run_b()
-    times_a: list[float] = []
-    times_b: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times_a) < max_runs and (len(times_a) < min_runs or time.perf_counter() < deadline):
-        if len(times_a) % 2:
-            times_b.append(run_b())
-            times_a.append(run_a())
-        else:
-            times_a.append(run_a())
-            times_b.append(run_b())
+    """Two runs interleaved (alternating which goes first): see :func:`round_robin`."""
+    times_a, times_b = round_robin([run_a, run_b], seconds=seconds, warmup=warmup, min_rounds=min_runs,
+                                   max_rounds=max_runs)
     return times_a, times_b
 
 

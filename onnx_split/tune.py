@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import onnx
 
-from .bench import Runner
+from .bench import Runner, round_robin
 from .chains import Chain
 from .partition import ChainPlan
 from .rewrite import FORMS, Unsupported, emit_chain, static_form
@@ -67,27 +66,31 @@ def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, ChainPlan]]
         progress("tune", done, len(tunable))
         chain, plan = chains[i]
         models = candidates(original, chain, plan, activations[points[0][0]])
-        times: dict[str, dict[str, float]] = {name: {} for name in models}
-        for provider in usable:
-            for label, _ in points:
-                feeds = {name: activations[label][name] for name in _inputs(models["dense"])}
-                where = f"{provider.replace('ExecutionProvider', '')}, {label}"
-                try:
-                    measured = timer(models, feeds, provider, budget, threads)
-                except Exception as exc:  # ORT raises its own types
-                    results[i].reason = f"not measured ({where}: {ort_error(exc)}): static rule"
-                    break
-                for name, ms in measured.items():
-                    times[name][where] = ms
-            else:
-                continue
-            break
+        times, failed = _time_candidates(models, activations, points, usable, budget, threads, timer)
+        if failed is not None:
+            results[i].reason = f"not measured ({failed}): static rule"
         else:
             choice, reason = choose(times, margin)
             results[i] = TuneResult([s.name for s in chain.sites], choice, reason, times)
         log.info("%s: %s (%s)", chain.name, results[i].choice, results[i].reason)
     progress("tune", len(tunable), len(tunable))
     return results
+
+
+def _time_candidates(models, activations, points, providers, budget: float, threads: int, timer: Timer):
+    """({candidate: {point: ms}}, None), or (None, why) when a run failed."""
+    times: dict[str, dict[str, float]] = {name: {} for name in models}
+    for provider in providers:
+        for label, _ in points:
+            feeds = {name: activations[label][name] for name in _inputs(models["dense"])}
+            where = f"{provider.replace('ExecutionProvider', '')}, {label}"
+            try:
+                measured = timer(models, feeds, provider, budget, threads)
+            except Exception as exc:  # ORT raises its own types
+                return None, f"{where}: {ort_error(exc)}"
+            for name, ms in measured.items():
+                times[name][where] = ms
+    return times, None
 
 
 def choose(times: dict[str, dict[str, float]], margin: float) -> tuple[str, str]:
@@ -200,23 +203,12 @@ def _activations(original: onnx.ModelProto, chains: list[Chain], points, threads
 
 
 def measure(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], provider: str, seconds: float,
-            threads: int, min_rounds: int = 5, max_rounds: int = 200) -> dict[str, float]:
-    """Median ms of each model, run round-robin (rotating who goes first) after a warm-up, until
-    ``seconds`` have passed or ``max_rounds`` rounds are done (at least ``min_rounds``)."""
-    runners = {name: Runner(m.SerializeToString(), provider, feeds, threads) for name, m in models.items()}
-    names = list(runners)
-    for name in names:
-        for _ in range(3):
-            runners[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    deadline = time.perf_counter() + seconds
-    rounds = 0
-    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() < deadline):
-        shift = rounds % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(runners[name]())
-        rounds += 1
-    return {name: float(np.median(t)) for name, t in times.items()}
+            threads: int) -> dict[str, float]:
+    """Median ms of each model, run round-robin after a warm-up (at most 200 rounds)."""
+    names = list(models)
+    runners = [Runner(models[name].SerializeToString(), provider, feeds, threads) for name in names]
+    times = round_robin(runners, seconds=seconds, warmup=3, min_rounds=5, max_rounds=200)
+    return {name: float(np.median(t)) for name, t in zip(names, times)}
 
 
 def keep_if_faster(original: onnx.ModelProto, model: onnx.ModelProto, min_speedup: float, report) -> onnx.ModelProto:
