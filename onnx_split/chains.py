@@ -99,7 +99,7 @@ def find_links(sites: list[Site], eligible: list[int]) -> list[Link]:
     return links
 
 
-def chains_from_links(sites: list[Site], eligible: list[int], links: list[Link]) -> list[list[int]]:
+def chains_from_links(eligible: list[int], links: list[Link]) -> list[list[int]]:
     """Maximal paths of linked sites (each a list of site indices); unlinked sites are paths of one."""
     nxt = {link.a: link for link in links}
     has_prev = {link.b for link in links}
@@ -164,13 +164,14 @@ def _region(site: Site, a: int, readers, outputs: set[str], by_activation, sites
                     frontier.append(out)
     if len(ends) != 1 or a in ends:
         return None
-    b = sites[ends.pop()]
+    end = ends.pop()
+    b = sites[end]
     if b.weight.shape[0] != n or b.trans_a or readers.get(b.activation) != [b.index]:
         return None
     constants: dict[str, np.ndarray] = {}
     if not all(_admit(graph.node[i], region, constants, site, n, rank) for i in nodes):
         return None
-    return Link(a, sites.index(b), sorted(nodes), site.output, b.activation, constants)
+    return Link(a, end, sorted(nodes), site.output, b.activation, constants)
 
 
 def _admit(node: onnx.NodeProto, region: set[str], constants: dict, site: Site, n: int, rank) -> bool:

@@ -26,7 +26,6 @@ from .model_io import is_large, load_model, save_model
 from .partition import ChainPlan, Plan, exact_components, joint_components
 from .report import ChainReport, SiteReport, SplitReport
 from .rewrite import layout_macs, rewrite_model, static_form
-from .rewrite.batched import padded_sizes
 from .runtime import CPU, CUDA, available_providers, make_session, model_source, ort_error, provider_status
 from .sites import Site, find_sites
 from .tune import keep_if_faster, tune_chains
@@ -185,7 +184,7 @@ def _build_chains(sites: list[Site], plans: dict[int, ChainPlan], config: SplitC
     links = find_links(sites, eligible) if config.chains else []
     after = {link.a: link for link in links}
     result = []
-    for path in chains_from_links(sites, eligible, links):
+    for path in chains_from_links(eligible, links):
         if len(path) > 2:  # the usual case, one joint partition for the whole path, costs one pass
             whole = joint_components([sites[i].weight for i in path], config.threshold, config.max_parts)
             if whole is not None and whole.macs_split <= CHAIN_SLACK * sum(plans[i].macs_split for i in path):
@@ -209,8 +208,9 @@ def _choose_forms(original, chains, config: SplitConfig, points, providers, repo
     if config.layout != "auto":
         return [static_form(config.layout, chain, plan) for chain, plan in chains]
     why = None if points else "no inputs to measure with"
-    if why is None and loads_in_ort(original) != "yes":
-        why = f"onnxruntime cannot load the original: {loads_in_ort(original)}"
+    if why is None:
+        loads = loads_in_ort(original)
+        why = None if loads == "yes" else f"onnxruntime cannot load the original: {loads}"
     if why is not None:
         report.notes.append(f"--layout auto could not measure ({why}): the static parallel rule chose the layouts")
         return [static_form("parallel", chain, plan) for chain, plan in chains]
@@ -219,15 +219,19 @@ def _choose_forms(original, chains, config: SplitConfig, points, providers, repo
     report.tuning = results
     for (chain, _), result in zip(chains, results):
         if result.choice == "dense":
-            for rep in report.sites:
-                if any(rep.node == s.name and rep.scope == s.scope for s in chain.sites):
-                    rep.reason = f"--layout auto {result.reason}"
+            for rep in _reports_of(report, chain):
+                rep.reason = f"--layout auto {result.reason}"
     return [r.choice for r in results]
+
+
+def _reports_of(report: SplitReport, chain: Chain) -> list[SiteReport]:
+    """The site reports of the chain's sites."""
+    return [r for r in report.sites if any(r.node == s.name and r.scope == s.scope for s in chain.sites)]
 
 
 def _record_chain(report: SplitReport, chain: Chain, plan: ChainPlan, form: str, refused: str | None,
                   layout: str, gathers: int) -> None:
-    reports = [r for r in report.sites if any(r.node == s.name and r.scope == s.scope for s in chain.sites)]
+    reports = _reports_of(report, chain)
     if refused is not None:
         for rep in reports:
             rep.reason = refused
@@ -240,20 +244,14 @@ def _record_chain(report: SplitReport, chain: Chain, plan: ChainPlan, form: str,
         rep = next(r for r in reports if r.node == site.name)
         rep.decision, rep.layout, rep.parts = "split", written, len(plan.parts)
         rep.part_shapes = [list(p.layer_shape(layer)) for p in plan.parts]
-        rep.flops_after = 2 * _layer_macs(plan, form, layer)
+        rep.flops_after = 2 * layout_macs(plan, form, layer)
         if len(chain.sites) > 1:
             rep.chain = chain.name
             rep.reason = (f"layer {layer + 1} of {len(chain.sites)} of one network split into {len(plan.parts)} "
                           f"({plan.n_components} joint components)")
         else:
-            rep.reason = f"{rep.components} components -> {len(plan.parts)} parts; " + rep.reason.split("; ", 1)[-1]
-
-
-def _layer_macs(plan: ChainPlan, form: str, layer: int) -> int:
-    if form == "batched":
-        sizes = padded_sizes(plan)
-        return len(plan.parts) * sizes[layer] * sizes[layer + 1]
-    return plan.layer_macs(layer)
+            rep.reason = (f"{rep.components} components -> {len(plan.parts)} parts; {rep.unused_inputs} unused "
+                          f"inputs, {rep.dead_outputs} outputs with no input")
 
 
 def _no_saving(plan: Plan, after: int) -> str:

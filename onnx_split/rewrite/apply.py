@@ -156,11 +156,13 @@ def _drop_unused(main: onnx.GraphProto, candidates: set[str]) -> None:
         candidates = next_candidates
 
 
-def layout_macs(plan: ChainPlan, form: str) -> int:
-    """Multiply-accumulates per activation row that ``form`` really executes for ``plan``."""
+def layout_macs(plan: ChainPlan, form: str, layer: int | None = None) -> int:
+    """Multiply-accumulates per activation row that ``form`` really executes for ``plan`` (padding
+    included), for one ``layer`` or for all."""
     if not plan.parts:
         return 0
+    layers = range(plan.n_layers) if layer is None else [layer]
     if form == "batched":
         sizes = padded_sizes(plan)
-        return len(plan.parts) * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    return plan.macs_split
+        return len(plan.parts) * sum(sizes[i] * sizes[i + 1] for i in layers)
+    return sum(plan.layer_macs(i) for i in layers)
