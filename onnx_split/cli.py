@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import LAYOUTS, SplitConfig
+from .config import LAYOUTS, PARTITIONERS, SCORES, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
 from .model_io import check_destination, read_model, refuse_overwrite, save_model
-from .pipeline import split_model
+from .lossy import survey_table
+from .pipeline import split_model, survey_model
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Split the constant weights of MatMul/Gemm nodes along their near-zero structure into independent "
         "parts, verify the result in ONNX Runtime and time it."))
     p.add_argument("input", help="input .onnx model")
-    p.add_argument("output", help="where to write the rewritten model (never the input)")
+    p.add_argument("output", nargs="?", help="where to write the rewritten model (never the input); not with --dry-run")
     g = p.add_argument_group("partition")
     g.add_argument("--threshold", type=float, default=0.0,
                    help="drop weights with |w| <= this; 0 (default) drops exact zeros only: lossless")
@@ -45,6 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chains", action="store_true",
                    help="split each layer on its own (default: consecutive split layers joined by feature-wise ops "
                         "become independent sub-networks, with no Concat/Slice between them)")
+    g = p.add_argument_group("lossy splitting (drops the weights outside the parts' blocks)")
+    g.add_argument("--partitioner", choices=PARTITIONERS, default=None,
+                   help=f"components (default without a budget): exact, lossless; metis (default with a budget) or "
+                        f"spectral: balanced block-diagonal parts under row/column permutations keeping the most "
+                        f"significance; tiles: static b x b tiles, the most significant kept; random: a random "
+                        f"balanced partition (a baseline)")
+    g.add_argument("--parts", type=int, default=None, metavar="G", help="budget: exactly G balanced parts per site")
+    g.add_argument("--keep", type=float, default=None, metavar="F",
+                   help="budget: per site, the cheapest plan that keeps at least fraction F of its significance")
+    g.add_argument("--flops", type=float, default=None, metavar="F",
+                   help="budget: per site, the plan keeping the most significance within fraction F of its dense FLOPs")
+    g.add_argument("--tolerance", type=float, default=None, metavar="E",
+                   help="budget: the largest saving whose relative output error ||y'-y||/||y|| stays <= E on the "
+                        "calibration data, then checked on held-out samples (exit 1 if it does not hold there)")
+    g.add_argument("--calibration", default=None, metavar="FILE.npz",
+                   help="calibration samples: one array per graph input, first axis = samples (default: seeded "
+                        "random inputs, and the report says so)")
+    g.add_argument("--score", choices=SCORES, default="auto",
+                   help="significance: magnitude |w|, activation |w|*||x_i|| over the calibration data; auto "
+                        "(default): activation with --calibration, else magnitude")
+    g.add_argument("--tile", type=int, default=64, metavar="B", help="tile size of --partitioner tiles (64)")
+    g.add_argument("--holdout", type=float, default=0.25,
+                   help="fraction of calibration samples held out of the search to check the result (0.25)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print each site's retained significance and FLOPs at 2/4/8/16 parts; write nothing")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
@@ -108,7 +134,21 @@ def _run(args) -> int:
         rtol=args.rtol, atol=args.atol, input_shapes=dict(parse_input_shape(s) for s in args.input_shape),
         inputs_path=args.inputs, seed=args.seed, chains=not args.no_chains, batches=_batches(args.batch),
         tune_seconds=args.tune_seconds, min_speedup=args.min_speedup,
+        partitioner=args.partitioner or ("metis" if args.dry_run else "components"), parts=args.parts,
+        keep=args.keep, flops=args.flops, tolerance=args.tolerance, calibration=args.calibration, score=args.score,
+        tile=args.tile, holdout=args.holdout,
     )
+    if args.dry_run:
+        if args.output is not None:
+            raise OnnxSplitError("--dry-run writes nothing: give only the input model")
+        model, _ = read_model(Path(args.input))
+        rows = survey_model(model, config)
+        print(f"dry run of {args.input} ({config.partitioner} partitioner; nothing written): retained significance "
+              f"and the parts' share of the dense FLOPs per site")
+        print(survey_table(rows))
+        return EXIT_OK
+    if args.output is None:
+        raise OnnxSplitError("give the output path (or --dry-run)")
     in_path, out_path = Path(args.input), Path(args.output)
     model, external_files = read_model(in_path)
     protect = (in_path, *external_files)

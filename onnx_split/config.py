@@ -9,6 +9,12 @@ from typing import Mapping
 from .errors import InputError
 
 LAYOUTS = ("auto", "parallel", "batched", "function")
+PARTITIONERS = ("components", "metis", "spectral", "tiles", "random")
+"""``components`` is exact (lossless); the others drop the weights outside their blocks."""
+DEFAULT_LOSSY = "metis"
+"""The partitioner a budget uses unless told: it retained more significance than spectral
+co-clustering on every matrix of docs/PARTITIONERS.md."""
+SCORES = ("auto", "magnitude", "activation")
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -53,6 +59,29 @@ class SplitConfig:
     """Time budget per provider for the latency measurement (after warm-up)."""
     threads: int = 1
     """intra_op_num_threads for verification and timing sessions (fixed, for stable ratios)."""
+    partitioner: str = "components"
+    """``components``: exact connected components (lossless). ``metis``/``spectral``: balanced
+    block-diagonal partitions into G parts under row/column permutations, maximizing retained
+    significance; ``tiles``: static b x b tiles, the highest-significance fraction kept; ``random``:
+    a random balanced partition (a baseline). Any budget below without a partitioner uses metis."""
+    parts: int | None = None
+    """Lossy: split every candidate site into exactly this many balanced parts."""
+    keep: float | None = None
+    """Lossy: per site, the most parts (fewest FLOPs) that keep at least this fraction of significance."""
+    flops: float | None = None
+    """Lossy: per site, the fewest parts that cost at most this fraction of the dense FLOPs."""
+    tolerance: float | None = None
+    """Lossy: the largest saving whose relative output error ||y'-y||/||y|| stays within this on the
+    calibration data (then checked on held-out samples)."""
+    calibration: str | None = None
+    """An .npz of calibration samples, one array per graph input, first axis = samples."""
+    score: str = "auto"
+    """Significance: ``magnitude`` |w|, ``activation`` |w| * ||x_i|| over calibration data; ``auto``
+    is activation with --calibration, else magnitude."""
+    tile: int = 64
+    """Tile size b of ``--partitioner tiles``."""
+    holdout: float = 0.25
+    """Fraction of the calibration samples held out of the search to check the result on."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -73,6 +102,7 @@ class SplitConfig:
             raise InputError(f"--tune-seconds must be > 0, got {self.tune_seconds}")
         if not self.min_speedup > 0:
             raise InputError(f"--min-speedup must be > 0, got {self.min_speedup}")
+        self._check_lossy()
         batches = tuple(int(b) for b in self.batches)
         if any(b < 1 for b in batches):
             raise InputError(f"--batch sizes must be >= 1, got {list(batches)}")
@@ -83,6 +113,49 @@ class SplitConfig:
             object.__setattr__(self, "providers", tuple(normalize_provider(p) for p in self.providers))
         shapes = {str(k): tuple(int(d) for d in v) for k, v in dict(self.input_shapes).items()}
         object.__setattr__(self, "input_shapes", shapes)
+
+    def _check_lossy(self) -> None:
+        if self.partitioner not in PARTITIONERS:
+            raise InputError(f"--partitioner must be one of {', '.join(PARTITIONERS)}, not {self.partitioner!r}")
+        if self.score not in SCORES:
+            raise InputError(f"--score must be one of {', '.join(SCORES)}, not {self.score!r}")
+        budgets = [name for name in ("parts", "keep", "flops", "tolerance") if getattr(self, name) is not None]
+        if len(budgets) > 1:
+            raise InputError(f"give one budget, not {' and '.join('--' + b for b in budgets)}")
+        if self.parts is not None and self.parts < 1:
+            raise InputError(f"--parts must be >= 1, got {self.parts}")
+        for name in ("keep", "flops"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise InputError(f"--{name} must be a fraction in (0, 1], got {value}")
+        if self.tolerance is not None and not self.tolerance >= 0:
+            raise InputError(f"--tolerance must be >= 0, got {self.tolerance}")
+        if self.tile < 1:
+            raise InputError(f"--tile must be >= 1, got {self.tile}")
+        if not 0 < self.holdout < 1:
+            raise InputError(f"--holdout must be a fraction in (0, 1), got {self.holdout}")
+        if self.partitioner == "tiles" and self.parts is not None:
+            raise InputError("--parts does not apply to --partitioner tiles: use --keep, --flops or --tolerance")
+        if self.partitioner == "components" and budgets:
+            object.__setattr__(self, "partitioner", DEFAULT_LOSSY)
+
+    @property
+    def budget(self) -> str | None:
+        """The budget option given, as the CLI spells it, or None."""
+        for name in ("parts", "keep", "flops", "tolerance"):
+            if getattr(self, name) is not None:
+                return f"--{name} {getattr(self, name):g}"
+        return None
+
+    @property
+    def lossy(self) -> bool:
+        return self.partitioner != "components"
+
+    @property
+    def resolved_score(self) -> str:
+        if self.score != "auto":
+            return self.score
+        return "activation" if self.calibration is not None else "magnitude"
 
     def to_json(self) -> str:
         """The options as recorded in the output model's metadata and in the report."""

@@ -5,6 +5,7 @@ returns a :class:`SplitResult`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,12 +20,14 @@ import onnx
 from . import __version__
 from .bench import benchmark_models
 from .chains import Chain, chains_from_links, find_links
-from .config import SplitConfig
+from .config import DEFAULT_LOSSY, SplitConfig
 from .errors import InputError, first_line
 from .inputs import batch_shapes, make_feeds
 from .model_io import is_large, load_model, save_model
 from .partition import ChainPlan, Plan, exact_components, joint_components
-from .report import ChainReport, SiteReport, SplitReport
+from .lossy import SurveyRow, plan_lossy, survey
+from .pruned import pruned_model
+from .report import ChainReport, ErrorReport, SiteReport, SplitReport
 from .rewrite import layout_macs, rewrite_model, static_form
 from .runtime import CPU, CUDA, available_providers, make_session, model_source, ort_error, provider_status
 from .sites import Site, find_sites
@@ -56,13 +59,10 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     """
     config = config or SplitConfig()
     progress = progress or (lambda stage, done, total: None)
-    if isinstance(model_or_path, (str, os.PathLike)):
-        source = str(model_or_path)
-        original = load_model(model_or_path)
-    elif isinstance(model_or_path, onnx.ModelProto):
-        source, original = None, model_or_path
-    else:
-        raise InputError(f"split_model wants an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
+    if config.lossy and config.budget is None:
+        raise InputError(f"--partitioner {config.partitioner} drops weights: give a budget "
+                         f"(--parts, --keep, --flops or --tolerance), or --dry-run to see what each would keep")
+    source, original = _load(model_or_path, "split_model")
     report = SplitReport(version=__version__, config=_config_dict(config), input=source)
 
     model = onnx.ModelProto()
@@ -70,7 +70,14 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     sites = find_sites(model, min_elements=config.min_elements)
     plans, site_reports = _plan_sites(sites, config, progress)
     report.sites = site_reports
-    chains = _build_chains(sites, plans, config)
+    lossy = None
+    if config.lossy:
+        lossy = plan_lossy(model, sites, config, site_reports, progress)
+        report.notes.extend(lossy.notes)
+        plans = _worth_it(sites, {i: o.plan for i, o in lossy.options.items()}, site_reports, config)
+        chains = [(Chain([sites[i]], []), plans[i]) for i in sorted(plans)]  # lossy plans are per site
+    else:
+        chains = _build_chains(sites, plans, config)
     points: list[tuple[str, dict[str, np.ndarray]]] = []
     providers: list[str] = []
     if config.verify or config.bench or config.layout == "auto":
@@ -83,22 +90,53 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     for j, (chain, plan, form, _) in enumerate(jobs):
         _record_chain(report, chain, plan, form, refused.get(j), config.layout, gathers.get(j, 0))
     _record_metadata(model, config, report)
+    reference = original
+    if lossy is not None:
+        applied = [sites.index(chain.first) for j, (chain, *_) in enumerate(jobs) if j not in refused]
+        for i in lossy.options:
+            if i not in applied and site_reports[i].decision == "kept":
+                site_reports[i].retained = None
+        if applied:
+            reference = pruned_model(original, sites, {i: lossy.options[i].mask for i in applied})
+        report.error = lossy.error(applied, config.tolerance)
+        report.notes.extend(n for n in lossy.notes if n not in report.notes)
 
     report.checker = check(model)
     if not config.verify:
         report.checker["ort_loads"] = loads_in_ort(model)
     if points:
-        model = _verify_and_time(original, model, config, points, providers, report, progress)
+        model = _verify_and_time(original, model, config, points, providers, report, progress, reference)
     return SplitResult(model, report)
 
 
-def _verify_and_time(original, model, config: SplitConfig, points, providers, report: SplitReport, progress):
-    """Verification on the first set of inputs, timing on every set; with ``--layout auto`` the
-    original when the rewrite does not pay as a whole."""
+def survey_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: SplitConfig | None = None, *,
+                 progress: Progress | None = None) -> list[SurveyRow]:
+    """``--dry-run``: per site, the retained significance and FLOPs of 2/4/8/16 parts (tiles:
+    1/2 .. 1/16 of them) with the configured partitioner (metis for ``components``) and score."""
+    config = config or SplitConfig()
+    if not config.lossy:
+        config = dataclasses.replace(config, partitioner=DEFAULT_LOSSY)
+    _, model = _load(model_or_path, "survey_model")
+    return survey(model, find_sites(model, min_elements=config.min_elements), config, progress)
+
+
+def _load(model_or_path, caller: str) -> tuple[str | None, onnx.ModelProto]:
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return str(model_or_path), load_model(model_or_path)
+    if isinstance(model_or_path, onnx.ModelProto):
+        return None, model_or_path
+    raise InputError(f"{caller} wants an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
+
+
+def _verify_and_time(original, model, config: SplitConfig, points, providers, report: SplitReport, progress,
+                     reference):
+    """Verification (against ``reference``: the original, or for a lossy plan the original with the
+    dropped weights zeroed) on the first set of inputs, timing on every set; with ``--layout auto``
+    the original when the rewrite does not pay as a whole."""
     _, feeds = points[0]
     if config.verify:
         progress("verify", 0, 1)
-        report.verification = verify_models(original, model, feeds, providers=providers, rtol=config.rtol,
+        report.verification = verify_models(reference, model, feeds, providers=providers, rtol=config.rtol,
                                             atol=config.atol, threads=config.threads)
         progress("verify", 1, 1)
     if config.bench and report.modified:
@@ -112,6 +150,10 @@ def _verify_and_time(original, model, config: SplitConfig, points, providers, re
         progress("bench", len(points), len(points))
         if config.layout == "auto":
             model = keep_if_faster(original, model, config.min_speedup, report)
+            if report.reverted and report.error is not None:
+                report.error = ErrorReport(report.error.data + "; the original was written, so its error is 0",
+                                           0.0, 0.0, report.error.search_samples, report.error.held_out_samples,
+                                           report.error.tolerance, None if report.error.tolerance is None else True)
     elif config.bench:
         report.notes.append("nothing was split: latency not measured")
     elif config.layout == "auto" and report.modified:
@@ -155,7 +197,7 @@ def _plan_sites(sites: list[Site], config: SplitConfig, progress: Progress):
         reports.append(rep)
         if site.shape is not None and len(site.shape) == 2:
             rep.flops_before = 2 * site.shape[0] * site.shape[1]
-        if site.reason is not None:
+        if site.reason is not None or config.lossy:
             continue
         key = (site.scope, site.weight_name, site.trans_b)  # one plan per stored weight and orientation
         if key not in cache:
@@ -175,6 +217,22 @@ def _plan_sites(sites: list[Site], config: SplitConfig, progress: Progress):
             plans[i] = chain_plan
     progress("analyse", len(sites), len(sites))
     return plans, reports
+
+
+def _worth_it(sites: list[Site], plans: dict[int, ChainPlan], reports: list[SiteReport],
+              config: SplitConfig) -> dict[int, ChainPlan]:
+    """The lossy plans whose layout costs less than the dense node; the others are kept, with why."""
+    form = "batched" if config.layout == "batched" else "parallel"
+    kept = {}
+    for i, plan in plans.items():
+        after = layout_macs(plan, form)
+        if after < plan.macs_dense:
+            kept[i] = plan
+        else:
+            reports[i].retained = None
+            reports[i].reason = (f"no saving: {len(plan.parts)} parts in the {form} layout would cost {after:,} "
+                                 f"multiply-adds per row, dense costs {plan.macs_dense:,}")
+    return kept
 
 
 def _build_chains(sites: list[Site], plans: dict[int, ChainPlan], config: SplitConfig) -> list[tuple[Chain, ChainPlan]]:
@@ -249,7 +307,7 @@ def _record_chain(report: SplitReport, chain: Chain, plan: ChainPlan, form: str,
             rep.chain = chain.name
             rep.reason = (f"layer {layer + 1} of {len(chain.sites)} of one network split into {len(plan.parts)} "
                           f"({plan.n_components} joint components)")
-        else:
+        elif rep.retained is None:  # a lossy site keeps the budget's summary
             rep.reason = (f"{rep.components} components -> {len(plan.parts)} parts; {rep.unused_inputs} unused "
                           f"inputs, {rep.dead_outputs} outputs with no input")
 

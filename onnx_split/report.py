@@ -33,6 +33,27 @@ class SiteReport:
     layout: str | None = None
     chain: str | None = None
     """the chain of layers this site was split with (``a -> b -> c``), if more than itself"""
+    partitioner: str | None = None
+    """lossy runs: the partitioner, the significance score, and the fraction of it the parts keep"""
+    score: str | None = None
+    retained: float | None = None
+
+
+@dataclass
+class ErrorReport:
+    """Lossy runs: the relative output error ||y' - y|| / ||y|| of the pruned model against the
+    original, over all outputs, on the samples the budget search used and on held-out ones."""
+
+    data: str
+    search: float | None
+    held_out: float | None
+    search_samples: int
+    held_out_samples: int
+    tolerance: float | None = None
+    met: bool | None = None
+    """with --tolerance: whether the held-out error is within it"""
+    evaluations: int = 0
+    """model runs the tolerance search made"""
 
 
 @dataclass
@@ -68,6 +89,7 @@ class SplitReport:
     written: bool = False
     reverted: bool = False
     """``--layout auto`` measured the rewrite slower than the margin and the original was written"""
+    error: ErrorReport | None = None
 
     @property
     def n_split(self) -> int:
@@ -82,6 +104,8 @@ class SplitReport:
         """True if every run comparison passed (at least one ran), False if any failed,
         None if nothing was verified."""
         if self.checker.get("passed") is False:
+            return False
+        if self.error is not None and self.error.met is False:
             return False
         ran = [v for v in self.verification if v.passed is not None]
         if not ran:
@@ -115,8 +139,11 @@ class SplitReport:
                                                     f"FAILED: {self.checker.get('error')}"))
             if "ort_loads" in self.checker:
                 lines.append(f"loads in onnxruntime {ort.__version__}: {self.checker['ort_loads']}")
+        if self.error is not None:
+            lines.append(_error_line(self.error))
         if self.verification:
-            lines.append("verification (" + "; ".join(self.inputs) + "):")
+            against = " against the pruned original (dropped weights zeroed)" if self.error is not None else ""
+            lines.append(f"verification{against} (" + "; ".join(self.inputs) + "):")
             for v in self.verification:
                 worst = max(v.outputs, key=lambda o: o.max_rel, default=None)
                 err = (f"max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g} (rtol {worst.rtol:g}, "
@@ -138,6 +165,18 @@ class SplitReport:
         return "\n".join(lines)
 
 
+def _error_line(e: ErrorReport) -> str:
+    figures = []
+    if e.search is not None:
+        figures.append(f"{e.search:.4g} on {e.search_samples} search samples")
+    if e.held_out is not None:
+        figures.append(f"{e.held_out:.4g} on {e.held_out_samples} held-out samples")
+    line = "relative output error ||y'-y||/||y||: " + (", ".join(figures) or "not measured")
+    if e.tolerance is not None:
+        line += f"; --tolerance {e.tolerance:g} " + ("met on held-out data" if e.met else "NOT MET on held-out data")
+    return line + f" ({e.data})"
+
+
 def _short(provider: str) -> str:
     return provider.replace("ExecutionProvider", "")
 
@@ -150,6 +189,8 @@ def _sites_table(sites: list[SiteReport]) -> str:
         flops = f"{s.flops_before:,} -> {s.flops_after:,}" if s.decision == "split" else (
             f"{s.flops_before:,}" if s.flops_before else "-")
         decision = f"split ({s.layout})" if s.decision == "split" else f"kept: {s.reason}"
+        if s.decision == "split" and s.retained is not None:
+            decision += f", keeps {s.retained:.1%} of {s.score} significance"
         node = s.node if s.scope == "main" else f"{s.scope}/{s.node}"
         rows.append((node, s.op_type, shape, str(s.parts or "-"), flops, decision))
     if not rows:

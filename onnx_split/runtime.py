@@ -97,3 +97,23 @@ def make_session(source, provider: str, optimization: str = "enabled", threads: 
     """A session that runs on ``provider`` (CPU as fallback for nodes it lacks)."""
     providers = [provider] if provider == CPU else [provider, CPU]
     return ort.InferenceSession(source, _options(threads, optimization), providers=providers)
+
+
+def capture(model: onnx.ModelProto, names: list[str], feeds_list: list[dict], threads: int = 1) -> list[dict]:
+    """The values of tensors ``names`` (intermediate or graph inputs) of the main graph, from one CPU
+    run of ``model`` per set of feeds, with those tensors made graph outputs."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    outputs = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in outputs:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    found = []
+    with model_source(copy) as source:
+        session = make_session(source, CPU, "disabled", threads)
+        produced = [o.name for o in session.get_outputs()]
+        for feeds in feeds_list:
+            values = dict(zip(produced, session.run(None, feeds)))
+            values.update(feeds)
+            found.append({name: values[name] for name in names})
+    return found

@@ -196,6 +196,19 @@ def subgraphs(graph: onnx.GraphProto, scope_name: str):
                 yield index, node, f"{scope_name}/{label}/{suffix}", sub
 
 
+def graphs_by_scope(model: onnx.ModelProto) -> dict[str, onnx.GraphProto]:
+    """Every graph of ``model`` by the scope name its sites carry (``main``, ``main/If_0/then_branch``..)."""
+    found = {}
+
+    def visit(graph: onnx.GraphProto, scope_name: str):
+        found[scope_name] = graph
+        for _, _, sub_name, sub in subgraphs(graph, scope_name):
+            visit(sub, sub_name)
+
+    visit(model.graph, "main")
+    return found
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):

@@ -21,7 +21,7 @@ from .bench import Runner, round_robin
 from .chains import Chain
 from .partition import ChainPlan
 from .rewrite import FORMS, Unsupported, emit_chain, static_form
-from .runtime import CPU, make_session, model_source, ort_error, provider_status
+from .runtime import capture, ort_error, provider_status
 from .sites import default_opset
 
 log = logging.getLogger(__name__)
@@ -185,21 +185,8 @@ def _activations(original: onnx.ModelProto, chains: list[Chain], points, threads
     wanted: list[str] = []
     for chain in chains:
         wanted += [name for name in chain_nodes(chain)[2] if name not in wanted]
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    outputs = {o.name for o in model.graph.output}
-    for name in wanted:
-        if name not in outputs:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    found = {}
-    with model_source(model) as source:
-        session = make_session(source, CPU, "disabled", threads)
-        names = [o.name for o in session.get_outputs()]
-        for label, feeds in points:
-            values = dict(zip(names, session.run(None, feeds)))
-            values.update(feeds)
-            found[label] = {name: values[name] for name in wanted}
-    return found
+    values = capture(original, wanted, [feeds for _, feeds in points], threads)
+    return {label: found for (label, _), found in zip(points, values)}
 
 
 def measure(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], provider: str, seconds: float,

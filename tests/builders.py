@@ -171,3 +171,17 @@ def chained_blocks(rng: np.random.Generator, sizes: list[int], parts: int) -> li
             w[np.ix_(r, c)] = rng.standard_normal((r.size, c.size)) / np.sqrt(r.size)
         weights.append(w[perms[i]][:, perms[i + 1]].astype(np.float32))
     return weights
+
+
+def two_input_model(w1: np.ndarray, w2: np.ndarray, batch="batch") -> onnx.ModelProto:
+    """y = x1 @ W1 + x2 @ W2, two graph inputs with the same (dynamic) first dim."""
+    f = TensorProto.FLOAT
+    n = w1.shape[1]
+    nodes = [helper.make_node("MatMul", ["x1", "W1"], ["h1"], name="fc1"),
+             helper.make_node("MatMul", ["x2", "W2"], ["h2"], name="fc2"),
+             helper.make_node("Add", ["h1", "h2"], ["y"], name="sum")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x1", f, [batch, w1.shape[0]]),
+                                             helper.make_tensor_value_info("x2", f, [batch, w2.shape[0]])],
+                              [helper.make_tensor_value_info("y", f, [batch, n])],
+                              [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -1,0 +1,113 @@
+"""Calibration data: samples of the model's inputs that significance and error budgets are measured on.
+
+``--calibration FILE.npz`` holds one array per graph input name, first axis = samples. The samples
+are split once, by a seeded shuffle, into the *search* part (feature norms, the budget search) and
+a *held-out* part the search never sees, on which the error of the result is checked. Without a
+file, seeded random inputs stand in, and :attr:`Calibration.source` says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import InputError, first_line
+from .inputs import batch_shapes, graph_inputs, make_feeds
+
+RANDOM_SAMPLES = 64
+"""Samples of seeded random inputs used when no calibration file is given."""
+
+
+@dataclass
+class Calibration:
+    search: dict[str, np.ndarray]
+    held_out: dict[str, np.ndarray]
+    source: str
+    """Where the samples come from, for the report (file and counts, or "seeded random inputs")."""
+    random: bool = False
+
+    @property
+    def n_search(self) -> int:
+        return _count(self.search)
+
+    @property
+    def n_held_out(self) -> int:
+        return _count(self.held_out)
+
+
+def _count(feeds: dict[str, np.ndarray]) -> int:
+    return int(next(iter(feeds.values())).shape[0]) if feeds else 0
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float = 0.25, seed: int = 0) -> Calibration:
+    """Read and check ``path`` against the model's inputs; split it into search and held-out samples."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--calibration file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # numpy raises several types for a file that is not an .npz
+        raise InputError(f"--calibration {p} is not a readable .npz file: {first_line(exc)}") from None
+    specs = graph_inputs(model)
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InputError(f"--calibration {p} has no array named {missing[0]!r}: it needs one array per graph input "
+                         f"({', '.join(names)}), it has {', '.join(sorted(arrays)) or 'none'}")
+    extra = sorted(set(arrays) - set(names))
+    if extra:
+        raise InputError(f"--calibration {p} has arrays that are not graph inputs: {', '.join(extra)} "
+                         f"(the graph inputs are {', '.join(names)})")
+    counts = set()
+    for spec in specs:
+        value = arrays[spec.name]
+        want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
+        if value.dtype != want:
+            raise InputError(f"--calibration array {spec.name!r} has dtype {value.dtype}, the model wants {want}")
+        dims = _dims(spec)
+        shown = ["?" if d is None else d for d in dims]
+        if value.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], value.shape[1:])):
+            raise InputError(f"--calibration array {spec.name!r} has shape {list(value.shape)}, the model wants "
+                             f"{shown} (first axis = samples)")
+        if dims and dims[0] is not None:  # samples are split (search / held out), so the count must be free
+            raise InputError(f"--calibration needs graph input {spec.name!r} to have a dynamic first (batch) dim, "
+                             f"but it is fixed at {dims[0]}: export the model with a dynamic batch dim")
+        counts.add(int(value.shape[0]) if value.ndim else 0)
+    if len(counts) > 1:
+        raise InputError(f"--calibration arrays disagree on the number of samples: {sorted(counts)}")
+    n = counts.pop() if counts else 0
+    if n < 2:
+        raise InputError(f"--calibration needs at least 2 samples (some are held out), {p} has {n}")
+    search, held = _split(arrays, n, holdout, seed)
+    return Calibration(search, held, f"{p.name}: {_count(search)} samples searched, {_count(held)} held out")
+
+
+def random_calibration(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *, holdout: float = 0.25,
+                       seed: int = 0, samples: int = RANDOM_SAMPLES) -> Calibration:
+    """Seeded random samples (standard normal floats) in place of real calibration data."""
+    feeds, _ = make_feeds(model, batch_shapes(model, samples, shapes), None, seed)
+    counts = {v.shape[0] for v in feeds.values() if v.ndim}
+    if counts != {samples}:
+        raise InputError("--tolerance without --calibration needs every graph input to have a dynamic first "
+                         "(batch) dim, so that random samples can be made: give --calibration FILE.npz")
+    search, held = _split(feeds, samples, holdout, seed)
+    return Calibration(search, held, f"seeded random inputs (seed {seed}): {_count(search)} samples searched, "
+                                     f"{_count(held)} held out; give --calibration FILE.npz for real data", random=True)
+
+
+def _split(arrays: dict[str, np.ndarray], n: int, holdout: float, seed: int):
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = min(n - 1, max(1, math.ceil(holdout * n)))
+    held, search = np.sort(order[:n_held]), np.sort(order[n_held:])
+    return ({k: v[search] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()})
+
+
+def _dims(spec: onnx.ValueInfoProto) -> list[int | None]:
+    tt = spec.type.tensor_type
+    if not spec.type.HasField("tensor_type") or not tt.HasField("shape"):
+        raise InputError(f"graph input {spec.name!r} has no tensor shape: calibration data cannot be checked against it")
+    return [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]

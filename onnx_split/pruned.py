@@ -1,0 +1,117 @@
+"""The model as a lossy plan makes it: the same graph with each split weight's dropped entries zeroed.
+
+A split site computes exactly ``x @ (W * mask)``, where ``mask`` covers the blocks its parts compute.
+So the lossy side has two separate questions, answered here and in verify.py:
+
+- how far the *pruned* model is from the original (the relative output error, measured on
+  calibration samples with :class:`Evaluator`: the chosen weights are graph inputs of one ORT
+  session, so trying a plan costs one run, not a rewrite and a new session);
+- whether the rewritten model computes the pruned model (verification against
+  :func:`pruned_model`, at the usual tight tolerances).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import InputError
+from .partition import ChainPlan
+from .runtime import CPU, make_session, model_source, ort_error
+from .sites import Site, graphs_by_scope
+
+
+def block_mask(plan: ChainPlan) -> np.ndarray:
+    """K x N: True where one of the (one-layer) plan's parts computes the weight."""
+    mask = np.zeros(plan.sizes[:2], dtype=bool)
+    for part in plan.parts:
+        mask[np.ix_(part.levels[0], part.levels[1])] = True
+    return mask
+
+
+def retained(scores: np.ndarray, mask: np.ndarray) -> float:
+    total = float(scores.sum())
+    return 1.0 if total == 0 else float(scores[mask].sum()) / total
+
+
+def relative_error(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """||y' - y|| / ||y|| over all outputs together (float64); 0 when both are zero."""
+    num = sum(float(np.square(np.asarray(g, np.float64) - np.asarray(r, np.float64)).sum())
+              for r, g in zip(reference, got))
+    den = sum(float(np.square(np.asarray(r, np.float64)).sum()) for r in reference)
+    if den == 0:
+        return 0.0 if num == 0 else float("inf")
+    return float(np.sqrt(num / den))
+
+
+def _stored(site: Site, weight: np.ndarray) -> np.ndarray:
+    """``weight`` (x @ W orientation) as the node reads its second input."""
+    return np.ascontiguousarray(weight.T if site.trans_b else weight)
+
+
+def pruned_model(model: onnx.ModelProto, sites: list[Site], masks: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` (the original, or an unchanged copy) whose sites ``masks`` read W * mask.
+
+    Each masked weight is a new initializer of the site's own graph, so the rest of the model,
+    including other readers of the original weight, is unchanged.
+    """
+    return _with_weights(model, sites, {i: masked(sites[i].weight, masks[i]) for i in masks}, as_inputs=False)
+
+
+def masked(weight: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, weight, np.zeros((), dtype=weight.dtype)).astype(weight.dtype)
+
+
+def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, np.ndarray | None],
+                  as_inputs: bool) -> onnx.ModelProto:
+    """Copy of ``model`` (the original, or an unchanged copy of it) whose sites ``weights`` read a
+    new tensor: an initializer of the site's graph holding the value, or (``as_inputs``) a
+    main-graph input to be fed (values None). Sites are found by scope and node position."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graphs = graphs_by_scope(copy)
+    for i, value in weights.items():
+        site = sites[i]
+        name = f"onnx_split.weight.{i}"
+        graph = graphs[site.scope]
+        graph.node[site.index].input[1] = name
+        if as_inputs:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(site.weight.dtype)
+            shape = list(_stored(site, site.weight).shape)
+            copy.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, shape))
+        else:
+            graph.initializer.append(numpy_helper.from_array(_stored(site, value), name))
+    return copy
+
+
+class Evaluator:
+    """Runs the model with the weights of ``indices`` replaced by masked copies, in one CPU session."""
+
+    def __init__(self, model: onnx.ModelProto, sites: list[Site], indices: list[int], threads: int = 1):
+        self.sites, self.indices = sites, list(indices)
+        probe = _with_weights(model, sites, {i: None for i in self.indices}, as_inputs=True)
+        try:
+            with model_source(probe) as source:
+                self.session = make_session(source, CPU, "enabled", threads)
+        except Exception as exc:  # ORT raises its own types
+            raise InputError(f"measuring the output error needs the model to run in onnxruntime: "
+                             f"{ort_error(exc)}") from None
+        self._reference: dict[int, tuple[dict, list[np.ndarray]]] = {}
+
+    def run(self, feeds: dict[str, np.ndarray], masks: dict[int, np.ndarray]) -> list[np.ndarray]:
+        all_feeds = dict(feeds)
+        for i in self.indices:
+            site = self.sites[i]
+            w = site.weight if i not in masks else masked(site.weight, masks[i])
+            all_feeds[f"onnx_split.weight.{i}"] = _stored(site, w)
+        try:
+            return self.session.run(None, all_feeds)
+        except Exception as exc:
+            raise InputError(f"measuring the output error failed in onnxruntime: {ort_error(exc)}") from None
+
+    def error(self, feeds: dict[str, np.ndarray], masks: dict[int, np.ndarray]) -> float:
+        """Relative output error of the pruned model against the original on ``feeds``."""
+        key = id(feeds)  # the feeds are kept with their reference, so the id stays theirs
+        if key not in self._reference:
+            self._reference[key] = (feeds, self.run(feeds, {}))
+        return relative_error(self._reference[key][1], self.run(feeds, masks))
