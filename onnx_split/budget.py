@@ -119,16 +119,23 @@ class Planner:
         return None
 
 
+@dataclass
+class SearchResult:
+    choice: dict[int, Option]  # site -> its option (sites left dense are absent)
+    error: float  # of the choice, on the search samples
+    evaluations: int
+    stopped: dict[int, tuple[Option, float]]  # site -> the next step that broke the budget, and its error
+
+
 def search(ladders: dict[int, list[Option]], error: Callable[[dict[int, Option]], float], tolerance: float
-           ) -> tuple[dict[int, Option], float, int]:
+           ) -> SearchResult:
     """Greedy descent: start dense; at each step try moving each site one rung down its ladder and
     take the move with the most FLOPs saved per unit of added error among those that keep the
     error within ``tolerance``; a site whose next rung breaks the budget stops there.
 
-    Returns the choice ({site: option}, dense sites absent), its error, and how many evaluations
-    were made.
     """
     choice: dict[int, Option] = {}
+    stopped: dict[int, tuple[Option, float]] = {}
     rung = {i: 0 for i in ladders if ladders[i]}
     now, evaluations = 0.0, 0
     while rung:
@@ -139,6 +146,7 @@ def search(ladders: dict[int, list[Option]], error: Callable[[dict[int, Option]]
             err = error(trial)
             evaluations += 1
             if not err <= tolerance:  # NaN breaks the budget too
+                stopped[i] = (option, err)
                 del rung[i]
                 continue
             before = choice[i].flops if i in choice else 1.0
@@ -154,4 +162,4 @@ def search(ladders: dict[int, list[Option]], error: Callable[[dict[int, Option]]
         rung[i] += 1
         if rung[i] >= len(ladders[i]):
             del rung[i]
-    return choice, now, evaluations
+    return SearchResult(choice, now, evaluations, stopped)

@@ -78,14 +78,16 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, r
             progress("search", min(done[0], total), total)
             return result.evaluator.error(calibration.search, {i: o.mask for i, o in choice.items()})
 
-        result.options, _, result.evaluations = search(ladders, error, config.tolerance)
+        found = search(ladders, error, config.tolerance)
+        result.options, result.evaluations, stopped = found.choice, found.evaluations, found.stopped
     else:
+        stopped = {}
         for i in candidates:
             option = _by_budget(planners[i], config)
             if option is not None:
                 result.options[i] = option
     for i in candidates:
-        _describe(reports[i], planners[i], result.options.get(i), config)
+        _describe(reports[i], planners[i], result.options.get(i), config, stopped.get(i))
     return result
 
 
@@ -127,11 +129,14 @@ def _by_budget(planner: Planner, config: SplitConfig) -> Option | None:
     return planner.for_flops(config.flops)
 
 
-def _describe(rep: SiteReport, planner: Planner, option: Option | None, config: SplitConfig) -> None:
+def _describe(rep: SiteReport, planner: Planner, option: Option | None, config: SplitConfig,
+              stopped: tuple[Option, float] | None) -> None:
     if option is not None:
         rep.retained = option.retained
         rep.reason = (f"{option.label}: keeps {option.retained:.1%} of its {rep.score} significance at "
                       f"{option.flops:.1%} of the dense FLOPs")
+        if stopped is not None:
+            rep.reason += f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g}"
         return
     if config.parts is not None:
         rep.reason = f"--parts {config.parts}: nothing to split"
@@ -142,11 +147,11 @@ def _describe(rep: SiteReport, planner: Planner, option: Option | None, config: 
     elif config.flops is not None:
         rep.reason = (f"--flops {config.flops:g} allows the dense cost" if config.flops >= 1 else
                       f"no plan within --max-parts {config.max_parts} costs at most {config.flops:g} of the dense FLOPs")
+    elif stopped is not None:
+        rep.reason = (f"--tolerance {config.tolerance:g}: {stopped[0].label} would raise the output error to "
+                      f"{stopped[1]:.3g}")
     else:
-        first = planner.ladder()[:1]
-        rep.reason = (f"--tolerance {config.tolerance:g}: the search kept it dense (its first step, "
-                      f"{first[0].label}, would exceed the error budget or was not needed)" if first
-                      else "too small to split")
+        rep.reason = "too small to split" if not planner.ladder() else "--tolerance: not reached by the search"
 
 
 @dataclass

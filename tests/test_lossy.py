@@ -740,3 +740,44 @@ def test_lossy_cli_writes_a_checked_model(tmp_path, capsys, exact_blocks):
                                rtol=1e-5, atol=1e-5)
     assert re.search(r"^fc1\s+MatMul\s+256x256\s+8\s", stdout, re.M), stdout
     assert sum(n.op_type == "MatMul" for n in written.graph.node) == 1  # batched: one MatMul over the parts
+
+
+# ---------------------------------------------------------------- the tolerance search on its own
+
+def _fake_option(flops: float, size: int = 100):
+    from onnx_split.budget import Option
+    return Option(plan=None, mask=np.ones(size, bool), retained=1.0, flops=flops, label=f"{flops:g}")
+
+
+def test_search_takes_the_cheapest_error_first_and_stops_at_the_budget():
+    from onnx_split.budget import search
+    # site 0: each step costs 0.04 error; site 1: each step costs 0.01; saving per step is equal
+    ladders = {0: [_fake_option(0.5), _fake_option(0.25)], 1: [_fake_option(0.5), _fake_option(0.25)]}
+    cost = {0: 0.04, 1: 0.01}
+
+    def error(choice):
+        return sum(cost[i] * (1 + [o.flops for o in ladders[i]].index(opt.flops)) for i, opt in choice.items())
+
+    found = search(ladders, error, tolerance=0.05)
+    # site 1 twice (0.01 each, the better saving per error), then site 0's first step would make 0.06
+    assert {i: o.flops for i, o in found.choice.items()} == {1: 0.25}
+    assert found.error == pytest.approx(0.02)
+    assert found.stopped[0][0].flops == 0.5 and found.stopped[0][1] == pytest.approx(0.06)
+    assert found.evaluations == 5
+
+
+def test_search_respects_the_budget_and_records_where_each_site_stopped():
+    from onnx_split.budget import search
+    ladders = {0: [_fake_option(0.5), _fake_option(0.25), _fake_option(0.125)], 1: [_fake_option(0.5)]}
+
+    def error(choice):
+        return sum(0.02 * (1 + [o.flops for o in ladders[i]].index(opt.flops)) ** 2 for i, opt in choice.items())
+
+    found = search(ladders, error, tolerance=0.1)
+    assert found.error <= 0.1 and error(found.choice) == found.error
+    # every site's next step, where one exists, breaks the budget
+    for i, ladder in ladders.items():
+        step = [o.flops for o in ladder].index(found.choice[i].flops) + 1 if i in found.choice else 0
+        if step < len(ladder):
+            assert i in found.stopped and found.stopped[i][1] > 0.1
+    assert search(ladders, error, tolerance=0.0).choice == {}
