@@ -14,8 +14,8 @@ PARTITIONERS = ("components", "metis", "spectral", "tiles", "random")
 DEFAULT_LOSSY = "metis"
 """The partitioner a budget uses unless told. On the matrices of docs/PARTITIONERS.md metis and
 spectral co-clustering retain the same significance to within 0.3 points (spectral ahead by 0.01
-points on average), and metis is 1.3x faster in total; on the trained models of
-docs/SIGNIFICANCE.md metis gives the better held-out accuracy at equal FLOPs."""
+points on average), and metis is 1.3x faster in total. (Held-out accuracy on the trained models of
+docs/SIGNIFICANCE.md favours neither everywhere.)"""
 SCORES = ("auto", "magnitude", "activation")
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

@@ -52,6 +52,10 @@ def test_other_bash_commands(tmp_path):
                 line += f" --quick --out {tmp_path / 'bench.md'}"
             elif "tools/bench_chains.py" in line:
                 line += f" --quick --skip-pass-time --out {tmp_path / 'bench.md'}"
+            elif "tools/bench_significance.py" in line:
+                line += f" --quick --out {tmp_path / 'significance.md'}"
+            elif "tools/bench_partitioners.py" in line:
+                line += f" --quick --out {tmp_path / 'partitioners.md'}"
             elif "tools/make_example_models.py" in line:
                 line += f" --out {tmp_path / 'models'}"
             line = line.replace(".venv/bin/python", sys.executable)
