@@ -58,7 +58,10 @@ def big_model(tmp_path_factory):
 @pytest.mark.slow
 def test_model_over_2gb_is_split_verified_and_written_with_external_data(big_model, capsys):
     out = big_model.parent / "big.split.onnx"
-    code = main([str(big_model), str(out), "--no-bench", "--input-shape", "ids:8", "--providers", "cpu"])
+    # a static layout: whether --layout auto splits this 1000x256 weight at batch 8 is a timing call
+    # (measured 1.08-1.32x, so a busy machine can tip it to dense); this test is about the >2 GB path
+    code = main([str(big_model), str(out), "--no-bench", "--layout", "parallel", "--input-shape", "ids:8",
+                 "--providers", "cpu"])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "proj" in stdout and "split (" in stdout and stdout.count("PASSED") == 2

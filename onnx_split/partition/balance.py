@@ -11,8 +11,9 @@ so are the columns; which parts hold the one-larger sizes is left free (decided 
 
 Refinement (:func:`refine`) alternates two exact-size assignment problems. With the column labels
 fixed, row ``i`` placed in part ``p`` keeps ``g[i, p] = sum_{j in cols_p} scores[i, j]``; rows are
-assigned to maximize the sum of their gains subject to the sizes (a transportation problem, solved
-approximately: greedy by gain, then pairwise exchanges between parts until none gains). Then the
+assigned to maximize the sum of their gains subject to the sizes (a transportation problem: greedy
+by gain, pairwise exchanges between parts, then negative-cycle canceling, which ends at the optimum
+or after a cap on cycles, see :func:`assign`). Then the
 columns, given the rows, the same way; repeat. Every step starts from the current labels as one
 candidate and keeps the better, so the retained significance never decreases.
 
