@@ -89,7 +89,6 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     refused, gathers = rewrite_model(model, jobs)
     for j, (chain, plan, form, _) in enumerate(jobs):
         _record_chain(report, chain, plan, form, refused.get(j), config.layout, gathers.get(j, 0))
-    _record_metadata(model, config, report)
     reference = original
     if lossy is not None:
         applied = [sites.index(chain.first) for j, (chain, *_) in enumerate(jobs) if j not in refused]
@@ -100,6 +99,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
             reference = pruned_model(original, sites, {i: lossy.options[i].mask for i in applied})
         report.error = lossy.error(applied, config.tolerance)
         report.notes.extend(n for n in lossy.notes if n not in report.notes)
+    _record_metadata(model, config, report)
 
     report.checker = check(model)
     if not config.verify:
@@ -364,7 +364,14 @@ def _record_metadata(model: onnx.ModelProto, config: SplitConfig, report: SplitR
         "onnx_split.summary": f"{report.n_split} of {len(report.sites)} MatMul/Gemm sites split "
                               f"({config.layout} layout)",
     }
-    kept = [p for p in model.metadata_props if p.key not in entries]
+    if config.lossy:
+        error = report.error
+        entries["onnx_split.lossy"] = (
+            f"{config.budget}, {config.partitioner} partitioner: weights outside the parts' blocks are dropped; "
+            + (f"relative output error {error.search:.3g} on {error.search_samples} search samples, "
+               f"{error.held_out:.3g} on {error.held_out_samples} held-out samples ({error.data})"
+               if error is not None else "output error not measured"))
+    kept = [p for p in model.metadata_props if not p.key.startswith("onnx_split.")]  # a rerun replaces all
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for key, value in entries.items():

@@ -781,3 +781,18 @@ def test_search_respects_the_budget_and_records_where_each_site_stopped():
         if step < len(ladder):
             assert i in found.stopped and found.stopped[i][1] > 0.1
     assert search(ladders, error, tolerance=0.0).choice == {}
+
+
+def test_lossy_metadata_states_the_budget_and_the_error_for_netron():
+    rng = np.random.default_rng(3)
+    w, _ = planted(rng, 64, 64, 4)
+    w = w + 0.05 * rng.standard_normal(w.shape).astype(np.float32)  # noise outside the blocks: lossy
+    result = split_model(matmul_model(w, ["batch", 64]), _config(parts=4))
+    meta = {p.key: p.value for p in result.model.metadata_props}
+    error = result.report.error
+    assert error is not None and error.held_out > 0
+    assert meta["onnx_split.lossy"].startswith("--parts 4, metis partitioner")
+    assert f"{error.held_out:.3g} on {error.held_out_samples} held-out samples" in meta["onnx_split.lossy"]
+    # a second, lossless run over the written model replaces every onnx_split key
+    again = split_model(result.model, _config())
+    assert "onnx_split.lossy" not in {p.key for p in again.model.metadata_props}
