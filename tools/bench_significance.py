@@ -16,6 +16,11 @@ For each model (the digits MLPs of models/, see models/README.md) this measures:
    error on the search samples, on the held-out calibration samples the search never saw, and on
    the test split.
 
+4. **Pass time** of the lossy analysis (significance, partitions, the budget or the tolerance
+   search; no verification or timing) on a 3-layer MLP 4096 wide (192 MB fp32) whose weights are 8
+   blocks under hidden permutations plus noise of 1% of the blocks' mean |w|; written to its own
+   section, ``bench_significance_pass`` (``--pass-time-only`` runs just this).
+
 The test split is used by nothing but this table. Run from the repository root:
 
     .venv/bin/python tools/bench_significance.py --quick --out /tmp/significance.md
@@ -43,8 +48,10 @@ from benchdocs import meta_lines, run_meta, write_section  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["models/digits_mlp.onnx", "models/digits_block.onnx"]
 FULL = dict(flops=[0.5, 0.25, 0.125], tolerances=[0.01, 0.05, 0.2, 0.5], seconds=2.0, tune_seconds=5.0,
-            batches=(1, 256), levels=(2, 4, 8, 16))
-QUICK = dict(flops=[0.5], tolerances=[0.05], seconds=0.1, tune_seconds=1.0, batches=(1, 8), levels=(2, 4))
+            batches=(1, 256), levels=(2, 4, 8, 16), pass_width=4096)
+QUICK = dict(flops=[0.5], tolerances=[0.05], seconds=0.1, tune_seconds=1.0, batches=(1, 8), levels=(2, 4),
+             pass_width=256)
+PASS_BUDGETS = [dict(tolerance=0.05), dict(keep=0.9), dict(flops=0.125), dict(parts=8)]
 SCOPES = [("every site", 4096), ("fc2 only", 100_000)]
 """Which sites a budget applies to: ``--min-elements`` 4096 (the default: fc1, fc2 and fc3) or
 100000 (only the 1024 x 1024 fc2, 93% of the FLOPs; fc1 and fc3 are fully connected in both
@@ -62,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration", default="models/digits_calibration.npz")
     p.add_argument("--test", default="models/digits_test.npz")
     p.add_argument("--out", default="docs/SIGNIFICANCE.md", help="Markdown output; raw rows go to <out>.json")
+    p.add_argument("--pass-time-only", action="store_true", help="only measure the pass time (section 4)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         setattr(args, key, value)
@@ -227,13 +235,57 @@ def _row(budget: str, row: dict, args) -> str:
             + " | ".join(ratios) + " |")
 
 
+def pass_times(args) -> list[dict]:
+    """Seconds of split_model's lossy analysis and rewrite (no verification, no timing) per budget."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bench_chains import mlp
+    from builders import chained_blocks
+
+    rng = np.random.default_rng(0)
+    weights = chained_blocks(rng, [args.pass_width] * 4, 8)
+    weights = [w + 0.01 * float(np.abs(w[w != 0]).mean()) * rng.standard_normal(w.shape).astype(np.float32)
+               for w in weights]
+    model = mlp(weights, rng, "noisy_blocks")
+    rows = []
+    for budget in PASS_BUDGETS:
+        config = onnx_split.SplitConfig(layout="batched", bench=False, verify=False, **budget)
+        start = time.perf_counter()
+        result = onnx_split.split_model(model, config)
+        seconds = time.perf_counter() - start
+        error = result.report.error
+        rows.append(dict(budget=config.budget, seconds=seconds, parts=[s.parts for s in result.report.sites],
+                         retained=[s.retained for s in result.report.sites],
+                         evaluations=error.evaluations if error else None))
+    return rows
+
+
+def pass_markdown(rows: list[dict], meta: dict, args) -> list[str]:
+    mb = 3 * args.pass_width ** 2 * 4 / 2 ** 20
+    lines = ["## Pass time of lossy splitting (`tools/bench_significance.py --pass-time-only`)", "",
+             *meta_lines(meta), "",
+             f"A 3-layer MLP {args.pass_width} wide ({mb:.0f} MB fp32), each weight 8 blocks under hidden "
+             "permutations plus noise of 1% of the blocks' mean |w|; the tolerance search runs on seeded random "
+             "calibration samples (48 searched, 16 held out). "
+             "Seconds of `split_model` with verification and timing off (significance, partitions, the budget "
+             "or the tolerance search, rewrite, checker).", "",
+             "| budget | seconds | parts per site | retained per site | model runs of the search |",
+             "|---|---:|---|---|---:|"]
+    for r in rows:
+        retained = ", ".join("-" if v is None else f"{100 * v:.1f}%" for v in r["retained"])
+        lines.append(f"| `{r['budget']}` | {r['seconds']:.1f} | {', '.join(map(str, r['parts']))} | {retained} | "
+                     f"{r['evaluations'] if r['evaluations'] is not None else '-'} |")
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     meta = run_meta(argv)
-    results = [run_model(str(ROOT / m) if not Path(m).is_absolute() else m, args) for m in args.models]
     out = Path(args.out)
-    write_section(out, "bench_significance", markdown(results, meta, args))
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=str))
+    if not args.pass_time_only:
+        results = [run_model(str(ROOT / m) if not Path(m).is_absolute() else m, args) for m in args.models]
+        write_section(out, "bench_significance", markdown(results, meta, args))
+        out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=str))
+    write_section(out, "bench_significance_pass", pass_markdown(pass_times(args), meta, args))
     print(f"wrote {out}")
     return 0
 
