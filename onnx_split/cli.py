@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import LAYOUTS, PARTITIONERS, SCORES, SplitConfig
+from .config import DEFAULT_LOSSY, LAYOUTS, PARTITIONERS, SCORES, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
 from .model_io import check_destination, read_model, refuse_overwrite, save_model
@@ -143,9 +143,9 @@ def _run(args) -> int:
             raise OnnxSplitError("--dry-run writes nothing: give only the input model")
         model, _ = read_model(Path(args.input))
         rows = survey_model(model, config)
-        print(f"dry run of {args.input} ({config.partitioner} partitioner; nothing written): retained significance "
-              f"and the parts' share of the dense FLOPs per site")
-        print(survey_table(rows))
+        partitioner = config.partitioner if config.lossy else DEFAULT_LOSSY
+        print(f"dry run of {args.input} ({partitioner} partitioner; nothing written)")
+        print(survey_table(rows, partitioner, config.tile))
         return EXIT_OK
     if args.output is None:
         raise OnnxSplitError("give the output path (or --dry-run)")

@@ -186,15 +186,29 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
     return rows
 
 
-def survey_table(rows: list[SurveyRow]) -> str:
-    """The dry run as text: one line per site, retained significance / FLOPs at each level."""
-    lines = []
+def survey_table(rows: list[SurveyRow], partitioner: str, tile: int = 64) -> str:
+    """The dry run as a table: per candidate site, "retained / FLOPs share" at each level; then the
+    sites that are not candidates, with why."""
+    if not rows:
+        return "no MatMul or Gemm nodes found"
+    heads = [f"{level} parts" if partitioner != "tiles" else f"1/{level} of tiles" for level in LEVELS]
+    header = ["site", "shape", "significance", *heads]
+    table, kept = [], []
     for row in rows:
         name = row.node if row.scope == "main" else f"{row.scope}/{row.node}"
         shape = "x".join(map(str, row.shape)) if row.shape else "-"
         if row.reason is not None:
-            lines.append(f"{name}  {shape}  kept: {row.reason}")
+            kept.append(f"  {name}  {shape}  kept: {row.reason}")
             continue
-        cells = [f"{lv['label']}: keeps {lv['retained']:.1%} at {lv['flops']:.1%} FLOPs" for lv in row.levels]
-        lines.append(f"{name}  {shape}  ({row.score} significance)  " + ("; ".join(cells) or "too small to split"))
-    return "\n".join(lines) if lines else "no MatMul or Gemm nodes found"
+        cells = {lv["level"]: f"{lv['retained']:.1%} / {lv['flops']:.1%}" for lv in row.levels}
+        table.append([name, shape, row.score or "-", *(cells.get(level, "-") for level in LEVELS)])
+    what = f"{tile}x{tile} tiles, the most significant kept" if partitioner == "tiles" else f"{partitioner} parts"
+    lines = [f"each cell: retained significance / the parts' share of the dense FLOPs ({what})"]
+    if table:
+        widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + table]
+    else:
+        lines.append("no site can be split")
+    if kept:
+        lines += ["not candidates:", *kept]
+    return "\n".join(lines)

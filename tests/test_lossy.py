@@ -520,7 +520,25 @@ def exact_blocks(tmp_path):
     return _save(matmul_model(w, ["batch", 256]), tmp_path / "blocks.onnx")
 
 
-_LEVEL = re.compile(r"(\d+) metis parts: keeps ([\d.]+)% at ([\d.]+)% FLOPs")
+_CELL = re.compile(r"([\d.]+)% / ([\d.]+)%")
+
+
+def _table(out: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The dry run's header cells and {site: row cells} (cells split on two or more spaces)."""
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("site "))
+    header = re.split(r"\s{2,}", lines[at].strip())
+    rows = {}
+    for line in lines[at + 1:]:
+        if not line or line.startswith("not candidates"):
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    return header, rows
+
+
+def _levels(cells: list[str]) -> list[tuple[float, float]]:
+    return [tuple(map(float, _CELL.fullmatch(c).groups())) for c in cells[3:] if c != "-"]
 
 
 def test_dry_run_prints_every_level_and_writes_nothing(tmp_path, capsys, exact_blocks):
@@ -529,49 +547,54 @@ def test_dry_run_prints_every_level_and_writes_nothing(tmp_path, capsys, exact_b
     code, out, err = _run(capsys, exact_blocks, "--dry-run", "--min-elements", "0")
     assert code == 0 and err == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == listing and _digest(exact_blocks) == before
-    assert "nothing written" in out.splitlines()[0]
-    (line,) = [l for l in out.splitlines() if l.startswith("fc1")]
-    assert "256x256" in line and "(magnitude significance)" in line
-    assert "2 metis parts" in line and "16 metis parts" in line
-    levels = [(int(g), float(r), float(f)) for g, r, f in _LEVEL.findall(line)]
-    assert [g for g, _, _ in levels] == [2, 4, 8, 16]
-    kept = [r for _, r, _ in levels]
+    assert "nothing written" in out.splitlines()[0] and "metis partitioner" in out.splitlines()[0]
+    header, rows = _table(out)
+    assert header == ["site", "shape", "significance", "2 parts", "4 parts", "8 parts", "16 parts"]
+    cells = rows["fc1"]
+    assert cells[1] == "256x256" and cells[2] == "magnitude"
+    levels = _levels(cells)
+    assert len(levels) == 4
+    kept = [r for r, _ in levels]
     assert kept[:3] == [100.0, 100.0, 100.0] and kept[3] < 100.0  # 8 exact planted blocks fit 8 parts
     assert all(a >= b for a, b in zip(kept, kept[1:]))
-    flops = [f for _, _, f in levels]
+    flops = [f for _, f in levels]
     assert flops[:3] == [50.0, 25.0, 12.5] and flops[3] < flops[2]
 
 
 def test_dry_run_of_a_noisy_model_keeps_less_with_more_parts(tmp_path, capsys):
     src = _save(matmul_model(_noisy(np.random.default_rng(4), 256, 256, 8), ["batch", 256]), tmp_path / "n.onnx")
     code, out, _ = _run(capsys, src, "--dry-run", "--min-elements", "0")
-    kept = [float(r) for _, r, _ in _LEVEL.findall(out)]
+    kept = [r for r, _ in _levels(_table(out)[1]["fc1"])]
     assert code == 0 and len(kept) == 4 and all(r < 100.0 for r in kept)
     assert all(a >= b for a, b in zip(kept, kept[1:]))
 
 
-def test_dry_run_with_tiles_shows_tile_labels(tmp_path, capsys, exact_blocks):
+def test_dry_run_with_tiles_shows_tile_levels(tmp_path, capsys, exact_blocks):
     code, out, _ = _run(capsys, exact_blocks, "--dry-run", "--partitioner", "tiles", "--min-elements", "0")
-    assert code == 0 and "tiles partitioner" in out
-    for count in (8, 4, 2, 1):
-        assert f"{count} of 16 64x64 tiles: keeps" in out
+    header, rows = _table(out)
+    assert code == 0 and "tiles partitioner" in out and "64x64 tiles" in out
+    assert header[3:] == ["1/2 of tiles", "1/4 of tiles", "1/8 of tiles", "1/16 of tiles"]
+    # 16 tiles of 64x64: 8, 4, 2 and 1 kept; the kept tiles' area is that share of the FLOPs
+    # (outputs no kept tile feeds ride along as zero columns of one part, so at least that)
+    flops = [f for _, f in _levels(rows["fc1"])]
+    assert all(f >= share for f, share in zip(flops, (50.0, 25.0, 12.5, 6.25)))
     code, out, _ = _run(capsys, exact_blocks, "--dry-run", "--partitioner", "tiles", "--tile", "32",
                         "--min-elements", "0")
-    assert code == 0 and "32 of 64 32x32 tiles" in out and "4 of 64 32x32 tiles" in out
+    assert code == 0 and "32x32 tiles" in out and len(_levels(_table(out)[1]["fc1"])) == 4
 
 
 def test_dry_run_with_calibration_uses_activation_significance(tmp_path, capsys, exact_blocks):
     cal = tmp_path / "cal.npz"
     np.savez(cal, x=np.random.default_rng(0).standard_normal((20, 256)).astype(np.float32))
     code, out, _ = _run(capsys, exact_blocks, "--dry-run", "--calibration", cal, "--min-elements", "0")
-    assert code == 0 and "(activation significance)" in out
+    assert code == 0 and _table(out)[1]["fc1"][2] == "activation"
 
 
 def test_dry_run_reports_kept_sites_with_their_reason(tmp_path, capsys, exact_blocks):
     code, out, _ = _run(capsys, exact_blocks, "--dry-run")  # default --min-elements 4096 < 256 * 256
-    assert code == 0 and "2 metis parts" in out
+    assert code == 0 and "fc1" in _table(out)[1]
     code, out, _ = _run(capsys, exact_blocks, "--dry-run", "--min-elements", "100000")
-    assert code == 0 and "fc1  256x256  kept:" in out and "metis parts" not in out
+    assert code == 0 and "no site can be split" in out and "fc1  256x256  kept:" in out
 
 
 def test_dry_run_with_an_output_path_is_an_error(tmp_path, capsys, exact_blocks):
