@@ -30,18 +30,22 @@ LEVELS = (2, 4, 8, 16)
 
 @dataclass(frozen=True)
 class Option:
-    plan: ChainPlan  # one layer
-    mask: np.ndarray  # K x N, what the parts compute
+    plan: ChainPlan  # one layer, as the rewrite takes it
+    mask: np.ndarray  # K x N, the weights the parts keep (the rest is zeroed)
     retained: float  # fraction of the site's significance inside the mask
-    flops: float  # fraction of the dense multiply-adds the parts' blocks compute
+    flops: float  # fraction of the dense multiply-adds the plan costs in the layout it is written in
     label: str
 
 
 class Planner:
     """The lossy plans of one weight, from its significance ``scores`` (K x N)."""
 
-    def __init__(self, scores: np.ndarray, partitioner: str, *, tile: int = 64, seed: int = 0, max_parts: int = 16):
+    def __init__(self, scores: np.ndarray, partitioner: str, *, tile: int = 64, seed: int = 0, max_parts: int = 16,
+                 cost: Callable[[ChainPlan], int] | None = None):
+        """``cost``: multiply-adds per row a plan costs in the layout it will be written in (default:
+        the parts' blocks, as the parallel layout computes them)."""
         self.scores, self.partitioner, self.tile, self.seed = scores, partitioner, tile, seed
+        self.cost = cost or (lambda chain: chain.macs_split)
         k, n = scores.shape
         self.max_parts = max(1, min(max_parts, k, n))
         self._cache: dict[int, Option] = {}
@@ -66,10 +70,10 @@ class Planner:
             else:
                 plan = BALANCED[self.partitioner](self.scores, level, seed=self.seed)
                 label = f"{len(plan.parts)} {self.partitioner} parts"
-            chain = ChainPlan.from_plan(plan)
-            mask = block_mask(chain)
+            chain = ChainPlan.from_plan(plan, dead_part=True)
+            mask = block_mask(plan)
             k, n = self.scores.shape
-            self._cache[level] = Option(chain, mask, retained(self.scores, mask), chain.macs_split / (k * n), label)
+            self._cache[level] = Option(chain, mask, retained(self.scores, mask), self.cost(chain) / (k * n), label)
         return self._cache[level]
 
     def step(self, level: int) -> Option | None:
@@ -110,11 +114,11 @@ class Planner:
         if self.partitioner == "tiles":
             count = int(np.searchsorted(self._tile_area, flops * k * n, side="right"))
             while 0 < count < self.n_tiles and self.at(count).flops > flops:
-                count -= 1  # outputs no kept tile feeds ride along as zero columns, which costs a little
+                count -= 1  # the layout's padding, or outputs no kept tile feeds (one multiply-add each)
             return self.at(count) if 0 < count < self.n_tiles else None
         for g in range(max(2, math.ceil(1 / flops)), self.max_parts + 1):
             option = self.at(g)
-            if option.flops <= flops:
+            if option.flops <= flops:  # in the layout's cost, padding included
                 return option
         return None
 

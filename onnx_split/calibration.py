@@ -39,7 +39,7 @@ class Calibration:
 
 
 def _count(feeds: dict[str, np.ndarray]) -> int:
-    return int(next(iter(feeds.values())).shape[0]) if feeds else 0
+    return max((int(v.shape[0]) for v in feeds.values() if v.ndim), default=0)
 
 
 def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float = 0.25, seed: int = 0) -> Calibration:
@@ -62,7 +62,7 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float
     if extra:
         raise InputError(f"--calibration {p} has arrays that are not graph inputs: {', '.join(extra)} "
                          f"(the graph inputs are {', '.join(names)})")
-    counts = set()
+    counts, batched = set(), []
     for spec in specs:
         value = arrays[spec.name]
         want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
@@ -73,37 +73,54 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float
         if value.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], value.shape[1:])):
             raise InputError(f"--calibration array {spec.name!r} has shape {list(value.shape)}, the model wants "
                              f"{shown} (first axis = samples)")
-        if dims and dims[0] is not None:  # samples are split (search / held out), so the count must be free
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise InputError(f"--calibration array {spec.name!r} holds NaN or infinite values")
+        if not dims:  # a scalar input (a flag, a scale): the same for every sample
+            continue
+        if dims[0] is not None:  # samples are split (search / held out), so the count must be free
             raise InputError(f"--calibration needs graph input {spec.name!r} to have a dynamic first (batch) dim, "
                              f"but it is fixed at {dims[0]}: export the model with a dynamic batch dim")
-        counts.add(int(value.shape[0]) if value.ndim else 0)
+        counts.add(int(value.shape[0]))
+        batched.append(spec.name)
     if len(counts) > 1:
         raise InputError(f"--calibration arrays disagree on the number of samples: {sorted(counts)}")
     n = counts.pop() if counts else 0
     if n < 2:
         raise InputError(f"--calibration needs at least 2 samples (some are held out), {p} has {n}")
-    search, held = _split(arrays, n, holdout, seed)
+    search, held = _split(arrays, batched, n, holdout, seed)
     return Calibration(search, held, f"{p.name}: {_count(search)} samples searched, {_count(held)} held out")
 
 
 def random_calibration(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *, holdout: float = 0.25,
-                       seed: int = 0, samples: int = RANDOM_SAMPLES) -> Calibration:
-    """Seeded random samples (standard normal floats) in place of real calibration data."""
+                       seed: int = 0, samples: int = RANDOM_SAMPLES, purpose: str = "--tolerance") -> Calibration:
+    """Seeded random samples (standard normal floats) in place of real calibration data.
+
+    ``purpose`` names what needs the samples, for the error raised when the model's inputs have a
+    fixed first dim (random samples need a free batch dim, as a calibration file does).
+    """
+    batched = []
+    for spec in graph_inputs(model):
+        dims = _dims(spec)
+        if not dims:
+            continue
+        if dims[0] is not None:
+            raise InputError(f"{purpose} needs calibration samples, which need every graph input to have a dynamic "
+                             f"first (batch) dim; {spec.name!r} has it fixed at {dims[0]}: export the model with a "
+                             f"dynamic batch dim")
+        batched.append(spec.name)
     feeds, _ = make_feeds(model, batch_shapes(model, samples, shapes), None, seed)
-    counts = {v.shape[0] for v in feeds.values() if v.ndim}
-    if counts != {samples}:
-        raise InputError("--tolerance without --calibration needs every graph input to have a dynamic first "
-                         "(batch) dim, so that random samples can be made: give --calibration FILE.npz")
-    search, held = _split(feeds, samples, holdout, seed)
+    search, held = _split(feeds, batched, samples, holdout, seed)
     return Calibration(search, held, f"seeded random inputs (seed {seed}): {_count(search)} samples searched, "
                                      f"{_count(held)} held out; give --calibration FILE.npz for real data", random=True)
 
 
-def _split(arrays: dict[str, np.ndarray], n: int, holdout: float, seed: int):
+def _split(arrays: dict[str, np.ndarray], batched: list[str], n: int, holdout: float, seed: int):
+    """Search and held-out samples of the ``batched`` arrays; the others (scalars) go to both as they are."""
     order = np.random.default_rng(seed).permutation(n)
     n_held = min(n - 1, max(1, math.ceil(holdout * n)))
     held, search = np.sort(order[:n_held]), np.sort(order[n_held:])
-    return ({k: v[search] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()})
+    pick = lambda index: {k: (v[index] if k in batched else v) for k, v in arrays.items()}  # noqa: E731
+    return pick(search), pick(held)
 
 
 def _dims(spec: onnx.ValueInfoProto) -> list[int | None]:

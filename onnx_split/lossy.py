@@ -17,6 +17,7 @@ from .config import SplitConfig
 from .errors import InputError
 from .pruned import Evaluator
 from .report import ErrorReport, SiteReport
+from .rewrite import layout_macs
 from .significance import feature_norms, site_scores
 from .sites import Site
 
@@ -58,7 +59,8 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, r
     progress = progress or (lambda stage, done, total: None)
     candidates = [i for i, s in enumerate(sites) if s.reason is None]
     needs_data = config.tolerance is not None or config.resolved_score == "activation"
-    calibration = _calibration(model, config, required=needs_data, wanted=config.verify)
+    purpose = "--tolerance" if config.tolerance is not None else "--score activation"
+    calibration = _calibration(model, config, required=needs_data, wanted=config.verify, purpose=purpose)
     planners = _planners(model, sites, candidates, config, calibration, reports, progress)
     result = LossyPlan({}, calibration, None)
     if calibration is not None and candidates:
@@ -91,13 +93,15 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, r
     return result
 
 
-def _calibration(model, config: SplitConfig, *, required: bool, wanted: bool) -> Calibration | None:
+def _calibration(model, config: SplitConfig, *, required: bool, wanted: bool,
+                 purpose: str = "--score activation") -> Calibration | None:
     if config.calibration is not None:
         return load_calibration(config.calibration, model, holdout=config.holdout, seed=config.seed)
     if not (required or wanted):
         return None
     try:
-        return random_calibration(model, config.input_shapes, holdout=config.holdout, seed=config.seed)
+        return random_calibration(model, config.input_shapes, holdout=config.holdout, seed=config.seed,
+                                  purpose=purpose)
     except InputError:
         if required:
             raise
@@ -112,10 +116,15 @@ def _planners(model, sites, candidates, config: SplitConfig, calibration, report
         found = feature_norms(model, [sites[i] for i in candidates], calibration.search, config.threads)
         norms = {candidates[j]: v for j, v in found.items()}
     scores, used = site_scores(sites, candidates, score, norms)
+    form = "batched" if config.layout == "batched" else "parallel"  # auto: the parts' blocks
+
+    def cost(chain):
+        return layout_macs(chain, form)
+
     planners = {}
     for n, i in enumerate(candidates):
         progress("partition", n, len(candidates))
-        planners[i] = Planner(scores[i], config.partitioner, tile=config.tile, seed=config.seed,
+        planners[i] = Planner(scores[i], config.partitioner, tile=config.tile, seed=config.seed, cost=cost,
                               max_parts=config.max_parts)
         reports[i].partitioner, reports[i].score = config.partitioner, used[i]
     return planners
@@ -144,9 +153,13 @@ def _describe(rep: SiteReport, planner: Planner, option: Option | None, config: 
         first = planner.ladder()[:1]
         best = f" ({first[0].label} keep {first[0].retained:.1%})" if first else ""
         rep.reason = f"no split keeps {config.keep:g} of its {rep.score} significance{best}"
+    elif config.flops is not None and config.flops >= 1:
+        rep.reason = f"--flops {config.flops:g} allows the dense cost"
+    elif config.flops is not None and config.partitioner == "tiles":
+        rep.reason = (f"no set of {config.tile}x{config.tile} tiles costs at most {config.flops:g} of the dense FLOPs "
+                      f"(the best tile alone costs {planner.at(1).flops:.1%})")
     elif config.flops is not None:
-        rep.reason = (f"--flops {config.flops:g} allows the dense cost" if config.flops >= 1 else
-                      f"no plan within --max-parts {config.max_parts} costs at most {config.flops:g} of the dense FLOPs")
+        rep.reason = f"no plan within --max-parts {config.max_parts} costs at most {config.flops:g} of the dense FLOPs"
     elif stopped is not None:
         rep.reason = (f"--tolerance {config.tolerance:g}: {stopped[0].label} would raise the output error to "
                       f"{stopped[1]:.3g}")

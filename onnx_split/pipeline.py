@@ -26,8 +26,8 @@ from .inputs import batch_shapes, make_feeds
 from .model_io import is_large, load_model, save_model
 from .partition import ChainPlan, Plan, exact_components, joint_components
 from .lossy import SurveyRow, plan_lossy, survey
-from .pruned import pruned_model
-from .report import ChainReport, ErrorReport, SiteReport, SplitReport
+from .pruned import masked, pruned_model
+from .report import ChainReport, SiteReport, SplitReport
 from .rewrite import layout_macs, rewrite_model, static_form
 from .runtime import CPU, CUDA, available_providers, make_session, model_source, ort_error, provider_status
 from .sites import Site, find_sites
@@ -75,23 +75,27 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         lossy = plan_lossy(model, sites, config, site_reports, progress)
         report.notes.extend(lossy.notes)
         plans = _worth_it(sites, {i: o.plan for i, o in lossy.options.items()}, site_reports, config)
-        chains = [(Chain([sites[i]], []), plans[i]) for i in sorted(plans)]  # lossy plans are per site
+        # per site, and on the pruned weight: what the parts do not keep is zero in the rewrite too
+        chains = [(Chain([dataclasses.replace(sites[i], weight=masked(sites[i].weight, lossy.options[i].mask))], []),
+                   plans[i]) for i in sorted(plans)]
+        chain_sites = sorted(plans)
     else:
         chains = _build_chains(sites, plans, config)
+        chain_sites = []
     points: list[tuple[str, dict[str, np.ndarray]]] = []
     providers: list[str] = []
     if config.verify or config.bench or config.layout == "auto":
         providers = _providers(config, report)
         points, report.inputs = _points(original, config)
     forms = _choose_forms(original, chains, config, points, providers, report, progress)
-    jobs = [(chain, plan, form, config.layout == "function") for (chain, plan), form in zip(chains, forms)
-            if form != "dense"]
+    written = [j for j, form in enumerate(forms) if form != "dense"]
+    jobs = [(*chains[j], forms[j], config.layout == "function") for j in written]
     refused, gathers = rewrite_model(model, jobs)
     for j, (chain, plan, form, _) in enumerate(jobs):
         _record_chain(report, chain, plan, form, refused.get(j), config.layout, gathers.get(j, 0))
     reference = original
     if lossy is not None:
-        applied = [sites.index(chain.first) for j, (chain, *_) in enumerate(jobs) if j not in refused]
+        applied = [chain_sites[written[j]] for j in range(len(jobs)) if j not in refused]
         for i in lossy.options:
             if i not in applied and site_reports[i].decision == "kept":
                 site_reports[i].retained = None
@@ -151,9 +155,12 @@ def _verify_and_time(original, model, config: SplitConfig, points, providers, re
         if config.layout == "auto":
             model = keep_if_faster(original, model, config.min_speedup, report)
             if report.reverted and report.error is not None:
-                report.error = ErrorReport(report.error.data + "; the original was written, so its error is 0",
-                                           0.0, 0.0, report.error.search_samples, report.error.held_out_samples,
-                                           report.error.tolerance, None if report.error.tolerance is None else True)
+                report.error = dataclasses.replace(
+                    report.error, data=report.error.data + "; the original was written, so its error is 0",
+                    search=0.0, held_out=0.0, met=None if report.error.tolerance is None else True)
+            if report.reverted:
+                for rep in report.sites:
+                    rep.retained = None
     elif config.bench:
         report.notes.append("nothing was split: latency not measured")
     elif config.layout == "auto" and report.modified:

@@ -16,16 +16,17 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import InputError
-from .partition import ChainPlan
+from .partition import Plan
 from .runtime import CPU, make_session, model_source, ort_error
 from .sites import Site, graphs_by_scope
 
 
-def block_mask(plan: ChainPlan) -> np.ndarray:
-    """K x N: True where one of the (one-layer) plan's parts computes the weight."""
-    mask = np.zeros(plan.sizes[:2], dtype=bool)
+def block_mask(plan: Plan) -> np.ndarray:
+    """K x N: True where one of the plan's parts computes the weight (outputs no part feeds, the
+    plan's ``dead_cols``, are False: the rewrite gives them zero weights)."""
+    mask = np.zeros((plan.k, plan.n), dtype=bool)
     for part in plan.parts:
-        mask[np.ix_(part.levels[0], part.levels[1])] = True
+        mask[np.ix_(part.rows, part.cols)] = True
     return mask
 
 
@@ -34,11 +35,25 @@ def retained(scores: np.ndarray, mask: np.ndarray) -> float:
     return 1.0 if total == 0 else float(scores[mask].sum()) / total
 
 
-def relative_error(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
-    """||y' - y|| / ||y|| over all outputs together (float64); 0 when both are zero."""
-    num = sum(float(np.square(np.asarray(g, np.float64) - np.asarray(r, np.float64)).sum())
-              for r, g in zip(reference, got))
-    den = sum(float(np.square(np.asarray(r, np.float64)).sum()) for r in reference)
+def relative_error(reference: list, got: list) -> float:
+    """||y' - y|| / ||y|| over the floating-point outputs together (float64); 0 when both are zero.
+
+    Integer, boolean and non-tensor outputs (indices, shapes, sequences) are left out: their
+    distance means nothing here. A non-finite value counts as equal where the other side holds the
+    same one (NaN against NaN, inf against inf); a non-finite value on one side only, or in the
+    difference, makes the error inf.
+    """
+    num = den = 0.0
+    for r, g in zip(reference, got):
+        if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
+            continue
+        r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
+        finite = np.isfinite(r)
+        same = (g == r) | (np.isnan(r) & np.isnan(g))
+        if not (same | finite).all() or not np.isfinite(g[finite]).all():
+            return float("inf")
+        num += float(np.square(g[finite] - r[finite]).sum())
+        den += float(np.square(r[finite]).sum())
     if den == 0:
         return 0.0 if num == 0 else float("inf")
     return float(np.sqrt(num / den))

@@ -57,6 +57,9 @@ class VerificationEntry:
 
 def compare(name: str, ref: np.ndarray, got: np.ndarray, rtol: float | None = None,
             atol: float | None = None) -> OutputComparison:
+    if isinstance(ref, list) or isinstance(got, list):
+        return _compare_sequences(name, ref, got, rtol, atol)
+    ref, got = np.asarray(ref), np.asarray(got)
     d_rtol, d_atol = default_tolerances(ref.dtype)
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
@@ -86,6 +89,19 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, rtol: float | None = No
     min_rtol = float(need.max()) if need.size else 0.0
     passed = bool(np.all(diff <= atol + rtol * scale))
     return OutputComparison(name, max_abs, max_rel, passed, min_rtol, rtol, atol)
+
+
+def _compare_sequences(name: str, ref, got, rtol, atol) -> OutputComparison:
+    """A sequence output: element by element; it passes when every element does."""
+    if not (isinstance(ref, list) and isinstance(got, list)) or len(ref) != len(got):
+        inf = float("inf")
+        return OutputComparison(name, inf, inf, False, inf, rtol or 0.0, atol or 0.0, "sequences differ in length")
+    parts = [compare(f"{name}[{i}]", a, b, rtol, atol) for i, (a, b) in enumerate(zip(ref, got))]
+    if not parts:
+        return OutputComparison(name, 0.0, 0.0, True, 0.0, rtol or 0.0, atol or 0.0, "empty sequences")
+    return OutputComparison(name, max(p.max_abs for p in parts), max(p.max_rel for p in parts),
+                            all(p.passed for p in parts), max(p.min_rtol for p in parts), parts[0].rtol, parts[0].atol,
+                            f"sequence of {len(parts)} tensors, compared one by one")
 
 
 def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict[str, np.ndarray], *,

@@ -180,10 +180,12 @@ def test_unneeded_error_measurement_failing_does_not_abort_the_split():
 
 def test_tolerance_without_calibration_needs_a_dynamic_batch_dim(tmp_path, capsys, models):
     model = onnx.load(str(models["fixed"]))
-    with pytest.raises(InputError, match="give --calibration FILE.npz"):
+    with pytest.raises(InputError, match="--tolerance needs calibration samples.*'x' has it fixed at 4"):
         split_model(model, _config(tolerance=0.1))
+    with pytest.raises(InputError, match="--score activation needs calibration samples"):
+        split_model(model, _config(keep=0.9, score="activation"))
     _bad(tmp_path, capsys, [models["fixed"], tmp_path / "o.onnx", "--tolerance", "0.1", "--min-elements", "0",
-                            "--no-bench"], "needs every graph input to have a dynamic first", [models["fixed"]])
+                            "--no-bench"], "need every graph input to have a dynamic first", [models["fixed"]])
 
 
 # ---------------------------------------------------------------- 2. the search / held-out split
@@ -819,3 +821,101 @@ def test_lossy_metadata_states_the_budget_and_the_error_for_netron():
     # a second, lossless run over the written model replaces every onnx_split key
     again = split_model(result.model, _config())
     assert "onnx_split.lossy" not in {p.key for p in again.model.metadata_props}
+
+
+# ---------------------------------------------------------------- regressions found in review
+
+def test_relative_error_counts_float_outputs_only_and_matching_non_finite_values_as_equal():
+    from onnx_split.pruned import relative_error
+    ref = np.array([3.0, np.nan, np.inf, 4.0], np.float32)
+    assert relative_error([ref], [ref.copy()]) == 0.0
+    assert relative_error([ref], [np.array([3.0, np.nan, np.inf, 4.5], np.float32)]) == pytest.approx(0.1)
+    assert relative_error([ref], [np.array([3.0, 0.0, np.inf, 4.0], np.float32)]) == float("inf")
+    assert relative_error([ref], [np.array([np.nan, np.nan, np.inf, 4.0], np.float32)]) == float("inf")
+    # indices and other integer outputs do not enter the figure
+    assert relative_error([ref, np.array([1, 2])], [ref.copy(), np.array([7, 9])]) == 0.0
+
+
+def _with_output(model, node, output):
+    model.graph.node.append(node)
+    model.graph.output.append(output)
+    return model
+
+
+def test_an_argmax_output_does_not_change_the_error():
+    w = _noisy(np.random.default_rng(5), 64, 64, 4)
+    plain = matmul_model(w, ["batch", 64])
+    with_index = _with_output(matmul_model(w, ["batch", 64]), onnx.helper.make_node("ArgMax", ["y"], ["top"], axis=1),
+                              onnx.helper.make_tensor_value_info("top", onnx.TensorProto.INT64, ["batch", 1]))
+    a = split_model(plain, _config(parts=4)).report.error
+    b = split_model(with_index, _config(parts=4)).report.error
+    assert a.held_out > 0 and b.held_out == pytest.approx(a.held_out)
+
+
+def test_nan_in_an_output_that_no_split_touches_keeps_the_tolerance_met():
+    w = _noisy(np.random.default_rng(6), 64, 64, 4)
+    model = _with_output(matmul_model(w, ["batch", 64]), onnx.helper.make_node("Log", ["x"], ["logx"]),
+                         onnx.helper.make_tensor_value_info("logx", onnx.TensorProto.FLOAT, ["batch", 64]))
+    report = split_model(model, _config(tolerance=0.5)).report  # log of negative inputs: NaN in both models
+    assert report.error.met is True and report.error.held_out < 0.5 and report.verification_passed is not False
+
+
+def test_a_scalar_graph_input_is_passed_whole_to_every_sample(tmp_path):
+    w = _noisy(np.random.default_rng(7), 64, 64, 4)
+    f = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["h"], name="fc1"), onnx.helper.make_node("Mul", ["h", "t"], ["y"])],
+        "g", [onnx.helper.make_tensor_value_info("x", f, ["batch", 64]), onnx.helper.make_tensor_value_info("t", f, [])],
+        [onnx.helper.make_tensor_value_info("y", f, ["batch", 64])], [onnx.numpy_helper.from_array(w, "W")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    assert split_model(model, _config(keep=0.9)).report.error.held_out_samples == 16
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.random.default_rng(0).standard_normal((20, 64)).astype(np.float32), t=np.array(2.0, np.float32))
+    report = split_model(model, _config(tolerance=0.5, calibration=str(cal))).report
+    assert report.error.search_samples == 15 and report.error.held_out_samples == 5
+
+
+def test_nan_in_calibration_data_is_a_clear_error(tmp_path, models):
+    data = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    data[3, 5] = np.nan
+    path = _calibration_file(tmp_path, {"x": data})
+    with pytest.raises(InputError, match="'x' holds NaN or infinite values"):
+        split_model(onnx.load(str(models["one"])), _config(keep=0.9, calibration=str(path)))
+
+
+def test_random_samples_refuse_a_first_dim_fixed_even_at_the_sample_count():
+    w = _noisy(np.random.default_rng(8), 24, 24, 2)
+    model = matmul_model(w, [64, 24])  # 64 = the number of random samples
+    with pytest.raises(InputError, match="'x' has it fixed at 64"):
+        split_model(model, _config(tolerance=0.1))
+
+
+def test_tiles_label_retained_and_flops_agree_and_dead_outputs_are_the_bias():
+    from onnx_split.budget import Planner
+    from onnx_split.significance import magnitude
+    w = np.zeros((64, 64), np.float32)
+    w[:8, :8] = 5.0  # one heavy 8x8 tile; the rest small noise
+    w += 0.01 * np.random.default_rng(9).standard_normal(w.shape).astype(np.float32)
+    planner = Planner(magnitude(w), "tiles", tile=8)
+    one = planner.at(1)
+    assert one.mask.sum() == 64  # exactly the one tile is kept
+    # outputs no kept tile feeds cost one multiply-add each (their own one-input part), not a tile's rows
+    assert one.flops == pytest.approx((64 + 56) / (64 * 64))
+    ladder = planner.ladder()
+    assert all(a.flops >= b.flops for a, b in zip(ladder, ladder[1:]))
+    result = split_model(matmul_model(w, ["batch", 64]),
+                         _config(partitioner="tiles", tile=8, flops=0.03, layout="parallel"))  # one tile: 2.9%
+    assert result.report.sites[0].decision == "split" and result.report.verification_passed
+    assert result.report.sites[0].retained == pytest.approx(one.retained)
+    x = np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)
+    (y,) = ort_run(result.model, {"x": x})
+    kept = np.zeros_like(w)
+    kept[:8, :8] = w[:8, :8]
+    np.testing.assert_allclose(y, x @ kept, rtol=1e-5, atol=1e-5)  # outputs 8.. read no weight: zero
+
+
+def test_flops_budget_holds_in_the_batched_layout_padding_included():
+    w = _noisy(np.random.default_rng(10), 10, 10, 3)
+    report = split_model(matmul_model(w, ["batch", 10]), _config(flops=0.4, layout="batched")).report
+    site = report.sites[0]
+    assert site.decision == "split" and site.flops_after / site.flops_before <= 0.4

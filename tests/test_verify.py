@@ -83,3 +83,13 @@ def test_cuda_verification_and_iobinding_timing():
                                                                  bench_seconds=0.2))
     assert [v.status for v in result.report.verification] == ["passed", "passed"]
     assert result.report.latency[0].status == "measured"
+
+
+def test_sequence_outputs_are_compared_element_by_element():
+    from onnx_split.verify import compare
+    a = [np.ones((2, 3), np.float32), np.zeros(4, np.float32)]
+    assert compare("s", a, [x.copy() for x in a]).passed
+    worse = compare("s", a, [a[0] + 1.0, a[1]])
+    assert not worse.passed and worse.max_abs == pytest.approx(1.0) and "sequence of 2" in worse.note
+    assert not compare("s", a, a[:1]).passed
+    assert compare("s", [], []).passed

@@ -21,7 +21,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from .components import pack, significant_mask
-from .plan import Plan
+from .plan import Part, Plan
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,17 @@ class ChainPlan:
         return np.concatenate([p.levels[-1] for p in self.parts])
 
     @classmethod
-    def from_plan(cls, plan: Plan) -> "ChainPlan":
-        """The one-layer chain of an exact single-weight plan (dead outputs given to a part)."""
-        parts = tuple(ChainPart((p.rows, p.cols)) for p in plan.with_dead_columns())
-        return cls((plan.k, plan.n), parts, plan.n_components, plan.threshold, plan.method)
+    def from_plan(cls, plan: Plan, dead_part: bool = False) -> "ChainPlan":
+        """The one-layer chain of a single-weight plan. Outputs no input feeds are given, as zero
+        columns, to the part with the fewest inputs; with ``dead_part`` (lossy plans, whose
+        weights there are zeroed before the rewrite) to a part of their own that reads one input,
+        so they cost one multiply-add each instead of a whole part's inputs."""
+        if dead_part and plan.dead_cols.size and plan.parts:
+            parts = plan.parts + (Part(np.zeros(1, dtype=np.int64), plan.dead_cols),)
+        else:
+            parts = plan.with_dead_columns()
+        chain_parts = tuple(ChainPart((p.rows, p.cols)) for p in parts)
+        return cls((plan.k, plan.n), chain_parts, plan.n_components, plan.threshold, plan.method)
 
 
 def joint_components(weights: list[np.ndarray], threshold: float = 0.0, max_parts: int = 16) -> ChainPlan | None:
