@@ -7,7 +7,8 @@ A :class:`Planner` makes the plans of one weight with the chosen partitioner, ea
 - ``--keep F``: the cheapest plan that keeps at least F of the site's significance (balanced: the
   most parts; tiles: the fewest tiles, best first);
 - ``--flops F``: the plan that keeps the most significance at most F of the dense FLOPs (balanced:
-  the fewest parts that fit; tiles: the most tiles that fit);
+  of the fewest parts that fit, the next count and the powers of two up to --max-parts; tiles: the
+  most tiles that fit);
 - ``--tolerance E``: :func:`search` over every site's ladder of 2/4/8/16 parts (tiles: 1/2 .. 1/16
   of the tiles), for the largest saving whose model output error stays within E.
 
@@ -111,16 +112,24 @@ class Planner:
 
     def for_flops(self, flops: float) -> Option | None:
         k, n = self.scores.shape
+        if flops >= 1:  # the dense weight fits and keeps everything
+            return None
         if self.partitioner == "tiles":
             count = int(np.searchsorted(self._tile_area, flops * k * n, side="right"))
             while 0 < count < self.n_tiles and self.at(count).flops > flops:
                 count -= 1  # the layout's padding, or outputs no kept tile feeds (one multiply-add each)
             return self.at(count) if 0 < count < self.n_tiles else None
-        for g in range(max(2, math.ceil(1 / flops)), self.max_parts + 1):
-            option = self.at(g)
-            if option.flops <= flops:  # in the layout's cost, padding included
-                return option
-        return None
+        # more parts cost less but usually keep less; blocks that fit the budget exactly are often a
+        # power of two (8 trained blocks fit 8 parts, not 5): the fewest parts that fit, the next
+        # count, and every power of two up to --max-parts are tried; the one keeping most wins
+        first = next((g for g in range(max(2, math.ceil(1 / flops)), self.max_parts + 1)
+                      if self.at(g).flops <= flops), None)  # in the layout's cost, padding included
+        if first is None:
+            return None
+        counts = {first, min(first + 1, self.max_parts)} | {g for g in (2, 4, 8, 16, 32, 64)
+                                                            if first < g <= self.max_parts}
+        fits = [self.at(g) for g in sorted(counts) if self.at(g).flops <= flops]
+        return max(fits, key=lambda o: o.retained)  # ties: the fewest parts (max keeps the first)
 
 
 @dataclass

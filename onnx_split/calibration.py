@@ -38,6 +38,11 @@ class Calibration:
         return _count(self.held_out)
 
 
+def _samples(feeds: dict[str, np.ndarray]) -> str:
+    n = _count(feeds)
+    return f"{n} sample{'s' if n != 1 else ''}"
+
+
 def _count(feeds: dict[str, np.ndarray]) -> int:
     return max((int(v.shape[0]) for v in feeds.values() if v.ndim), default=0)
 
@@ -51,7 +56,8 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float
         with np.load(p, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as exc:  # numpy raises several types for a file that is not an .npz
-        raise InputError(f"--calibration {p} is not a readable .npz file: {first_line(exc)}") from None
+        raise InputError(f"--calibration {p} is not a readable .npz file (numpy.savez output, one array per "
+                         f"graph input): {first_line(exc, 120)}") from None
     specs = graph_inputs(model)
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
@@ -88,7 +94,7 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float
     if n < 2:
         raise InputError(f"--calibration needs at least 2 samples (some are held out), {p} has {n}")
     search, held = _split(arrays, batched, n, holdout, seed)
-    return Calibration(search, held, f"{p.name}: {_count(search)} samples searched, {_count(held)} held out")
+    return Calibration(search, held, f"{p.name}: {_samples(search)} searched, {_count(held)} held out")
 
 
 def random_calibration(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *, holdout: float = 0.25,
@@ -110,7 +116,7 @@ def random_calibration(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
         batched.append(spec.name)
     feeds, _ = make_feeds(model, batch_shapes(model, samples, shapes), None, seed)
     search, held = _split(feeds, batched, samples, holdout, seed)
-    return Calibration(search, held, f"seeded random inputs (seed {seed}): {_count(search)} samples searched, "
+    return Calibration(search, held, f"seeded random inputs (seed {seed}): {_samples(search)} searched, "
                                      f"{_count(held)} held out; give --calibration FILE.npz for real data", random=True)
 
 

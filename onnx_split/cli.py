@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"spectral: balanced block-diagonal parts under row/column permutations keeping the most "
                         f"significance; tiles: static b x b tiles, the most significant kept; random: a random "
                         f"balanced partition (a baseline)")
-    g.add_argument("--parts", type=int, default=None, metavar="G", help="budget: exactly G balanced parts per site")
+    g.add_argument("--parts", type=int, default=None, metavar="G",
+                   help="budget: G balanced parts per site (at most --max-parts and the weight's smaller side)")
     g.add_argument("--keep", type=float, default=None, metavar="F",
                    help="budget: per site, the cheapest plan that keeps at least fraction F of its significance")
     g.add_argument("--flops", type=float, default=None, metavar="F",
@@ -138,14 +139,19 @@ def _run(args) -> int:
         keep=args.keep, flops=args.flops, tolerance=args.tolerance, calibration=args.calibration, score=args.score,
         tile=args.tile, holdout=args.holdout,
     )
+    if args.partitioner == "components" and config.budget is not None:
+        raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")
     if args.dry_run:
-        if args.output is not None:
-            raise OnnxSplitError("--dry-run writes nothing: give only the input model")
+        if args.output is not None or args.report is not None:
+            raise OnnxSplitError("--dry-run writes nothing: give only the input model (no output, no --report; "
+                                 "onnx_split.survey_model returns the same figures as data)")
+        if config.budget is not None:
+            raise OnnxSplitError(f"--dry-run shows every part count; {config.budget} applies to a real run")
         model, _ = read_model(Path(args.input))
         rows = survey_model(model, config)
         partitioner = config.partitioner if config.lossy else DEFAULT_LOSSY
         print(f"dry run of {args.input} ({partitioner} partitioner; nothing written)")
-        print(survey_table(rows, partitioner, config.tile))
+        print(survey_table(rows, partitioner, config.tile, config.layout))
         return EXIT_OK
     if args.output is None:
         raise OnnxSplitError("give the output path (or --dry-run)")
@@ -200,10 +206,17 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
         what = "verified" if report.verification_passed else "not verified"
         print(f"wrote {out_path}: {report.n_split} of {len(report.sites)} sites split, {what}"
               + (f", speedup {', '.join(speed)}" if speed else ""))
-    elif force:
-        print(f"VERIFICATION FAILED; wrote {out_path} anyway (--force)", file=sys.stderr)
     else:
-        print("VERIFICATION FAILED; nothing written (use --force to write anyway)", file=sys.stderr)
+        error = report.error
+        if error is not None and error.met is False:
+            what = (f"--tolerance {error.tolerance:g} NOT MET on held-out data (relative output error "
+                    f"{error.held_out:.4g} > {error.tolerance:g})")
+        else:
+            what = "VERIFICATION FAILED"
+        if force:
+            print(f"{what}; wrote {out_path} anyway (--force)", file=sys.stderr)
+        else:
+            print(f"{what}; nothing written (use --force to write anyway)", file=sys.stderr)
 
 
 class _ProgressBar:

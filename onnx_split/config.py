@@ -138,6 +138,9 @@ class SplitConfig:
             raise InputError(f"--holdout must be a fraction in (0, 1), got {self.holdout}")
         if self.partitioner == "tiles" and self.parts is not None:
             raise InputError("--parts does not apply to --partitioner tiles: use --keep, --flops or --tolerance")
+        if budgets and self.threshold > 0:
+            raise InputError(f"--threshold applies to the exact partitioner; a budget ({budgets[0]}) chooses what "
+                             f"to drop by significance instead")
         if self.partitioner == "components" and budgets:
             object.__setattr__(self, "partitioner", DEFAULT_LOSSY)
 

@@ -16,7 +16,7 @@ from .calibration import Calibration, load_calibration, random_calibration
 from .config import SplitConfig
 from .errors import InputError
 from .pruned import Evaluator
-from .report import ErrorReport, SiteReport
+from .report import ErrorReport, SiteReport, percent
 from .rewrite import layout_macs
 from .significance import feature_norms, site_scores
 from .sites import Site
@@ -142,16 +142,18 @@ def _describe(rep: SiteReport, planner: Planner, option: Option | None, config: 
               stopped: tuple[Option, float] | None) -> None:
     if option is not None:
         rep.retained = option.retained
-        rep.reason = (f"{option.label}: keeps {option.retained:.1%} of its {rep.score} significance at "
+        rep.reason = (f"{option.label}: keeps {percent(option.retained)} of its {rep.score} significance at "
                       f"{option.flops:.1%} of the dense FLOPs")
         if stopped is not None:
-            rep.reason += f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g}"
+            rep.reason += (f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g} (with the other "
+                           f"sites' chosen splits)")
         return
     if config.parts is not None:
-        rep.reason = f"--parts {config.parts}: nothing to split"
+        rep.reason = (f"--parts {config.parts} is capped to 1 here (by --max-parts {config.max_parts} or the "
+                      f"weight's smaller side): nothing to split")
     elif config.keep is not None:
         first = planner.ladder()[:1]
-        best = f" ({first[0].label} keep {first[0].retained:.1%})" if first else ""
+        best = f" ({first[0].label} keep {percent(first[0].retained)})" if first else ""
         rep.reason = f"no split keeps {config.keep:g} of its {rep.score} significance{best}"
     elif config.flops is not None and config.flops >= 1:
         rep.reason = f"--flops {config.flops:g} allows the dense cost"
@@ -159,10 +161,11 @@ def _describe(rep: SiteReport, planner: Planner, option: Option | None, config: 
         rep.reason = (f"no set of {config.tile}x{config.tile} tiles costs at most {config.flops:g} of the dense FLOPs "
                       f"(the best tile alone costs {planner.at(1).flops:.1%})")
     elif config.flops is not None:
-        rep.reason = f"no plan within --max-parts {config.max_parts} costs at most {config.flops:g} of the dense FLOPs"
+        rep.reason = (f"no plan of at most {planner.max_parts} parts (--max-parts {config.max_parts}, or the weight's "
+                      f"smaller side) costs at most {config.flops:g} of the dense FLOPs")
     elif stopped is not None:
         rep.reason = (f"--tolerance {config.tolerance:g}: {stopped[0].label} would raise the output error to "
-                      f"{stopped[1]:.3g}")
+                      f"{stopped[1]:.3g} (with the other sites' chosen splits)")
     else:
         rep.reason = "too small to split" if not planner.ladder() else "--tolerance: not reached by the search"
 
@@ -199,7 +202,7 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
     return rows
 
 
-def survey_table(rows: list[SurveyRow], partitioner: str, tile: int = 64) -> str:
+def survey_table(rows: list[SurveyRow], partitioner: str, tile: int = 64, layout: str = "auto") -> str:
     """The dry run as a table: per candidate site, "retained / FLOPs share" at each level; then the
     sites that are not candidates, with why."""
     if not rows:
@@ -213,10 +216,11 @@ def survey_table(rows: list[SurveyRow], partitioner: str, tile: int = 64) -> str
         if row.reason is not None:
             kept.append(f"  {name}  {shape}  kept: {row.reason}")
             continue
-        cells = {lv["level"]: f"{lv['retained']:.1%} / {lv['flops']:.1%}" for lv in row.levels}
+        cells = {lv["level"]: f"{percent(lv['retained'])} / {lv['flops']:.1%}" for lv in row.levels}
         table.append([name, shape, row.score or "-", *(cells.get(level, "-") for level in LEVELS)])
     what = f"{tile}x{tile} tiles, the most significant kept" if partitioner == "tiles" else f"{partitioner} parts"
-    lines = [f"each cell: retained significance / the parts' share of the dense FLOPs ({what})"]
+    counted = "as the batched layout computes them, padding included" if layout == "batched" else "the parts' blocks"
+    lines = [f"each cell: retained significance / the share of the dense FLOPs ({what}; FLOPs of {counted})"]
     if table:
         widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + table]

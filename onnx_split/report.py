@@ -129,7 +129,7 @@ class SplitReport:
                      + (f"; their FLOPs per row {split_before:,} -> {split_after:,}" if self.n_split else ""))
         for c in self.chains:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
-                    else f"split into {c.parts} parts")
+                    else f"split into {c.parts} part{'s' if c.parts != 1 else ''}")
             lines.append(f"{' -> '.join(c.sites)}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
                          f"{'s' if c.boundary_gathers != 1 else ''} on activations")
         for t in self.tuning:
@@ -177,6 +177,14 @@ def _error_line(e: ErrorReport) -> str:
     return line + f" ({e.data})"
 
 
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with one decimal that never rounds a loss up to 100.0%."""
+    text = f"{fraction:.1%}"
+    if text == "100.0%" and fraction < 1:
+        text = f"{fraction:.2%}" if f"{fraction:.2%}" != "100.00%" else ">99.99%"
+    return text
+
+
 def _short(provider: str) -> str:
     return provider.replace("ExecutionProvider", "")
 
@@ -190,7 +198,7 @@ def _sites_table(sites: list[SiteReport]) -> str:
             f"{s.flops_before:,}" if s.flops_before else "-")
         decision = f"split ({s.layout})" if s.decision == "split" else f"kept: {s.reason}"
         if s.decision == "split" and s.retained is not None:
-            decision += f", keeps {s.retained:.1%} of {s.score} significance"
+            decision += f", keeps {percent(s.retained)} of {s.score} significance"
         node = s.node if s.scope == "main" else f"{s.scope}/{s.node}"
         rows.append((node, s.op_type, shape, str(s.parts or "-"), flops, decision))
     if not rows:

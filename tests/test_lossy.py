@@ -212,7 +212,8 @@ def test_calibration_split_is_a_disjoint_cover_of_the_expected_size(tmp_path, n,
         np.testing.assert_array_equal(part["x2"], -part["x1"])
         assert np.all(np.diff(part["x1"][:, 0]) > 0)
         np.testing.assert_array_equal(part["x1"], ids[part["x1"][:, 0].astype(int)])
-    assert f"{search.size} samples searched, {held.size} held out" in cal.source
+    plural = "s" if search.size != 1 else ""
+    assert f"{search.size} sample{plural} searched, {held.size} held out" in cal.source
 
 
 def test_calibration_split_is_deterministic_by_seed(tmp_path):
@@ -607,6 +608,8 @@ def test_dry_run_with_an_output_path_is_an_error(tmp_path, capsys, exact_blocks)
 # ---------------------------------------------------------------- 8. option validation
 
 BAD_OPTIONS = [
+    (["--partitioner", "components", "--parts", "4"], "--partitioner components is exact and lossless"),
+    (["--threshold", "0.1", "--keep", "0.9"], "--threshold applies to the exact partitioner"),
     (["--parts", "4", "--keep", "0.5"], "give one budget, not --parts and --keep"),
     (["--flops", "0.5", "--tolerance", "0.1"], "give one budget, not --flops and --tolerance"),
     (["--keep", "0"], "--keep must be a fraction in (0, 1]"),
@@ -698,7 +701,7 @@ def test_tolerance_not_met_on_held_out_data_exits_1_and_writes_nothing(tmp_path,
     code, stdout, err = _run(capsys, *argv)
     assert code == 1 and not out.exists()
     assert "NOT MET on held-out data" in stdout
-    assert "VERIFICATION FAILED; nothing written" in err and "Traceback" not in err
+    assert "--tolerance 0.05 NOT MET on held-out data" in err and "nothing written" in err and "Traceback" not in err
     data = json.loads(rep.read_text())
     assert data["error"]["met"] is False and data["error"]["search"] <= 0.05 < data["error"]["held_out"]
     assert data["verification_passed"] is False and data["written"] is False
@@ -919,3 +922,25 @@ def test_flops_budget_holds_in_the_batched_layout_padding_included():
     report = split_model(matmul_model(w, ["batch", 10]), _config(flops=0.4, layout="batched")).report
     site = report.sites[0]
     assert site.decision == "split" and site.flops_after / site.flops_before <= 0.4
+
+
+def test_flops_budget_takes_the_plan_keeping_most_not_merely_the_fewest_parts():
+    w, _ = planted(np.random.default_rng(11), 256, 256, 8)  # 8 exact blocks: 8 parts keep everything
+    model = matmul_model(w, ["batch", 256])
+    site = split_model(model, _config(flops=0.2, layout="parallel")).report.sites[0]
+    assert site.parts == 8 and site.retained == pytest.approx(1.0)  # 5 parts would fit too, keeping less
+    dense = split_model(model, _config(flops=1.0)).report.sites[0]
+    assert dense.decision == "kept" and "allows the dense cost" in dense.reason
+
+
+@pytest.mark.parametrize("extra,match", [(["--report", "r.json"], "no --report"),
+                                         (["--keep", "0.9"], "--keep 0.9 applies to a real run")])
+def test_dry_run_refuses_what_it_would_ignore(tmp_path, capsys, exact_blocks, extra, match):
+    argv = [exact_blocks, "--dry-run", *[str(tmp_path / e) if e.endswith(".json") else e for e in extra]]
+    _bad(tmp_path, capsys, argv, match, [exact_blocks])
+
+
+def test_percent_never_rounds_a_loss_up_to_100():
+    from onnx_split.report import percent
+    assert percent(1.0) == "100.0%" and percent(0.9998) == "99.98%" and percent(0.999999) == ">99.99%"
+    assert percent(0.5) == "50.0%"

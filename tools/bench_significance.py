@@ -196,7 +196,9 @@ def markdown(results: list[dict], meta: dict, args) -> list[str]:
              "split, which no step of the pass sees; calibration (search + held out) is "
              f"`{args.calibration}`. Latency: original / rewritten median in ORT CPU, 1 thread, interleaved "
              "(> 1 means the rewrite is faster). FLOPs: the whole model's multiply-adds per sample after the "
-             "rewrite (layout padding included) over the original's.", ""]
+             "rewrite (layout padding included) over the original's. \"every site\" rows apply the budget to fc1, "
+             "fc2 and fc3 (the default `--min-elements 4096`); \"fc2 only\" rows pass `--min-elements 100000`, so "
+             "only the 1024×1024 fc2 is a candidate.", ""]
     for res in results:
         lines += [f"### {res['model']} (dense test accuracy {res['dense_accuracy']:.2f}%)", ""]
         lines += ["Retained activation-aware significance per site (the default must beat random at every G):", "",
