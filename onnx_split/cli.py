@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--holdout", type=float, default=0.25,
                    help="fraction of calibration samples held out of the search to check the result (0.25)")
     g.add_argument("--dry-run", action="store_true",
-                   help="print each site's retained significance and FLOPs at 2/4/8/16 parts; write nothing")
+                   help="print each site's retained significance and FLOPs at 2/4/8/16 parts (with --calibration also the "
+                        "output error of each alone); write nothing")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "

@@ -183,11 +183,15 @@ class SurveyRow:
 
 
 def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> list[SurveyRow]:
-    """Retained significance and FLOPs at 2/4/8/16 parts (tiles: 1/2 .. 1/16 of them) per site."""
+    """Retained significance and FLOPs at 2/4/8/16 parts (tiles: 1/2 .. 1/16 of them) per site; with
+    a calibration file, also the relative output error of splitting that site alone (search samples)."""
     candidates = [i for i, s in enumerate(sites) if s.reason is None]
     calibration = _calibration(model, config, required=config.resolved_score == "activation", wanted=False)
     reports = [SiteReport(s.name, s.op_type, s.scope, None, None, "kept", "") for s in sites]
     planners = _planners(model, sites, candidates, config, calibration, reports, progress or (lambda *a: None))
+    evaluator = None
+    if config.calibration is not None and candidates:
+        evaluator = Evaluator(model, sites, candidates, config.threads)
     rows = []
     for i, site in enumerate(sites):
         row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None, site.reason)
@@ -196,8 +200,9 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
             for level in LEVELS:
                 option = planners[i].step(level)
                 if option is not None:
+                    error = None if evaluator is None else evaluator.error(calibration.search, {i: option.mask})
                     row.levels.append({"level": level, "label": option.label, "retained": option.retained,
-                                       "flops": option.flops})
+                                       "flops": option.flops, "error": error})
         rows.append(row)
     return rows
 
@@ -216,11 +221,15 @@ def survey_table(rows: list[SurveyRow], partitioner: str, tile: int = 64, layout
         if row.reason is not None:
             kept.append(f"  {name}  {shape}  kept: {row.reason}")
             continue
-        cells = {lv["level"]: f"{percent(lv['retained'])} / {lv['flops']:.1%}" for lv in row.levels}
+        cells = {lv["level"]: f"{percent(lv['retained'])} / {lv['flops']:.1%}"
+                 + (f" / {lv['error']:.3g}" if lv.get("error") is not None else "") for lv in row.levels}
         table.append([name, shape, row.score or "-", *(cells.get(level, "-") for level in LEVELS)])
     what = f"{tile}x{tile} tiles, the most significant kept" if partitioner == "tiles" else f"{partitioner} parts"
     counted = "as the batched layout computes them, padding included" if layout == "batched" else "the parts' blocks"
-    lines = [f"each cell: retained significance / the share of the dense FLOPs ({what}; FLOPs of {counted})"]
+    measured = any(lv.get("error") is not None for row in rows for lv in row.levels)
+    cell = "retained significance / share of the dense FLOPs" + (
+        " / relative output error of splitting this site alone (calibration search samples)" if measured else "")
+    lines = [f"each cell: {cell} ({what}; FLOPs of {counted})"]
     if table:
         widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + table]

@@ -11,7 +11,7 @@ import pytest
 
 from builders import (chain_model, feature_wise, gemm_model, matmul_model, ort_run, planted,
                       two_input_model)
-from onnx_split import InputError, SplitConfig, split_model
+from onnx_split import InputError, SplitConfig, split_model, survey_model
 from onnx_split.budget import Planner
 from onnx_split.calibration import load_calibration, random_calibration
 from onnx_split.cli import main
@@ -944,3 +944,21 @@ def test_percent_never_rounds_a_loss_up_to_100():
     from onnx_split.report import percent
     assert percent(1.0) == "100.0%" and percent(0.9998) == "99.98%" and percent(0.999999) == ">99.99%"
     assert percent(0.5) == "50.0%"
+
+
+def test_dry_run_with_a_calibration_file_measures_each_level_alone(tmp_path, capsys):
+    src = _save(matmul_model(_noisy(np.random.default_rng(12), 256, 256, 8, noise=0.05), ["batch", 256]),
+                tmp_path / "n.onnx")
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.random.default_rng(0).standard_normal((40, 256)).astype(np.float32))
+    code, out, _ = _run(capsys, src, "--dry-run", "--calibration", cal, "--min-elements", "0")
+    assert code == 0 and "relative output error of splitting this site alone" in out
+    cells = _table(out)[1]["fc1"][3:]
+    errors = [float(c.rsplit(" / ", 1)[1]) for c in cells]
+    assert len(errors) == 4 and all(e > 0 for e in errors) and errors == sorted(errors)
+    # the same figure as a real run with that many parts on the same search samples
+    result = split_model(str(src), _config(parts=4, calibration=str(cal)))
+    assert result.report.error.search == pytest.approx(errors[1], rel=1e-3)
+    # without calibration data nothing is run: no error column
+    rows = survey_model(str(src), _config())
+    assert all(level["error"] is None for row in rows for level in row.levels)
