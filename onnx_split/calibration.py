@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InputError, first_line
-from .inputs import batch_shapes, graph_inputs, make_feeds
+from .errors import InputError
+from .inputs import batch_shapes, graph_inputs, make_feeds, read_npz
 
 RANDOM_SAMPLES = 64
 """Samples of seeded random inputs used when no calibration file is given."""
@@ -50,14 +50,7 @@ def _count(feeds: dict[str, np.ndarray]) -> int:
 def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float = 0.25, seed: int = 0) -> Calibration:
     """Read and check ``path`` against the model's inputs; split it into search and held-out samples."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--calibration file not found: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:  # numpy raises several types for a file that is not an .npz
-        raise InputError(f"--calibration {p} is not a readable .npz file (numpy.savez output, one array per "
-                         f"graph input): {first_line(exc, 120)}") from None
+    arrays = read_npz(p, "--calibration")
     specs = graph_inputs(model)
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]

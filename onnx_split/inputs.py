@@ -97,15 +97,23 @@ def _random(rng: np.random.Generator, dtype: np.dtype, shape) -> np.ndarray:
     return np.asarray(value).astype(dtype)  # 0-d inputs must be arrays, not numpy scalars
 
 
-def _load_npz(path: str, specs: list[onnx.ValueInfoProto]) -> dict[str, np.ndarray]:
+def read_npz(path: str | Path, option: str) -> dict[str, np.ndarray]:
+    """Every array of the .npz file ``path`` given with ``option``; a one-line InputError if it is
+    missing or not an .npz (pickled objects are refused)."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"--inputs file not found: {p}")
+        raise InputError(f"{option} file not found: {p}")
     try:
         with np.load(p, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:  # numpy raises several types for a bad file
-        raise InputError(f"--inputs {p} is not a readable .npz file: {first_line(exc)}") from None
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # numpy raises several types for a file that is not an .npz
+        raise InputError(f"{option} {p} is not a readable .npz file (numpy.savez output, one array per graph "
+                         f"input): {first_line(exc, 120)}") from None
+
+
+def _load_npz(path: str, specs: list[onnx.ValueInfoProto]) -> dict[str, np.ndarray]:
+    p = Path(path)
+    arrays = read_npz(p, "--inputs")
     feeds = {}
     for spec in specs:
         if spec.name not in arrays:

@@ -74,14 +74,9 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if config.lossy:
         lossy = plan_lossy(model, sites, config, site_reports, progress)
         report.notes.extend(lossy.notes)
-        plans = _worth_it(sites, {i: o.plan for i, o in lossy.options.items()}, site_reports, config)
-        # per site, and on the pruned weight: what the parts do not keep is zero in the rewrite too
-        chains = [(Chain([dataclasses.replace(sites[i], weight=masked(sites[i].weight, lossy.options[i].mask))], []),
-                   plans[i]) for i in sorted(plans)]
-        chain_sites = sorted(plans)
+        chains, chain_sites = _lossy_chains(sites, lossy, site_reports, config)
     else:
-        chains = _build_chains(sites, plans, config)
-        chain_sites = []
+        chains, chain_sites = _build_chains(sites, plans, config), []
     points: list[tuple[str, dict[str, np.ndarray]]] = []
     providers: list[str] = []
     if config.verify or config.bench or config.layout == "auto":
@@ -96,13 +91,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     reference = original
     if lossy is not None:
         applied = [chain_sites[written[j]] for j in range(len(jobs)) if j not in refused]
-        for i in lossy.options:
-            if i not in applied and site_reports[i].decision == "kept":
-                site_reports[i].retained = None
-        if applied:
-            reference = pruned_model(original, sites, {i: lossy.options[i].mask for i in applied})
-        report.error = lossy.error(applied, config.tolerance)
-        report.notes.extend(n for n in lossy.notes if n not in report.notes)
+        reference = _lossy_outcome(original, sites, lossy, applied, config, report)
     _record_metadata(model, config, report)
 
     report.checker = check(model)
@@ -158,9 +147,6 @@ def _verify_and_time(original, model, config: SplitConfig, points, providers, re
                 report.error = dataclasses.replace(
                     report.error, data=report.error.data + "; the original was written, so its error is 0",
                     search=0.0, held_out=0.0, met=None if report.error.tolerance is None else True)
-            if report.reverted:
-                for rep in report.sites:
-                    rep.retained = None
     elif config.bench:
         report.notes.append("nothing was split: latency not measured")
     elif config.layout == "auto" and report.modified:
@@ -226,20 +212,36 @@ def _plan_sites(sites: list[Site], config: SplitConfig, progress: Progress):
     return plans, reports
 
 
-def _worth_it(sites: list[Site], plans: dict[int, ChainPlan], reports: list[SiteReport],
-              config: SplitConfig) -> dict[int, ChainPlan]:
-    """The lossy plans whose layout costs less than the dense node; the others are kept, with why."""
+def _lossy_chains(sites: list[Site], lossy, reports: list[SiteReport], config: SplitConfig):
+    """One chain per site whose lossy plan costs less than the dense node in the layout (the others
+    are kept, with why), on the pruned weight: what the parts do not keep is zero in the rewrite
+    too. Returns the chains and their site indices."""
     form = "batched" if config.layout == "batched" else "parallel"
-    kept = {}
-    for i, plan in plans.items():
-        after = layout_macs(plan, form)
-        if after < plan.macs_dense:
-            kept[i] = plan
-        else:
+    chains, indices = [], []
+    for i, option in sorted(lossy.options.items()):
+        after = layout_macs(option.plan, form)
+        if after >= option.plan.macs_dense:
             reports[i].retained = None
-            reports[i].reason = (f"no saving: {len(plan.parts)} parts in the {form} layout would cost {after:,} "
-                                 f"multiply-adds per row, dense costs {plan.macs_dense:,}")
-    return kept
+            reports[i].reason = (f"no saving: {len(option.plan.parts)} parts in the {form} layout would cost "
+                                 f"{after:,} multiply-adds per row, dense costs {option.plan.macs_dense:,}")
+            continue
+        site = dataclasses.replace(sites[i], weight=masked(sites[i].weight, option.mask))
+        chains.append((Chain([site], []), option.plan))
+        indices.append(i)
+    return chains, indices
+
+
+def _lossy_outcome(original, sites: list[Site], lossy, applied: list[int], config: SplitConfig,
+                   report: SplitReport) -> onnx.ModelProto:
+    """After a lossy rewrite: the output error of the ``applied`` plans in the report, and the model
+    verification compares with (the original with those sites' dropped weights zeroed)."""
+    for i in set(lossy.options) - set(applied):
+        report.sites[i].retained = None  # tuned dense or refused: nothing was dropped there
+    report.error = lossy.error(applied, config.tolerance)
+    report.notes.extend(n for n in lossy.notes if n not in report.notes)
+    if not applied:
+        return original
+    return pruned_model(original, sites, {i: lossy.options[i].mask for i in applied})
 
 
 def _build_chains(sites: list[Site], plans: dict[int, ChainPlan], config: SplitConfig) -> list[tuple[Chain, ChainPlan]]:

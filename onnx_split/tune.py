@@ -216,7 +216,7 @@ def keep_if_faster(original: onnx.ModelProto, model: onnx.ModelProto, min_speedu
     report.notes.append(why)
     for rep in report.sites:
         if rep.decision == "split":
-            rep.decision, rep.reason, rep.layout = "kept", why, None
+            rep.decision, rep.reason, rep.layout, rep.retained = "kept", why, None, None
     report.reverted = True
     kept = onnx.ModelProto()
     kept.CopyFrom(original)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx_split  # noqa: E402
 from onnx_split.bench import Runner, summarize, time_pair  # noqa: E402
 from onnx_split.runtime import CPU, CUDA, provider_status  # noqa: E402
-from benchdocs import meta_lines, run_meta, write_section  # noqa: E402
+from benchdocs import meta_lines, parse_with_presets, run_meta, write_section  # noqa: E402
 
 FULL = dict(width=4096, layers=3, parts=8, batches=[1, 32], seconds=3.0, tune_seconds=30.0, pass_width=4096,
             pass_layers=16, small_width=1024)
@@ -48,9 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-pass-time", action="store_true", help="skip the 1 GB pass-time measurement")
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown output; raw rows go to <out>.chains.json")
-    args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        setattr(args, key, value)
+    args = parse_with_presets(p, argv, FULL, QUICK)
     return args
 
 

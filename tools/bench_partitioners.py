@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnx_split.partition import metis_blocks, random_blocks, retained, spectral_blocks  # noqa: E402
 from onnx_split.partition.balance import index_labels, plan_from_labels  # noqa: E402
-from benchdocs import meta_lines, run_meta, write_section  # noqa: E402
+from benchdocs import meta_lines, parse_with_presets, run_meta, write_section  # noqa: E402
 
 FULL = dict(sizes=[1024, 4096], noises=[0.1, 0.5, 1.0, 2.0], dense_size=1024, groups=[2, 4, 8, 16])
 QUICK = dict(sizes=[256], noises=[0.5], dense_size=256, groups=[2, 4])
@@ -41,9 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="calls per partitioner (median time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/PARTITIONERS.md", help="Markdown output")
-    args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        setattr(args, key, value)
+    args = parse_with_presets(p, argv, FULL, QUICK)
     return args
 
 

@@ -43,7 +43,7 @@ from onnx_split.pipeline import survey_model  # noqa: E402
 from onnx_split.pruned import pruned_model, relative_error  # noqa: E402
 from onnx_split.runtime import CPU, make_session  # noqa: E402
 from onnx_split.sites import find_sites  # noqa: E402
-from benchdocs import meta_lines, run_meta, write_section  # noqa: E402
+from benchdocs import meta_lines, parse_with_presets, run_meta, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["models/digits_mlp.onnx", "models/digits_block.onnx"]
@@ -70,9 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test", default="models/digits_test.npz")
     p.add_argument("--out", default="docs/SIGNIFICANCE.md", help="Markdown output; raw rows go to <out>.json")
     p.add_argument("--pass-time-only", action="store_true", help="only measure the pass time (section 4)")
-    args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        setattr(args, key, value)
+    args = parse_with_presets(p, argv, FULL, QUICK)
     return args
 
 

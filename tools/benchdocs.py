@@ -46,6 +46,14 @@ def meta_lines(meta: dict) -> list[str]:
             f"onnx_split {meta['onnx_split']}"]
 
 
+def parse_with_presets(parser, argv, full: dict, quick: dict):
+    """Parse ``argv``, then set the sizes of ``full`` (or, with ``--quick``, of ``quick``) as attributes."""
+    args = parser.parse_args(argv)
+    for key, value in (quick if args.quick else full).items():
+        setattr(args, key, value)
+    return args
+
+
 def write_section(path: Path, name: str, lines: list[str]) -> None:
     """Replace (or append) the section ``name`` of ``path`` with ``lines``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
