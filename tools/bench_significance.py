@@ -41,6 +41,7 @@ import onnx_split  # noqa: E402
 from onnx_split.bench import benchmark_models  # noqa: E402
 from onnx_split.pipeline import survey_model  # noqa: E402
 from onnx_split.pruned import pruned_model, relative_error  # noqa: E402
+from onnx_split.report import percent  # noqa: E402
 from onnx_split.runtime import CPU, make_session  # noqa: E402
 from onnx_split.sites import find_sites  # noqa: E402
 from benchdocs import meta_lines, parse_with_presets, run_meta, write_section  # noqa: E402
@@ -203,7 +204,7 @@ def markdown(results: list[dict], meta: dict, args) -> list[str]:
                   "| site | parts | metis | spectral | random |", "|---|---|---|---|---|"]
         by = {(r["method"], r["site"], r["parts"]): r["retained"] for r in res["retained"]}
         for site, parts in sorted({(r["site"], r["parts"]) for r in res["retained"]}, key=lambda t: (t[0], t[1])):
-            cells = [f"{100 * by[(m, site, parts)]:.1f}%" if (m, site, parts) in by else "-"
+            cells = [percent(by[(m, site, parts)]) if (m, site, parts) in by else "-"
                      for m in ("metis", "spectral", "random")]
             lines.append(f"| {site} | {parts} | " + " | ".join(cells) + " |")
         lines += ["", "| budget | method | layout | FLOPs | test accuracy | rel. error (test) | "
