@@ -5,6 +5,7 @@ Exit codes: 0 written; 1 verification failed (nothing written unless --force); 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -14,10 +15,13 @@ from .config import DEFAULT_LOSSY, LAYOUTS, PARTITIONERS, SCORES, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
 from .model_io import check_destination, read_model, refuse_overwrite, save_model
-from .lossy import survey_table
 from .pipeline import split_model, survey_model
+from .report import survey_table
+from .rewrite import LAYOUTS as REGISTERED_LAYOUTS
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+D = {f.name: f.default for f in dataclasses.fields(SplitConfig)}
+"""SplitConfig's defaults: the CLI states them, it does not repeat them."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,16 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input .onnx model")
     p.add_argument("output", nargs="?", help="where to write the rewritten model (never the input); not with --dry-run")
     g = p.add_argument_group("partition")
-    g.add_argument("--threshold", type=float, default=0.0,
-                   help="drop weights with |w| <= this; 0 (default) drops exact zeros only: lossless")
-    g.add_argument("--max-parts", type=int, default=16, help="pack components into at most this many parts (16)")
-    g.add_argument("--min-elements", type=int, default=4096,
-                   help="keep weights with fewer elements (4096); 0 splits everything")
-    g.add_argument("--layout", choices=LAYOUTS, default="auto",
-                   help="auto (default): time every layout and the dense original per site in ORT and keep the "
-                        "fastest, then write the original unless the whole model is faster; parallel: per part "
-                        "Slice->MatMul->Concat; batched: one MatMul over [parts,n,k]; function: one onnx_split node "
-                        "per site whose function body is the parallel layout")
+    g.add_argument("--threshold", type=float, default=D["threshold"],
+                   help=f"drop weights with |w| <= this; {D['threshold']:g} (default) drops exact zeros only: lossless")
+    g.add_argument("--max-parts", type=int, default=D["max_parts"],
+                   help=f"pack components into at most this many parts ({D['max_parts']})")
+    g.add_argument("--min-elements", type=int, default=D["min_elements"],
+                   help=f"keep weights with fewer elements ({D['min_elements']}); 0 splits everything")
+    g.add_argument("--layout", choices=LAYOUTS, default=D["layout"],
+                   help="auto (default): time every form and the dense original per site in ORT and keep the "
+                        "fastest, then write the original unless the whole model is faster; "
+                        + "; ".join(f"{name}: {lay.help}" for name, lay in REGISTERED_LAYOUTS.items()))
     g.add_argument("--no-chains", action="store_true",
                    help="split each layer on its own (default: consecutive split layers joined by feature-wise ops "
                         "become independent sub-networks, with no Concat/Slice between them)")
@@ -64,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration", default=None, metavar="FILE.npz",
                    help="calibration samples: one array per graph input, first axis = samples (default: seeded "
                         "random inputs, and the report says so)")
-    g.add_argument("--score", choices=SCORES, default="auto",
+    g.add_argument("--score", choices=SCORES, default=D["score"],
                    help="significance: magnitude |w|, activation |w|*||x_i|| over the calibration data; auto "
                         "(default): activation with --calibration, else magnitude")
-    g.add_argument("--tile", type=int, default=64, metavar="B", help="tile size of --partitioner tiles (64)")
-    g.add_argument("--holdout", type=float, default=0.25,
-                   help="fraction of calibration samples held out of the search to check the result (0.25)")
+    g.add_argument("--tile", type=int, default=D["tile"], metavar="B", help=f"tile size of --partitioner tiles ({D['tile']})")
+    g.add_argument("--holdout", type=float, default=D["holdout"],
+                   help=f"fraction of calibration samples held out of the search to check the result ({D['holdout']:g})")
     g.add_argument("--dry-run", action="store_true",
                    help="print each site's retained significance and FLOPs at 2/4/8/16 parts (with --calibration also the "
                         "output error of each alone); write nothing")
@@ -77,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
                         "(default: the inputs verification uses)")
-    g.add_argument("--tune-seconds", type=float, default=10.0, help="time budget of all tuning measurements (10)")
-    g.add_argument("--min-speedup", type=float, default=1.02,
-                   help="write the original unless the rewrite is at least this much faster (1.02) and slower nowhere")
+    g.add_argument("--tune-seconds", type=float, default=D["tune_seconds"],
+                   help=f"time budget of all tuning measurements ({D['tune_seconds']:g})")
+    g.add_argument("--min-speedup", type=float, default=D["min_speedup"],
+                   help=f"write the original unless the rewrite is at least this much faster ({D['min_speedup']:g}) "
+                        f"and slower nowhere")
     g = p.add_argument_group("verification and latency")
     g.add_argument("--providers", default=None,
                    help="comma list of cpu,cuda (default: every one that really runs here)")
@@ -88,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,..",
                    help="shape of a graph input with dynamic dims (default 1); repeatable")
     g.add_argument("--inputs", default=None, metavar="FILE.npz", help="real inputs, one array per graph input")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
+    g.add_argument("--seed", type=int, default=D["seed"], help=f"seed of the random inputs ({D['seed']})")
     g.add_argument("--no-verify", action="store_true", help="skip verification (the checker still runs)")
     g.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
-    g.add_argument("--bench-seconds", type=float, default=1.0, help="timing budget per provider (1.0)")
-    g.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for verification and timing (1)")
+    g.add_argument("--bench-seconds", type=float, default=D["bench_seconds"],
+                   help=f"timing budget per provider ({D['bench_seconds']:g})")
+    g.add_argument("--threads", type=int, default=D["threads"],
+                   help=f"ORT intra-op threads for verification and timing ({D['threads']})")
     g.add_argument("--force", action="store_true", help="write the output even if verification fails")
     g = p.add_argument_group("output")
     g.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .errors import InputError
+from .plans import PLANNERS
+from .rewrite.registry import LAYOUT_NAMES as LAYOUTS
 
-LAYOUTS = ("auto", "parallel", "batched", "function")
-PARTITIONERS = ("components", "metis", "spectral", "tiles", "random")
-"""``components`` is exact (lossless); the others drop the weights outside their blocks."""
+PARTITIONERS = ("components", *PLANNERS)
+"""``components`` is exact (lossless); the others (plans.PLANNERS) drop the weights outside their blocks."""
 DEFAULT_LOSSY = "metis"
 """The partitioner a budget uses unless told. On the matrices of docs/PARTITIONERS.md metis and
 spectral co-clustering retain the same significance to within 0.3 points (spectral ahead by 0.01

@@ -1,68 +1,74 @@
-"""The lossy side of the pass: calibration -> significance -> budget -> one plan per site.
+"""The lossy side of the pass: calibration -> significance -> budget -> one decision per site.
 
 Used by the pipeline when a budget is given (``--parts``, ``--keep``, ``--flops``,
 ``--tolerance``), and by :func:`survey` (``--dry-run``). Each site is planned on its own: lossy
-plans are not joined into chains across layers.
+plans are not joined into chains across layers. Everything here goes through the plan and
+planner protocols (plans/base.py), never through a plan kind's own fields.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import onnx
 
-from .budget import LEVELS, Option, Planner, search
+from .budget import LEVELS, by_budget, make_planner, refusal, search
 from .calibration import Calibration, load_calibration, random_calibration
+from .chains import Chain
 from .config import SplitConfig
+from .decisions import Decision, Kept, Planned, Unit
 from .errors import InputError
-from .pruned import Evaluator
-from .report import ErrorReport, SiteReport, percent
-from .rewrite import layout_macs
+from .planning import site_decisions
+from .pruned import ErrorReport, Evaluator
+from .rewrite import cost_form, cost_rule
 from .significance import feature_norms, site_scores
 from .sites import Site
+from .text import percent
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class LossyPlan:
-    """What the budget chose, with what is needed to measure its output error later."""
+class Lossy:
+    """What the budget decided per site, with what is needed to measure the output error later."""
 
-    options: dict[int, Option]  # site index -> its plan (sites left dense are absent)
+    decisions: dict[int, Decision]
     calibration: Calibration | None
     evaluator: Evaluator | None
+    sites: list[Site]
     evaluations: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def error(self, applied: list[int], tolerance: float | None) -> ErrorReport | None:
-        """The relative output error of the model with the plans of ``applied`` sites."""
+    def error(self, plans: dict[int, object], tolerance: float | None) -> tuple[ErrorReport | None, list[str]]:
+        """The relative output error of the model with the effective weights of ``plans`` (site
+        index -> plan), and notes."""
         if self.calibration is None or self.evaluator is None:
-            return None
-        masks = {i: self.options[i].mask for i in applied}
+            return None, []
+        weights = {i: plan.effective_weight(0, self.sites[i].weight) for i, plan in plans.items()}
         cal = self.calibration
         try:
-            search_err = self.evaluator.error(cal.search, masks)
-            held = self.evaluator.error(cal.held_out, masks)
+            search_err = self.evaluator.error(cal.search, weights)
+            held = self.evaluator.error(cal.held_out, weights)
         except InputError as exc:
             if tolerance is not None:
                 raise
-            self.notes.append(f"the output error was not measured: {exc}")
-            return None
+            return None, [f"the output error was not measured: {exc}"]
         met = None if tolerance is None else bool(held <= tolerance)
         return ErrorReport(cal.source, search_err, held, cal.n_search, cal.n_held_out, tolerance, met,
-                           self.evaluations)
+                           self.evaluations), []
 
 
-def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, reports: list[SiteReport],
-               progress=None) -> LossyPlan:
-    """Choose each candidate site's lossy plan under the configured budget; fill its report."""
+def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> Lossy:
+    """Choose each candidate site's lossy plan under the configured budget."""
     progress = progress or (lambda stage, done, total: None)
     candidates = [i for i, s in enumerate(sites) if s.reason is None]
     needs_data = config.tolerance is not None or config.resolved_score == "activation"
     purpose = "--tolerance" if config.tolerance is not None else "--score activation"
     calibration = _calibration(model, config, required=needs_data, wanted=config.verify, purpose=purpose)
-    planners = _planners(model, sites, candidates, config, calibration, reports, progress)
-    result = LossyPlan({}, calibration, None)
+    planners = _planners(model, sites, candidates, config, calibration, progress)
+    result = Lossy(site_decisions(sites), calibration, None, sites)
     if calibration is not None and candidates:
         try:
             result.evaluator = Evaluator(model, sites, candidates, config.threads)
@@ -70,27 +76,67 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, r
             if config.tolerance is not None:
                 raise
             result.notes.append(f"the output error was not measured: {exc}")
+    stopped: dict = {}
     if config.tolerance is not None:
         ladders = {i: planners[i].ladder() for i in candidates}
         total = sum(len(v) for v in ladders.values())
         done = [0]
 
-        def error(choice: dict[int, Option]) -> float:
+        def error(choice: dict) -> float:
             done[0] += 1
             progress("search", min(done[0], total), total)
-            return result.evaluator.error(calibration.search, {i: o.mask for i, o in choice.items()})
+            weights = {i: plan.effective_weight(0, sites[i].weight) for i, plan in choice.items()}
+            return result.evaluator.error(calibration.search, weights)
 
         found = search(ladders, error, config.tolerance)
-        result.options, result.evaluations, stopped = found.choice, found.evaluations, found.stopped
+        chosen, result.evaluations, stopped = found.choice, found.evaluations, found.stopped
     else:
-        stopped = {}
-        for i in candidates:
-            option = _by_budget(planners[i], config)
-            if option is not None:
-                result.options[i] = option
+        chosen = {i: p for i in candidates if (p := by_budget(planners[i], config)) is not None}
+    form = cost_form(config.layout)
     for i in candidates:
-        _describe(reports[i], planners[i], result.options.get(i), config, stopped.get(i))
+        planner, plan = planners[i], chosen.get(i)
+        facts = MappingProxyType({"partitioner": config.partitioner, "score": planner.score})
+        if plan is not None and plan.flops >= 1:
+            result.decisions[i] = Kept("plan", f"no saving: {plan.label} in the {form.name} layout would cost "
+                                               f"{form.cost(plan, None):,} multiply-adds per row, dense costs "
+                                               f"{plan.macs_dense():,}", facts)
+        elif plan is not None:
+            result.decisions[i] = Planned(plan, _summary(plan, stopped.get(i), chosen, i), facts)
+        else:
+            result.decisions[i] = Kept("budget", _why_dense(planner, config, stopped.get(i), chosen, i), facts)
     return result
+
+
+def lossy_units(sites: list[Site], decisions: dict[int, Decision]) -> list[Unit]:
+    """One unit per planned site, its weight the plan's effective weight: what the plan drops is
+    zero in the rewrite too."""
+    units = []
+    for i, d in sorted(decisions.items()):
+        if isinstance(d, Planned):
+            site = dataclasses.replace(sites[i], weight=d.plan.effective_weight(0, sites[i].weight))
+            units.append(Unit((i,), Chain([site], []), d.plan, (d.reason,)))
+    return units
+
+
+def _others(chosen: dict, i: int) -> str:
+    return " (with the other sites' chosen splits)" if any(j != i for j in chosen) else ""
+
+
+def _summary(plan, stopped, chosen, i: int) -> str:
+    text = (f"{plan.label}: keeps {percent(plan.retained)} of its {plan.score} significance at "
+            f"{plan.flops:.1%} of the dense FLOPs")
+    if stopped is not None:
+        text += f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g}{_others(chosen, i)}"
+    return text
+
+
+def _why_dense(planner, config: SplitConfig, stopped, chosen, i: int) -> str:
+    if config.tolerance is None:
+        return refusal(planner, config)
+    if stopped is not None:
+        return (f"--tolerance {config.tolerance:g}: {stopped[0].label} would raise the output error to "
+                f"{stopped[1]:.3g}{_others(chosen, i)}")
+    return "too small to split" if not planner.ladder() else "--tolerance: not reached by the search"
 
 
 def _calibration(model, config: SplitConfig, *, required: bool, wanted: bool,
@@ -108,66 +154,19 @@ def _calibration(model, config: SplitConfig, *, required: bool, wanted: bool,
         return None
 
 
-def _planners(model, sites, candidates, config: SplitConfig, calibration, reports, progress) -> dict[int, Planner]:
-    score = config.resolved_score
+def _planners(model, sites, candidates, config: SplitConfig, calibration, progress) -> dict:
     norms = {}
-    if score == "activation" and candidates:
+    if config.resolved_score == "activation" and candidates:
         progress("significance", 0, 1)
         found = feature_norms(model, [sites[i] for i in candidates], calibration.search, config.threads)
         norms = {candidates[j]: v for j, v in found.items()}
-    scores, used = site_scores(sites, candidates, score, norms)
-    form = "batched" if config.layout == "batched" else "parallel"  # auto: the parts' blocks
-
-    def cost(chain):
-        return layout_macs(chain, form)
-
+    scores, used = site_scores(sites, candidates, config.resolved_score, norms)
+    cost = cost_rule(config.layout)  # auto: the parts' blocks
     planners = {}
     for n, i in enumerate(candidates):
         progress("partition", n, len(candidates))
-        planners[i] = Planner(scores[i], config.partitioner, tile=config.tile, seed=config.seed, cost=cost,
-                              max_parts=config.max_parts)
-        reports[i].partitioner, reports[i].score = config.partitioner, used[i]
+        planners[i] = make_planner(scores[i], config, cost, used[i])
     return planners
-
-
-def _by_budget(planner: Planner, config: SplitConfig) -> Option | None:
-    if config.parts is not None:
-        return planner.for_parts(config.parts)
-    if config.keep is not None:
-        return planner.for_keep(config.keep)
-    return planner.for_flops(config.flops)
-
-
-def _describe(rep: SiteReport, planner: Planner, option: Option | None, config: SplitConfig,
-              stopped: tuple[Option, float] | None) -> None:
-    if option is not None:
-        rep.retained = option.retained
-        rep.reason = (f"{option.label}: keeps {percent(option.retained)} of its {rep.score} significance at "
-                      f"{option.flops:.1%} of the dense FLOPs")
-        if stopped is not None:
-            rep.reason += (f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g} (with the other "
-                           f"sites' chosen splits)")
-        return
-    if config.parts is not None:
-        rep.reason = (f"--parts {config.parts} is capped to 1 here (by --max-parts {config.max_parts} or the "
-                      f"weight's smaller side): nothing to split")
-    elif config.keep is not None:
-        first = planner.ladder()[:1]
-        best = f" ({first[0].label} keep {percent(first[0].retained)})" if first else ""
-        rep.reason = f"no split keeps {config.keep:g} of its {rep.score} significance{best}"
-    elif config.flops is not None and config.flops >= 1:
-        rep.reason = f"--flops {config.flops:g} allows the dense cost"
-    elif config.flops is not None and config.partitioner == "tiles":
-        rep.reason = (f"no set of {config.tile}x{config.tile} tiles costs at most {config.flops:g} of the dense FLOPs "
-                      f"(the best tile alone costs {planner.at(1).flops:.1%})")
-    elif config.flops is not None:
-        rep.reason = (f"no plan of at most {planner.max_parts} parts (--max-parts {config.max_parts}, or the weight's "
-                      f"smaller side) costs at most {config.flops:g} of the dense FLOPs")
-    elif stopped is not None:
-        rep.reason = (f"--tolerance {config.tolerance:g}: {stopped[0].label} would raise the output error to "
-                      f"{stopped[1]:.3g} (with the other sites' chosen splits)")
-    else:
-        rep.reason = "too small to split" if not planner.ladder() else "--tolerance: not reached by the search"
 
 
 @dataclass
@@ -179,7 +178,7 @@ class SurveyRow:
     shape: list[int] | None
     reason: str | None  # why the site is not a candidate
     score: str | None = None
-    levels: list[dict] = field(default_factory=list)  # {"level", "label", "retained", "flops"}
+    levels: list[dict] = field(default_factory=list)  # {"level", "label", "retained", "flops", "error"}
 
 
 def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> list[SurveyRow]:
@@ -187,8 +186,7 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
     a calibration file, also the relative output error of splitting that site alone (search samples)."""
     candidates = [i for i, s in enumerate(sites) if s.reason is None]
     calibration = _calibration(model, config, required=config.resolved_score == "activation", wanted=False)
-    reports = [SiteReport(s.name, s.op_type, s.scope, None, None, "kept", "") for s in sites]
-    planners = _planners(model, sites, candidates, config, calibration, reports, progress or (lambda *a: None))
+    planners = _planners(model, sites, candidates, config, calibration, progress or (lambda *a: None))
     evaluator = None
     if config.calibration is not None and candidates:
         evaluator = Evaluator(model, sites, candidates, config.threads)
@@ -196,45 +194,13 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
     for i, site in enumerate(sites):
         row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None, site.reason)
         if i in planners:
-            row.score = reports[i].score
+            row.score = planners[i].score
             for level in LEVELS:
-                option = planners[i].step(level)
-                if option is not None:
-                    error = None if evaluator is None else evaluator.error(calibration.search, {i: option.mask})
-                    row.levels.append({"level": level, "label": option.label, "retained": option.retained,
-                                       "flops": option.flops, "error": error})
+                plan = planners[i].step(level)
+                if plan is not None:
+                    error = None if evaluator is None else evaluator.error(
+                        calibration.search, {i: plan.effective_weight(0, site.weight)})
+                    row.levels.append({"level": level, "label": plan.label, "retained": plan.retained,
+                                       "flops": plan.flops, "error": error})
         rows.append(row)
     return rows
-
-
-def survey_table(rows: list[SurveyRow], partitioner: str, tile: int = 64, layout: str = "auto") -> str:
-    """The dry run as a table: per candidate site, "retained / FLOPs share" at each level; then the
-    sites that are not candidates, with why."""
-    if not rows:
-        return "no MatMul or Gemm nodes found"
-    heads = [f"{level} parts" if partitioner != "tiles" else f"1/{level} of tiles" for level in LEVELS]
-    header = ["site", "shape", "significance", *heads]
-    table, kept = [], []
-    for row in rows:
-        name = row.node if row.scope == "main" else f"{row.scope}/{row.node}"
-        shape = "x".join(map(str, row.shape)) if row.shape else "-"
-        if row.reason is not None:
-            kept.append(f"  {name}  {shape}  kept: {row.reason}")
-            continue
-        cells = {lv["level"]: f"{percent(lv['retained'])} / {lv['flops']:.1%}"
-                 + (f" / {lv['error']:.3g}" if lv.get("error") is not None else "") for lv in row.levels}
-        table.append([name, shape, row.score or "-", *(cells.get(level, "-") for level in LEVELS)])
-    what = f"{tile}x{tile} tiles, the most significant kept" if partitioner == "tiles" else f"{partitioner} parts"
-    counted = "as the batched layout computes them, padding included" if layout == "batched" else "the parts' blocks"
-    measured = any(lv.get("error") is not None for row in rows for lv in row.levels)
-    cell = "retained significance / share of the dense FLOPs" + (
-        " / relative output error of splitting this site alone (calibration search samples)" if measured else "")
-    lines = [f"each cell: {cell} ({what}; FLOPs of {counted})"]
-    if table:
-        widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + table]
-    else:
-        lines.append("no site can be split")
-    if kept:
-        lines += ["not candidates:", *kept]
-    return "\n".join(lines)

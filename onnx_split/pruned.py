@@ -1,38 +1,26 @@
-"""The model as a lossy plan makes it: the same graph with each split weight's dropped entries zeroed.
+"""The model as a plan makes it: the same graph with each planned site reading the plan's effective
+weight (``WeightPlan.effective_weight``: for block plans, W with the dropped entries zeroed).
 
-A split site computes exactly ``x @ (W * mask)``, where ``mask`` covers the blocks its parts compute.
-So the lossy side has two separate questions, answered here and in verify.py:
+A split site computes exactly ``x @ W'`` with W' its plan's effective weight. So an approximating
+plan raises two separate questions, answered here and in verify.py:
 
-- how far the *pruned* model is from the original (the relative output error, measured on
+- how far the model with W' is from the original (the relative output error, measured on
   calibration samples with :class:`Evaluator`: the chosen weights are graph inputs of one ORT
   session, so trying a plan costs one run, not a rewrite and a new session);
-- whether the rewritten model computes the pruned model (verification against
-  :func:`pruned_model`, at the usual tight tolerances).
+- whether the rewritten model computes the model with W' (verification against
+  :func:`reference_model`, at the usual tight tolerances).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .errors import InputError
-from .partition import Plan
 from .runtime import CPU, make_session, model_source, ort_error
 from .sites import Site, graphs_by_scope
-
-
-def block_mask(plan: Plan) -> np.ndarray:
-    """K x N: True where one of the plan's parts computes the weight (outputs no part feeds, the
-    plan's ``dead_cols``, are False: the rewrite gives them zero weights)."""
-    mask = np.zeros((plan.k, plan.n), dtype=bool)
-    for part in plan.parts:
-        mask[np.ix_(part.rows, part.cols)] = True
-    return mask
-
-
-def retained(scores: np.ndarray, mask: np.ndarray) -> float:
-    total = float(scores.sum())
-    return 1.0 if total == 0 else float(scores[mask].sum()) / total
 
 
 def relative_error(reference: list, got: list) -> float:
@@ -64,13 +52,19 @@ def _stored(site: Site, weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.T if site.trans_b else weight)
 
 
-def pruned_model(model: onnx.ModelProto, sites: list[Site], masks: dict[int, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` (the original, or an unchanged copy) whose sites ``masks`` read W * mask.
+def reference_model(model: onnx.ModelProto, sites: list[Site], weights: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` (the original, or an unchanged copy) whose sites ``weights`` read the
+    given [K, N] weights (x @ W orientation).
 
-    Each masked weight is a new initializer of the site's own graph, so the rest of the model,
-    including other readers of the original weight, is unchanged.
+    Each weight is a new initializer of the site's own graph, so the rest of the model, including
+    other readers of the original weight, is unchanged.
     """
-    return _with_weights(model, sites, {i: masked(sites[i].weight, masks[i]) for i in masks}, as_inputs=False)
+    return _with_weights(model, sites, weights, as_inputs=False)
+
+
+def pruned_model(model: onnx.ModelProto, sites: list[Site], masks: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """``reference_model`` with W * mask at the sites of ``masks``."""
+    return reference_model(model, sites, {i: masked(sites[i].weight, masks[i]) for i in masks})
 
 
 def masked(weight: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -99,8 +93,25 @@ def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, 
     return copy
 
 
+@dataclass(frozen=True)
+class ErrorReport:
+    """The relative output error ||y' - y|| / ||y|| of the model with the plans' effective weights
+    against the original, over all outputs, on the samples the budget search used and on held-out ones."""
+
+    data: str
+    search: float | None
+    held_out: float | None
+    search_samples: int
+    held_out_samples: int
+    tolerance: float | None = None
+    met: bool | None = None
+    """with --tolerance: whether the held-out error is within it"""
+    evaluations: int = 0
+    """model runs the tolerance search made"""
+
+
 class Evaluator:
-    """Runs the model with the weights of ``indices`` replaced by masked copies, in one CPU session."""
+    """Runs the model with the weights of ``indices`` replaced by other values, in one CPU session."""
 
     def __init__(self, model: onnx.ModelProto, sites: list[Site], indices: list[int], threads: int = 1):
         self.sites, self.indices = sites, list(indices)
@@ -113,20 +124,20 @@ class Evaluator:
                              f"{ort_error(exc)}") from None
         self._reference: dict[int, tuple[dict, list[np.ndarray]]] = {}
 
-    def run(self, feeds: dict[str, np.ndarray], masks: dict[int, np.ndarray]) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], weights: dict[int, np.ndarray]) -> list[np.ndarray]:
+        """The outputs on ``feeds`` with the sites of ``weights`` reading those [K, N] weights."""
         all_feeds = dict(feeds)
         for i in self.indices:
             site = self.sites[i]
-            w = site.weight if i not in masks else masked(site.weight, masks[i])
-            all_feeds[f"onnx_split.weight.{i}"] = _stored(site, w)
+            all_feeds[f"onnx_split.weight.{i}"] = _stored(site, weights.get(i, site.weight))
         try:
             return self.session.run(None, all_feeds)
         except Exception as exc:
             raise InputError(f"measuring the output error failed in onnxruntime: {ort_error(exc)}") from None
 
-    def error(self, feeds: dict[str, np.ndarray], masks: dict[int, np.ndarray]) -> float:
-        """Relative output error of the pruned model against the original on ``feeds``."""
+    def error(self, feeds: dict[str, np.ndarray], weights: dict[int, np.ndarray]) -> float:
+        """Relative output error of the model with ``weights`` against the original on ``feeds``."""
         key = id(feeds)  # the feeds are kept with their reference, so the id stays theirs
         if key not in self._reference:
             self._reference[key] = (feeds, self.run(feeds, {}))
-        return relative_error(self._reference[key][1], self.run(feeds, masks))
+        return relative_error(self._reference[key][1], self.run(feeds, weights))

@@ -1,4 +1,7 @@
-"""The report of one run: per-site decisions, verification and latency; JSON and text forms."""
+"""The report of one run, built once at the end from the stages' decisions: per-site decisions,
+chains, verification and latency; JSON, text and model-metadata forms; the dry run's table.
+
+Data flows one way: this module reads the earlier stages' types, no earlier stage reads it."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +11,14 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
+from . import __version__
 from .bench import LatencyEntry
+from .decisions import Kept, Split, Unit
+from .plans import PLANNERS
+from .plans.balanced import LEVELS
+from .pruned import ErrorReport
+from .rewrite import FORMS
+from .text import columns, percent
 from .verify import VerificationEntry
 
 
@@ -37,23 +47,6 @@ class SiteReport:
     """lossy runs: the partitioner, the significance score, and the fraction of it the parts keep"""
     score: str | None = None
     retained: float | None = None
-
-
-@dataclass
-class ErrorReport:
-    """Lossy runs: the relative output error ||y' - y|| / ||y|| of the pruned model against the
-    original, over all outputs, on the samples the budget search used and on held-out ones."""
-
-    data: str
-    search: float | None
-    held_out: float | None
-    search_samples: int
-    held_out_samples: int
-    tolerance: float | None = None
-    met: bool | None = None
-    """with --tolerance: whether the held-out error is within it"""
-    evaluations: int = 0
-    """model runs the tolerance search made"""
 
 
 @dataclass
@@ -177,14 +170,6 @@ def _error_line(e: ErrorReport) -> str:
     return line + f" ({e.data})"
 
 
-def percent(fraction: float) -> str:
-    """A fraction as a percentage with one decimal that never rounds a loss up to 100.0%."""
-    text = f"{fraction:.1%}"
-    if text == "100.0%" and fraction < 1:
-        text = f"{fraction:.2%}" if f"{fraction:.2%}" != "100.00%" else ">99.99%"
-    return text
-
-
 def _short(provider: str) -> str:
     return provider.replace("ExecutionProvider", "")
 
@@ -203,9 +188,7 @@ def _sites_table(sites: list[SiteReport]) -> str:
         rows.append((node, s.op_type, shape, str(s.parts or "-"), flops, decision))
     if not rows:
         return "no MatMul or Gemm nodes found"
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1]
-                     for r in [header] + rows)
+    return "\n".join(columns([header] + rows))
 
 
 def _finite(value):
@@ -217,3 +200,103 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+# ---------------------------------------------------------------- built once, from the decisions
+
+@dataclass(frozen=True)
+class Written:
+    """A unit the rewrite wrote: in which form and layout, with how many Gathers on activations."""
+
+    form: str
+    layout: str
+    gathers: int
+
+
+def site_report(site, decision, units: list[Unit]) -> SiteReport:
+    """One site's row from its last decision."""
+    rep = SiteReport(node=site.name, op_type=site.op_type, scope=site.scope,
+                     shape=list(site.shape) if site.shape else None,
+                     dtype=str(site.weight.dtype) if site.weight is not None else None,
+                     decision="kept", reason=decision.reason)
+    if site.shape is not None and len(site.shape) == 2:
+        rep.flops_before = 2 * site.shape[0] * site.shape[1]
+    for key, value in decision.facts.items():
+        setattr(rep, key, value)
+    if isinstance(decision, Split):
+        unit = units[decision.unit]
+        summary = unit.plan.summary(decision.layer)
+        rep.decision, rep.layout = "split", decision.layout
+        rep.parts, rep.part_shapes, rep.retained = summary["parts"], summary["part_shapes"], summary.get("retained")
+        rep.flops_after = 2 * FORMS[decision.form].cost(unit.plan, decision.layer)
+        if len(unit.sites) > 1:
+            rep.chain = unit.chain.name
+    return rep
+
+
+def chain_report(unit: Unit, written: Written) -> ChainReport:
+    chain, plan = unit.chain, unit.plan
+    return ChainReport(sites=[s.name for s in chain.sites], scope=chain.first.scope, parts=len(plan.parts),
+                       layout=written.layout, boundary_gathers=written.gathers, flops_before=2 * plan.macs_dense(),
+                       flops_after=2 * FORMS[written.form].cost(plan, None))
+
+
+def build_report(*, config: dict, source: str | None, sites: list, decisions: dict, units: list[Unit],
+                 written: dict[int, Written], **fields) -> SplitReport:
+    """The report of a run from every site's last decision and the written units; ``fields`` are
+    the remaining SplitReport fields (tuning, checker, verification, latency, inputs, notes, error,
+    reverted)."""
+    report = SplitReport(version=__version__, config=config, input=source, **fields)
+    report.sites = [site_report(site, decisions[i], units) for i, site in enumerate(sites)]
+    if not report.reverted:
+        report.chains = [chain_report(units[u], w) for u, w in sorted(written.items())]
+    return report
+
+
+def metadata_entries(config, n_split: int, n_sites: int, error: ErrorReport | None) -> dict[str, str]:
+    """The ``onnx_split.*`` metadata of the written model (Netron shows it)."""
+    entries = {
+        "onnx_split.version": __version__,
+        "onnx_split.options": config.to_json(),
+        "onnx_split.summary": f"{n_split} of {n_sites} MatMul/Gemm sites split ({config.layout} layout)",
+    }
+    if config.lossy:
+        entries["onnx_split.lossy"] = (
+            f"{config.budget}, {config.partitioner} partitioner: weights outside the parts' blocks are dropped; "
+            + (f"relative output error {error.search:.3g} on {error.search_samples} search samples, "
+               f"{error.held_out:.3g} on {error.held_out_samples} held-out samples ({error.data})"
+               if error is not None else "output error not measured"))
+    return entries
+
+
+def survey_table(rows: list, partitioner: str, tile: int = 64, layout: str = "auto") -> str:
+    """The dry run as a table: per candidate site, "retained / FLOPs share" at each level (the
+    planner names the columns); then the sites that are not candidates, with why."""
+    if not rows:
+        return "no MatMul or Gemm nodes found"
+    levels = list(LEVELS)
+    header = ("site", "shape", "significance", *(PLANNERS[partitioner].level_name(level) for level in levels))
+    table, kept = [], []
+    for row in rows:
+        name = row.node if row.scope == "main" else f"{row.scope}/{row.node}"
+        shape = "x".join(map(str, row.shape)) if row.shape else "-"
+        if row.reason is not None:
+            kept.append(f"  {name}  {shape}  kept: {row.reason}")
+            continue
+        cells = {lv["level"]: f"{percent(lv['retained'])} / {lv['flops']:.1%}"
+                 + (f" / {lv['error']:.3g}" if lv.get("error") is not None else "") for lv in row.levels}
+        table.append((name, shape, row.score or "-", *(cells.get(level, "-") for level in levels)))
+    what = f"{tile}x{tile} tiles, the most significant kept" if partitioner == "tiles" else f"{partitioner} parts"
+    counted = "as the batched layout computes them, padding included" if layout == "batched" else "the parts' blocks"
+    measured = any(lv.get("error") is not None for row in rows for lv in row.levels)
+    cell = "retained significance / share of the dense FLOPs" + (
+        " / relative output error of splitting this site alone (calibration search samples)" if measured else "")
+    lines = [f"each cell: {cell} ({what}; FLOPs of {counted})"]
+    lines += columns([header] + table, pad_last=True) if table else ["no site can be split"]
+    if kept:
+        lines += ["not candidates:", *kept]
+    return "\n".join(lines)
+
+
+__all__ = ["ChainReport", "ErrorReport", "Kept", "SiteReport", "SplitReport", "Written", "build_report",
+           "metadata_entries", "percent", "survey_table"]

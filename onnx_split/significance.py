@@ -24,8 +24,6 @@ from .sites import Site
 
 log = logging.getLogger(__name__)
 
-SCORES = ("auto", "magnitude", "activation")
-
 
 def magnitude(weight: np.ndarray) -> np.ndarray:
     w = np.abs(np.asarray(weight).astype(np.float64))

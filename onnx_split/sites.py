@@ -161,8 +161,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, dict[str, list[int | None]]]:
     except Exception:  # shape inference is a help here, never a requirement
         pass
     shapes: dict[str, dict[str, list[int | None]]] = {}
-
-    def visit(graph: onnx.GraphProto, scope_name: str):
+    for scope_name, graph in walk_graphs(light.graph):
         known = shapes.setdefault(scope_name, {})
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             tt = vi.type.tensor_type
@@ -170,10 +169,6 @@ def _shapes(model: onnx.ModelProto) -> dict[str, dict[str, list[int | None]]]:
                 known[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         for t in graph.initializer:
             known[t.name] = list(t.dims)
-        for _, _, sub_name, sub in subgraphs(graph, scope_name):
-            visit(sub, sub_name)
-
-    visit(light.graph, "main")
     return shapes
 
 
@@ -198,15 +193,21 @@ def subgraphs(graph: onnx.GraphProto, scope_name: str):
 
 def graphs_by_scope(model: onnx.ModelProto) -> dict[str, onnx.GraphProto]:
     """Every graph of ``model`` by the scope name its sites carry (``main``, ``main/If_0/then_branch``..)."""
-    found = {}
+    return dict(walk_graphs(model.graph))
 
-    def visit(graph: onnx.GraphProto, scope_name: str):
-        found[scope_name] = graph
-        for _, _, sub_name, sub in subgraphs(graph, scope_name):
-            visit(sub, sub_name)
 
-    visit(model.graph, "main")
-    return found
+def walk_graphs(graph: onnx.GraphProto, scope_name: str = "main", parent: str | None = None, *,
+                with_parent: bool = False):
+    """(scope name, graph) for ``graph`` and every subgraph below it, parents before children
+    (with ``with_parent``: (scope name, graph, parent scope name or None))."""
+    yield (scope_name, graph, parent) if with_parent else (scope_name, graph)
+    for _, _, sub_name, sub in subgraphs(graph, scope_name):
+        yield from walk_graphs(sub, sub_name, scope_name, with_parent=with_parent)
+
+
+def written_by_onnx_split(node: onnx.NodeProto) -> bool:
+    """A node this pass wrote (its provenance doc string or metadata): never split again."""
+    return node.doc_string.startswith("onnx_split ") or any(p.key == "onnx_split.site" for p in node.metadata_props)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -222,9 +223,9 @@ def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
     shapes = _shapes(model)
     opset = default_opset(model)
     sites: list[Site] = []
-
-    def visit(graph: onnx.GraphProto, scope_name: str, outer: list[_Scope]):
-        scopes = [_Scope.of(scope_name, graph)] + outer
+    visible: dict[str, list[_Scope]] = {}  # scope -> its own scope, then the enclosing ones
+    for scope_name, graph, parent in walk_graphs(model.graph, with_parent=True):
+        scopes = visible[scope_name] = [_Scope.of(scope_name, graph)] + (visible[parent] if parent else [])
         for index, node in enumerate(graph.node):
             if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
                 site = Site(node=node, graph=graph, scope=scope_name, index=index,
@@ -232,15 +233,14 @@ def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
                 site.constant = lambda name, scopes=scopes: resolver.value(name, scopes)[0]
                 _describe(site, scopes, resolver, shapes, opset, min_elements)
                 sites.append(site)
-        for _, _, sub_name, sub in subgraphs(graph, scope_name):
-            visit(sub, sub_name, scopes)
-
-    visit(model.graph, "main", [])
     return sites
 
 
 def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_elements: int) -> None:
     node = site.node
+    if written_by_onnx_split(node):
+        site.reason = "written by onnx_split (a part of an earlier split)"
+        return
     if opset < MIN_OPSET:
         site.reason = f"opset {opset} is older than {MIN_OPSET}; not supported"
         return

@@ -19,8 +19,7 @@ import onnx
 
 from .bench import Runner, round_robin
 from .chains import Chain
-from .partition import ChainPlan
-from .rewrite import FORMS, Unsupported, emit_chain, static_form
+from .rewrite import FORMS, LAYOUTS, Unsupported, emit_chain
 from .runtime import capture, ort_error, provider_status
 from .sites import default_opset
 
@@ -33,13 +32,18 @@ Timer = Callable[[dict[str, onnx.ModelProto], dict[str, np.ndarray], str, float,
 @dataclass
 class TuneResult:
     chain: list[str]
-    choice: str  # "dense" or one of rewrite.FORMS
+    choice: str  # "dense" or a name in rewrite.FORMS
     reason: str
     times_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     """candidate -> {"CPU, batch 32": median ms}"""
 
 
-def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, ChainPlan]],
+def static_choice(chain: Chain, plan) -> str:
+    """The form written where nothing could be measured: the parallel layout's rule."""
+    return LAYOUTS["parallel"].pick(chain, plan)
+
+
+def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],
                 points: list[tuple[str, dict[str, np.ndarray]]], *, providers: list[str], seconds: float,
                 threads: int, margin: float, progress=None, timer: Timer | None = None) -> list[TuneResult]:
     """Measure every layout of every chain; return each chain's choice with all the times."""
@@ -49,7 +53,7 @@ def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, ChainPlan]]
     tunable = [i for i, (chain, _) in enumerate(chains) if chain.first.scope == "main"]
     results: list[TuneResult] = []
     for chain, plan in chains:
-        form = static_form("parallel", chain, plan)
+        form = static_choice(chain, plan)
         why = "inside a subgraph, where activations cannot be captured" if chain.first.scope != "main" else (
             "no provider runs here")
         results.append(TuneResult([s.name for s in chain.sites], form, f"not measured ({why}): static rule"))
@@ -122,9 +126,9 @@ def choose(times: dict[str, dict[str, float]], margin: float) -> tuple[str, str]
     return "dense", f"kept dense: {found}, below the {margin:g}x margin{more}"
 
 
-def candidates(original: onnx.ModelProto, chain: Chain, plan: ChainPlan,
+def candidates(original: onnx.ModelProto, chain: Chain, plan,
                examples: dict[str, np.ndarray]) -> dict[str, onnx.ModelProto]:
-    """``dense`` (the original nodes) and every layout that can express the chain, each as a model
+    """``dense`` (the original nodes) and every registered form that can express the chain, each as a model
     from the chain's runtime inputs (typed like ``examples``, all but the last dim dynamic) to its
     output."""
     nodes, constants, runtime = chain_nodes(chain)
@@ -198,26 +202,18 @@ def measure(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], pr
     return {name: float(np.median(t)) for name, t in zip(names, times)}
 
 
-def keep_if_faster(original: onnx.ModelProto, model: onnx.ModelProto, min_speedup: float, report) -> onnx.ModelProto:
-    """The rewritten model if it was measured faster than the original by ``min_speedup`` (geometric
-    mean over the measured points) and slower nowhere; else the original, with the reason."""
-    measured = [e for e in report.latency if e.status == "measured" and e.speedup]
+def whole_model_verdict(latency: list, min_speedup: float) -> str | None:
+    """Why the original should be written instead of the rewritten model (None: keep the rewrite):
+    it was not measured faster than the original by ``min_speedup`` (geometric mean over the
+    measured points), or it was slower somewhere."""
+    measured = [e for e in latency if e.status == "measured" and e.speedup]
     if not measured:
-        report.notes.append("the whole rewritten model could not be timed: written without that check")
-        return model
+        return None
     speedups = [e.speedup for e in measured]
     mean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
     worst = min(measured, key=lambda e: e.speedup)
     if mean >= min_speedup and worst.speedup >= 1.0:
-        return model
+        return None
     where = f"{worst.provider.replace('ExecutionProvider', '')} {worst.inputs}".strip()
-    why = (f"the rewritten model measured {mean:.2f}x the original's speed (worst {worst.speedup:.2f}x at {where}), "
-           f"below --min-speedup {min_speedup:g} or slower somewhere: the original was written unchanged")
-    report.notes.append(why)
-    for rep in report.sites:
-        if rep.decision == "split":
-            rep.decision, rep.reason, rep.layout, rep.retained = "kept", why, None, None
-    report.reverted = True
-    kept = onnx.ModelProto()
-    kept.CopyFrom(original)
-    return kept
+    return (f"the rewritten model measured {mean:.2f}x the original's speed (worst {worst.speedup:.2f}x at {where}), "
+            f"below --min-speedup {min_speedup:g} or slower somewhere: the original was written unchanged")

@@ -8,12 +8,15 @@ rounding of outputs near zero does not fail a lossless split while a dropped sig
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .errors import InputError, first_line
+from .model_io import is_large, save_model
 from .runtime import CPU, make_session, model_source, ort_error, provider_status
 
 log = logging.getLogger(__name__)
@@ -170,3 +173,28 @@ def _reference(original, rewritten, feeds, rtol, atol, ort_reason: str) -> Verif
     log.info("ONNX Runtime cannot run the original (%s); verified with onnx.reference", ort_reason)
     return _entry(REFERENCE, "n/a", names, ref, got, rtol, atol,
                   f"ONNX Runtime cannot run the original ({ort_reason}); compared in onnx's reference evaluator")
+
+
+def check(model: onnx.ModelProto) -> dict:
+    """onnx's full check (with shape inference) of the rewritten model."""
+    try:
+        if not is_large(model):
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="onnx_split-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                save_model(model, path, external_data=True)
+                onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # the checker raises several types
+        return {"passed": False, "error": first_line(exc)}
+    return {"passed": True, "error": None}
+
+
+def loads_in_ort(model: onnx.ModelProto) -> str:
+    """"yes", or why the installed ONNX Runtime cannot load the model (one line)."""
+    try:
+        with model_source(model) as source:
+            make_session(source, CPU, "disabled")
+    except Exception as exc:  # ORT raises its own types
+        return ort_error(exc)
+    return "yes"

@@ -19,7 +19,7 @@ from builders import chain_model, chained_blocks, feature_wise, ort_run, planted
 from onnx_split import SplitConfig, split_model
 from onnx_split.chains import FEATURE_WISE, find_links
 from onnx_split.partition import ChainPlan, exact_components, joint_components
-from onnx_split.pipeline import _build_chains, _plan_sites
+from onnx_split.planning import exact_units, plan_exact
 from onnx_split.sites import find_sites
 from onnx_split.tune import choose, tune_chains
 
@@ -207,8 +207,8 @@ def _shuffled_blocks(rng, k: int, h: int, n: int, parts: int):
 def _tuning_inputs(model: onnx.ModelProto, config: SplitConfig):
     """The (chain, plan) list and the points split_model would hand the tuner, built the same way."""
     sites = find_sites(model, min_elements=config.min_elements)
-    plans, _ = _plan_sites(sites, config, lambda stage, done, total: None)
-    return _build_chains(sites, plans, config), [("batch 4", _x(3))]
+    units = exact_units(sites, plan_exact(sites, config), config)
+    return [(unit.chain, unit.plan) for unit in units], [("batch 4", _x(3))]
 
 
 def _fake_timer(ms: dict[str, float], calls: list | None = None):

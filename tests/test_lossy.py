@@ -12,7 +12,7 @@ import pytest
 from builders import (chain_model, feature_wise, gemm_model, matmul_model, ort_run, planted,
                       two_input_model)
 from onnx_split import InputError, SplitConfig, split_model, survey_model
-from onnx_split.budget import Planner
+from onnx_split.plans import planner_for
 from onnx_split.calibration import load_calibration, random_calibration
 from onnx_split.cli import main
 from onnx_split.partition import exact_components
@@ -274,7 +274,7 @@ def test_keep_budget_keeps_at_least_that_much_and_takes_the_cheapest_plan(two_si
         kept = eff[rep.node] != 0
         np.testing.assert_array_equal(eff[rep.node], masked(w, kept))
         assert np.abs(w)[kept].sum() / np.abs(w).sum() == pytest.approx(rep.retained, rel=1e-6)
-        planner = Planner(magnitude(w), partitioner, tile=32, seed=0, max_parts=16)
+        planner = planner_for(magnitude(w), partitioner, tile=32, seed=0, max_parts=16)
         option = planner.for_keep(keep)
         assert option.retained == pytest.approx(rep.retained)
         if partitioner == "tiles":
@@ -302,7 +302,7 @@ def test_flops_budget_is_never_exceeded(two_sites, partitioner):
         k, n = w.shape
         assert sum(r * c for r, c in rep.part_shapes) / (k * n) <= flops
         assert np.count_nonzero(eff[rep.node]) / (k * n) <= flops  # the weights the written model computes
-        planner = Planner(magnitude(w), partitioner, tile=32, seed=0, max_parts=16)
+        planner = planner_for(magnitude(w), partitioner, tile=32, seed=0, max_parts=16)
         option = planner.for_flops(flops)
         assert option.flops <= flops and option.retained == pytest.approx(rep.retained)
         if partitioner == "tiles":
@@ -428,7 +428,7 @@ def test_lossy_result_is_the_pruned_model_not_the_original(kind, layout):
     if kind == "matmul":
         assert "against the pruned original" in report.to_text()
     sites = find_sites(model, min_elements=0)
-    mask = Planner(magnitude(sites[0].weight), "metis", seed=0).for_parts(4).mask
+    mask = planner_for(magnitude(sites[0].weight), "metis", seed=0).for_parts(4).masks[0]
     pruned = pruned_model(model, sites, {0: mask})
     original = ort_run(model, x)[0]
     for opt in ("disabled", "enabled"):
@@ -772,9 +772,18 @@ def test_lossy_cli_writes_a_checked_model(tmp_path, capsys, exact_blocks):
 
 # ---------------------------------------------------------------- the tolerance search on its own
 
+class _FakePlan:
+    """Just what the search reads of a plan: its cost fraction and its dense size."""
+
+    def __init__(self, flops: float, size: int):
+        self.flops, self.label, self._size = flops, f"{flops:g}", size
+
+    def macs_dense(self, layer=None) -> int:
+        return self._size
+
+
 def _fake_option(flops: float, size: int = 100):
-    from onnx_split.budget import Option
-    return Option(plan=None, mask=np.ones(size, bool), retained=1.0, flops=flops, label=f"{flops:g}")
+    return _FakePlan(flops, size)
 
 
 def test_search_takes_the_cheapest_error_first_and_stops_at_the_budget():
@@ -894,14 +903,14 @@ def test_random_samples_refuse_a_first_dim_fixed_even_at_the_sample_count():
 
 
 def test_tiles_label_retained_and_flops_agree_and_dead_outputs_are_the_bias():
-    from onnx_split.budget import Planner
+    from onnx_split.plans import planner_for
     from onnx_split.significance import magnitude
     w = np.zeros((64, 64), np.float32)
     w[:8, :8] = 5.0  # one heavy 8x8 tile; the rest small noise
     w += 0.01 * np.random.default_rng(9).standard_normal(w.shape).astype(np.float32)
-    planner = Planner(magnitude(w), "tiles", tile=8)
+    planner = planner_for(magnitude(w), "tiles", tile=8)
     one = planner.at(1)
-    assert one.mask.sum() == 64  # exactly the one tile is kept
+    assert one.masks[0].sum() == 64  # exactly the one tile is kept
     # outputs no kept tile feeds cost one multiply-add each (their own one-input part), not a tile's rows
     assert one.flops == pytest.approx((64 + 56) / (64 * 64))
     ladder = planner.ladder()

@@ -14,7 +14,7 @@ from onnx_split.bench import LatencyEntry
 from onnx_split.cli import main
 from onnx_split.errors import InputError
 from onnx_split.report import SplitReport
-from onnx_split.tune import keep_if_faster
+from onnx_split.tune import whole_model_verdict
 
 CPU = "CPUExecutionProvider"
 
@@ -24,29 +24,39 @@ def _model():
     return chain_model(chained_blocks(rng, [64, 64, 64], 4), [[feature_wise("Relu", rng)]], ["N", 64])
 
 
-def _report_with(speedups: list[float]) -> SplitReport:
-    report = SplitReport(version="test", config={})
-    report.latency = [LatencyEntry(CPU, "measured", original_ms=s, rewritten_ms=1.0, speedup=s, inputs=f"batch {b}")
-                      for s, b in zip(speedups, (1, 32, 256))]
-    return report
+def _latency(speedups: list[float]) -> list[LatencyEntry]:
+    return [LatencyEntry(CPU, "measured", original_ms=s, rewritten_ms=1.0, speedup=s, inputs=f"batch {b}")
+            for s, b in zip(speedups, (1, 32, 256))]
 
 
 @pytest.mark.parametrize("speedups, kept", [([1.5, 2.0], False), ([0.99, 3.0], True), ([1.01, 1.01], True)])
-def test_whole_model_check_writes_the_original_unless_faster_everywhere(speedups, kept):
-    original, rewritten = _model(), split_model(_model(), SplitConfig(layout="parallel", min_elements=0,
-                                                                      verify=False, bench=False)).model
-    report = _report_with(speedups)
-    chosen = keep_if_faster(original, rewritten, 1.02, report)
-    assert (chosen.SerializeToString() == original.SerializeToString()) is kept
-    assert report.reverted is kept
-    assert any("original was written unchanged" in n for n in report.notes) is kept
+def test_whole_model_check_writes_the_original_unless_faster_everywhere(speedups, kept, monkeypatch):
+    import onnx_split.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "benchmark_models", lambda *a, **kw: _latency(speedups))
+    monkeypatch.setattr("onnx_split.tune.measure",
+                        lambda models, *a: {name: (2.0 if name == "dense" else 1.0) for name in models})
+    why = whole_model_verdict(_latency(speedups), 1.02)
+    assert (why is not None) is kept
+    original = _model()
+    result = split_model(original, SplitConfig(min_elements=0, providers=("cpu",), input_shapes={"x": (4, 64)},
+                                               batches=(1, 32)))
+    assert (result.model.SerializeToString() == original.SerializeToString()) is kept
+    assert result.report.reverted is kept
+    assert any("original was written unchanged" in n for n in result.report.notes) is kept
 
 
-def test_without_measurements_the_check_says_so():
-    report = SplitReport(version="test", config={})
+def test_without_measurements_the_check_says_so(monkeypatch):
+    import onnx_split.pipeline as pipeline
+
+    assert whole_model_verdict([], 1.02) is None
+    monkeypatch.setattr(pipeline, "benchmark_models", lambda *a, **kw: [LatencyEntry(CPU, "unavailable")])
+    monkeypatch.setattr("onnx_split.tune.measure",
+                        lambda models, *a: {name: (2.0 if name == "dense" else 1.0) for name in models})
     model = _model()
-    assert keep_if_faster(model, model, 1.02, report) is model
-    assert "could not be timed" in report.notes[0]
+    result = split_model(model, SplitConfig(min_elements=0, providers=("cpu",), input_shapes={"x": (4, 64)}))
+    assert result.report.modified
+    assert any("could not be timed" in n for n in result.report.notes)
 
 
 def test_auto_reverts_through_the_pipeline_when_the_rewrite_is_slower(monkeypatch):

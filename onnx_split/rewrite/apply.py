@@ -1,41 +1,39 @@
 """Replace each rewritten chain's nodes by its layout's nodes and drop what the old nodes alone used."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx
 
 from ..chains import Chain
-from ..partition import ChainPlan
-from ..sites import default_opset
-from .batched import emit_batched, padded_sizes
+from ..sites import default_opset, walk_graphs
 from .emit import Emitter, Unsupported
 from .function import add_functions, wrap_function
-from .parallel import emit_parallel, prefers_rows
-
-FORMS = ("parallel", "parallel-rows", "batched")
-"""The concrete layouts a chain can be written in (``--layout auto`` measures each)."""
+from .registry import FORMS, refusal
 
 
-def static_form(layout: str, chain: Chain, plan: ChainPlan) -> str:
-    """The form ``--layout parallel|batched|function`` writes, without measuring."""
-    if layout == "batched":
-        return "batched"
-    return "parallel-rows" if prefers_rows(chain, plan) else "parallel"
+@dataclass(frozen=True)
+class Job:
+    """One rewrite: a chain of sites found in the model being rewritten, its plan, the form to
+    write it in, and whether to wrap it in a function call."""
+
+    chain: Chain
+    plan: object  # a WeightPlan whose kind the form accepts
+    form: str
+    wrap: bool = False
 
 
-def emit_form(em: Emitter, chain: Chain, plan: ChainPlan, form: str) -> str:
-    if form == "batched":
-        return emit_batched(em, chain, plan)
-    return emit_parallel(em, chain, plan, rows=form == "parallel-rows")
-
-
-def emit_chain(chain: Chain, plan: ChainPlan, form: str, *, opset: int, taken: set[str], ir_version: int,
+def emit_chain(chain: Chain, plan, form: str, *, opset: int, taken: set[str], ir_version: int,
                function_index: int | None = None, overloads: set[str] | None = None
                ) -> tuple[Emitter, onnx.FunctionProto | None]:
     """The nodes and initializers that compute ``chain`` in ``form``; with ``function_index``, as
-    one call of a new function (returned too). Raises :class:`Unsupported`."""
+    one call of a new function (returned too). Raises :class:`Unsupported` with the reason."""
+    why = refusal(form, chain, plan)
+    if why is not None:
+        raise Unsupported(why)
     layout = "function" if function_index is not None else form
     em = Emitter(chain.first.name, opset, taken, layout, ir_version)
-    y = emit_form(em, chain, plan, form)
+    y = FORMS[form].emit(em, chain, plan)
     em.rename_output(y, chain.last.output)
     em.gathers = sum(n.op_type == "Gather" for n in em.nodes)
     func = None
@@ -45,11 +43,10 @@ def emit_chain(chain: Chain, plan: ChainPlan, form: str, *, opset: int, taken: s
     return em, func
 
 
-def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Chain, ChainPlan, str, bool]]
-                  ) -> tuple[dict[int, str], dict[int, int]]:
-    """Rewrite ``model`` in place. ``jobs`` are (chain, plan, form, as a function) for chains found in
-    this very model. Returns ``{job index: reason}`` for the chains that could not be written
-    (left untouched), and ``{job index: Gather nodes written}`` for the others."""
+def rewrite_model(model: onnx.ModelProto, jobs: list[Job]) -> tuple[dict[int, str], dict[int, int]]:
+    """Rewrite ``model`` in place. ``jobs`` are chains found in this very model. Returns
+    ``{job index: reason}`` for the chains that could not be written (left untouched), and
+    ``{job index: Gather nodes written}`` for the others."""
     opset = default_opset(model)
     taken = _all_names(model.graph)
     refused: dict[int, str] = {}
@@ -58,14 +55,14 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Chain, ChainPlan, str
     functions: list[onnx.FunctionProto] = []
     gathers: dict[int, int] = {}
     overloads: set[str] = set()
-    for j, (chain, plan, form, as_function) in enumerate(jobs):
-        site = chain.last
+    for j, job in enumerate(jobs):
+        chain, site = job.chain, job.chain.last
         if model.ir_version < 4 and site.scope != "main":
             refused[j] = "IR version < 4 needs new weights to be graph inputs, which a subgraph cannot take"
             continue
         try:
-            em, func = emit_chain(chain, plan, form, opset=opset, taken=taken, ir_version=model.ir_version,
-                                  function_index=len(functions) if as_function else None, overloads=overloads)
+            em, func = emit_chain(chain, job.plan, job.form, opset=opset, taken=taken, ir_version=model.ir_version,
+                                  function_index=len(functions) if job.wrap else None, overloads=overloads)
         except Unsupported as exc:
             refused[j] = str(exc)
             continue
@@ -104,7 +101,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[tuple[Chain, ChainPlan, str
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
-    for g in _graphs(graph):
+    for _, g in walk_graphs(graph):
         names.update(t.name for t in g.initializer)
         names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
         for node in g.node:
@@ -115,20 +112,12 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _graphs(sub)
-
-
 def _drop_unused(main: onnx.GraphProto, candidates: set[str]) -> None:
     """Remove initializers and constant-producing nodes among ``candidates`` that nothing reads
     any more (transitively), in whichever graph they live."""
     while candidates:
         used = set()
-        for g in _graphs(main):
+        for _, g in walk_graphs(main):
             used.update(v.name for v in g.output)
             for node in g.node:
                 used.update(node.input)
@@ -138,7 +127,7 @@ def _drop_unused(main: onnx.GraphProto, candidates: set[str]) -> None:
         next_candidates: set[str] = set()
         # Innermost first (reversed pre-order): rebuilding a graph's node list copies its nodes, so a
         # subgraph reached through the old parent after the parent was rebuilt would be a detached copy.
-        for g in reversed(list(_graphs(main))):
+        for _, g in reversed(list(walk_graphs(main))):
             inputs = {i.name for i in g.input}
             keep_init = [t for t in g.initializer if t.name not in unused or t.name in inputs]
             if len(keep_init) != len(g.initializer):
@@ -154,15 +143,3 @@ def _drop_unused(main: onnx.GraphProto, candidates: set[str]) -> None:
                 del g.node[:]
                 g.node.extend(keep_nodes)
         candidates = next_candidates
-
-
-def layout_macs(plan: ChainPlan, form: str, layer: int | None = None) -> int:
-    """Multiply-accumulates per activation row that ``form`` really executes for ``plan`` (padding
-    included), for one ``layer`` or for all."""
-    if not plan.parts:
-        return 0
-    layers = range(plan.n_layers) if layer is None else [layer]
-    if form == "batched":
-        sizes = padded_sizes(plan)
-        return len(plan.parts) * sum(sizes[i] * sizes[i + 1] for i in layers)
-    return sum(plan.layer_macs(i) for i in layers)

@@ -14,6 +14,7 @@ import numpy as np
 from ..chains import Chain
 from ..partition import ChainPlan
 from .emit import Emitter, from_rows_view, rows_view
+from .form import Form, Layout
 from .layers import Lane, run_layers
 
 
@@ -61,3 +62,18 @@ def emit_batched(em: Emitter, chain: Chain, plan: ChainPlan) -> str:
     yt = em.reshape(h, em.ints("join_shape", [n_parts * sizes[-1], -1]), "join/Reshape", doc(len(parts[0].levels) - 2))
     yt = em.take(yt, where, 0, 2, "order", f"select and order the outputs of '{last.name}'", size=n_parts * sizes[-1])
     return em.finish_gemm(from_rows_view(em, yt, first, plan.sizes[-1]), last)
+
+
+def padded_macs(plan, layer: int | None = None) -> int:
+    """Every part padded to the largest: what the batched MatMul computes."""
+    partition = plan.partition
+    if not partition.parts:
+        return 0
+    sizes = padded_sizes(partition)
+    layers = range(partition.n_layers) if layer is None else [layer]
+    return len(partition.parts) * sum(sizes[i] * sizes[i + 1] for i in layers)
+
+
+FORMS = (Form("batched", frozenset({"blocks"}), lambda em, chain, plan: emit_batched(em, chain, plan.partition),
+              padded_macs, doc="all parts padded to one size and computed by one MatMul per layer"),)
+LAYOUT = Layout("batched", lambda chain, plan: "batched", "batched", help="one MatMul over [parts,n,k]")

@@ -15,6 +15,8 @@ import onnx
 from .. import __version__
 from ..chains import Chain
 from .emit import Emitter, Unsupported
+from .form import Layout
+from .parallel import LAYOUT as PARALLEL
 
 DOMAIN = "onnx_split"
 SMALL = 64  # constants up to this many elements go into the body
@@ -77,3 +79,5 @@ def add_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto]) -
 
 
 
+LAYOUT = Layout("function", PARALLEL.pick, "parallel", wrap=True,
+                help="one onnx_split node per site whose function body is the parallel layout")

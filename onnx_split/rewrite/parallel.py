@@ -18,7 +18,8 @@ import numpy as np
 
 from ..chains import Chain
 from ..partition import ChainPlan
-from .emit import Emitter, Unsupported, from_rows_view, is_run, rows_view
+from .emit import Emitter, from_rows_view, is_run, rows_view
+from .form import Form, Layout
 from .layers import Lane, run_layers, vector_for
 
 
@@ -36,8 +37,6 @@ def emit_parallel(em: Emitter, chain: Chain, plan: ChainPlan, rows: bool) -> str
     first, last = chain.first, chain.last
     if rows:
         x, axis, rank = rows_view(em, first, plan.sizes[0]), 0, 2
-    elif first.trans_a:
-        raise Unsupported("Gemm with transA has its inputs as rows: only the x^T forms apply")
     else:
         x, axis, rank = first.activation, -1, first.activation_rank
     by_columns = not rows and rank == 2 and first.activation_rows != 1
@@ -91,3 +90,27 @@ def _lane(chain: Chain, plan: ChainPlan, i: int, rows: bool) -> Lane:
                 f"inputs -> {n} of {plan.sizes[layer + 1]} outputs{form}")
 
     return Lane(f"part{i}", weight, lambda v, level, pad: vector_for(v, part.levels[level], rows), rows, doc)
+
+
+def _refuse_direct(chain: Chain, plan) -> str | None:
+    if chain.first.trans_a:
+        return "Gemm with transA has its inputs as rows: only the x^T forms apply"
+    return None
+
+
+def parts_macs(plan, layer: int | None = None) -> int:
+    """The parts' blocks: what the parallel forms compute (no padding)."""
+    partition = plan.partition
+    layers = range(partition.n_layers) if layer is None else [layer]
+    return sum(partition.layer_macs(i) for i in layers)
+
+
+FORMS = (
+    Form("parallel", frozenset({"blocks"}), lambda em, chain, plan: emit_parallel(em, chain, plan.partition, False),
+         parts_macs, _refuse_direct, "one MatMul per part on x (Slice/Gather -> MatMul -> Concat)"),
+    Form("parallel-rows", frozenset({"blocks"}),
+         lambda em, chain, plan: emit_parallel(em, chain, plan.partition, True), parts_macs,
+         doc="one MatMul per part on x^T (row Gathers instead of element gathers)"),
+)
+LAYOUT = Layout("parallel", lambda chain, plan: "parallel-rows" if prefers_rows(chain, plan.partition) else "parallel",
+                "parallel", help="per part Slice->MatMul->Concat")

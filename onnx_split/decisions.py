@@ -1,0 +1,68 @@
+"""What each stage decides about a site, as immutable values.
+
+Stages return new decisions instead of editing a shared report; the report (text, JSON, model
+metadata) is built once, at the end, from the last decision of every site.
+
+- :class:`Kept`: the site stays as it is; ``stage`` says which step decided and ``reason`` why.
+- :class:`Planned`: a plan was chosen for the site (one layer of a :class:`Unit` later).
+- :class:`Split`: the site was written as layer ``layer`` of a unit, in ``form``.
+
+``facts`` carry what the analysis found about the site whatever became of it (components,
+unused inputs, dead outputs; partitioner and score), as report field names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Mapping
+
+_EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Kept:
+    stage: str  # sites | plan | budget | tune | rewrite | whole-model
+    reason: str
+    facts: Mapping = field(default_factory=lambda: _EMPTY)
+
+
+@dataclass(frozen=True)
+class Planned:
+    plan: object  # a WeightPlan of one layer
+    reason: str  # the plan's summary, shown for the split site
+    facts: Mapping = field(default_factory=lambda: _EMPTY)
+
+    def kept(self, stage: str, reason: str) -> Kept:
+        return Kept(stage, reason, self.facts)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Sites written together: one site, or a chain of layers split as one set of sub-networks."""
+
+    sites: tuple[int, ...]  # site indices, in chain order
+    chain: object  # chains.Chain (its sites carry the weights the rewrite multiplies by)
+    plan: object  # a WeightPlan over all the unit's layers
+    reasons: tuple[str, ...]  # per layer: the summary shown for the split site
+
+
+@dataclass(frozen=True)
+class Split:
+    unit: int  # index of the unit this site was written in
+    layer: int
+    form: str  # the concrete form (parallel, parallel-rows, batched)
+    layout: str  # as written: the form, or "function"
+    reason: str
+    facts: Mapping = field(default_factory=lambda: _EMPTY)
+
+
+Decision = Kept | Planned | Split
+
+
+def keep(decision: Decision, stage: str, reason: str) -> Kept:
+    """``decision`` turned into Kept, keeping its facts."""
+    return Kept(stage, reason, decision.facts)
+
+
+def with_facts(decision: Decision, **facts) -> Decision:
+    return replace(decision, facts=MappingProxyType({**decision.facts, **facts}))

@@ -1,0 +1,98 @@
+"""``blocks``: the plan kind of every split today — a weight (or a chain of weights) computed as
+independent blocks under row/column permutations (``partition.ChainPlan``).
+
+Exact plans (connected components at ``--threshold``) claim to compute the original weights;
+lossy plans (a budget chose the blocks) compute the weights inside their blocks and drop the rest.
+Either way the rewritten nodes multiply by :meth:`BlockPlan.effective_weight`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..partition import ChainPlan, Plan
+
+
+@dataclass(frozen=True, eq=False)
+class BlockPlan:
+    kind: ClassVar[str] = "blocks"
+    partition: ChainPlan
+    masks: tuple[np.ndarray, ...] | None = None
+    """Per layer, the K x N entries the plan keeps (lossy plans); None: the partition's blocks."""
+    approximates: bool = False
+    label: str = ""
+    retained: float | None = None
+    """Lossy plans: the fraction of the weight's significance inside the kept blocks."""
+    score: str | None = None
+    flops: float = 1.0
+    """Fraction of the dense multiply-adds in the form the budget counted (lossy plans)."""
+
+    @property
+    def n_layers(self) -> int:
+        return self.partition.n_layers
+
+    @property
+    def parts(self):
+        return self.partition.parts
+
+    def layer_shape(self, layer: int) -> tuple[int, int]:
+        return int(self.partition.sizes[layer]), int(self.partition.sizes[layer + 1])
+
+    def macs_dense(self, layer: int | None = None) -> int:
+        if layer is None:
+            return self.partition.macs_dense
+        k, n = self.layer_shape(layer)
+        return k * n
+
+    def effective_weight(self, layer: int, weight: np.ndarray) -> np.ndarray:
+        """The weight with every entry outside the plan's blocks zeroed (the weight itself when that
+        changes nothing: exact components at threshold 0 have only zeros there)."""
+        if self.masks is not None:
+            mask = self.masks[layer]
+        elif self.partition.threshold == 0:
+            return weight
+        else:
+            mask = coverage(self.partition, layer)
+        return np.where(mask, weight, np.zeros((), dtype=weight.dtype)).astype(weight.dtype)
+
+    def summary(self, layer: int) -> dict:
+        return {"parts": len(self.partition.parts),
+                "part_shapes": [list(p.layer_shape(layer)) for p in self.partition.parts],
+                "retained": self.retained}
+
+    def with_cost(self, flops: float) -> "BlockPlan":
+        return BlockPlan(self.partition, self.masks, self.approximates, self.label, self.retained, self.score, flops)
+
+
+def coverage(partition: ChainPlan, layer: int) -> np.ndarray:
+    """K x N: True where one of the partition's parts computes the weight of ``layer``."""
+    mask = np.zeros((partition.sizes[layer], partition.sizes[layer + 1]), dtype=bool)
+    for part in partition.parts:
+        mask[np.ix_(part.levels[layer], part.levels[layer + 1])] = True
+    return mask
+
+
+def block_mask(plan: Plan) -> np.ndarray:
+    """K x N: True where one of the plan's parts computes the weight (outputs no part feeds, the
+    plan's ``dead_cols``, are False: the rewrite gives them zero weights)."""
+    mask = np.zeros((plan.k, plan.n), dtype=bool)
+    for part in plan.parts:
+        mask[np.ix_(part.rows, part.cols)] = True
+    return mask
+
+
+def exact_plan(partition: ChainPlan) -> BlockPlan:
+    """The plan of exact components (one layer or a joint chain): verified against the original."""
+    return BlockPlan(partition, label=f"{len(partition.parts)} parts of {partition.n_components} components")
+
+
+def lossy_plan(plan: Plan, scores: np.ndarray, label: str, score: str | None, cost) -> BlockPlan:
+    """A budget's candidate: ``plan``'s blocks kept, the rest dropped. Outputs no block feeds get a
+    one-input part of their own (their weights are zero), so they cost one multiply-add each."""
+    from ..partition import retained
+
+    partition = ChainPlan.from_plan(plan, dead_part=True)
+    candidate = BlockPlan(partition, (block_mask(plan),), True, label, retained(plan, scores), score)
+    return candidate.with_cost(cost(candidate) / plan.macs_dense)

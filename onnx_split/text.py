@@ -1,0 +1,28 @@
+"""Small text helpers shared by the report and the dry run's table."""
+from __future__ import annotations
+
+
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with one decimal that never rounds a loss up to 100.0%."""
+    text = f"{fraction:.1%}"
+    if text == "100.0%" and fraction < 1:
+        text = f"{fraction:.2%}" if f"{fraction:.2%}" != "100.00%" else ">99.99%"
+    return text
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def columns(rows: list[tuple[str, ...]], pad_last: bool = False) -> list[str]:
+    """Rows of cells aligned in columns (the last one left ragged unless ``pad_last``)."""
+    if not rows:
+        return []
+    n = len(rows[0])
+    aligned = n if pad_last else n - 1
+    widths = [max(len(r[i]) for r in rows) for i in range(aligned)]
+    lines = []
+    for r in rows:
+        cells = [c.ljust(w) for c, w in zip(r[:aligned], widths)] + list(r[aligned:])
+        lines.append("  ".join(cells).rstrip() if pad_last else "  ".join(cells))
+    return lines
