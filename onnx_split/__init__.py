@@ -9,8 +9,7 @@ Library use::
 
 The library never prints or exits; it logs (logger ``onnx_split``) and returns a report.
 """
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402,F401
 from .bench import benchmark_models  # noqa: E402
 from .config import SplitConfig  # noqa: E402
 from .errors import InputError, ModelLoadError, OnnxSplitError, OutputError  # noqa: E402

@@ -8,8 +8,9 @@ from typing import Mapping
 
 from .errors import InputError
 from .plans import PLANNERS
-from .rewrite.registry import LAYOUT_NAMES as LAYOUTS
+from .rewrite.registry import layout_names
 
+LAYOUTS = layout_names()
 PARTITIONERS = ("components", *PLANNERS)
 """``components`` is exact (lossless); the others (plans.PLANNERS) drop the weights outside their blocks."""
 DEFAULT_LOSSY = "metis"

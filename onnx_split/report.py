@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
-from . import __version__
+from .version import __version__
 from .bench import LatencyEntry
 from .decisions import Kept, Split, Unit
 from .plans import PLANNERS
@@ -47,6 +47,8 @@ class SiteReport:
     """lossy runs: the partitioner, the significance score, and the fraction of it the parts keep"""
     score: str | None = None
     retained: float | None = None
+    details: dict = field(default_factory=dict)
+    """what a plan kind reports beyond the fields above (its ``summary``)"""
 
 
 @dataclass
@@ -227,11 +229,18 @@ def site_report(site, decision, units: list[Unit]) -> SiteReport:
         unit = units[decision.unit]
         summary = unit.plan.summary(decision.layer)
         rep.decision, rep.layout = "split", decision.layout
-        rep.parts, rep.part_shapes, rep.retained = summary["parts"], summary["part_shapes"], summary.get("retained")
+        for key, value in summary.items():
+            if key in _FIELDS:
+                setattr(rep, key, value)
+            else:
+                rep.details[key] = value
         rep.flops_after = 2 * FORMS[decision.form].cost(unit.plan, decision.layer)
         if len(unit.sites) > 1:
             rep.chain = unit.chain.name
     return rep
+
+
+_FIELDS = {f.name for f in dataclasses.fields(SiteReport)}
 
 
 def chain_report(unit: Unit, written: Written) -> ChainReport:

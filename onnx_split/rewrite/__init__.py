@@ -1,8 +1,9 @@
-"""Graph surgery: one form per module (parallel.py, batched.py; function.py wraps any of them),
-listed in registry.py, all fed by a chain of sites and its plan."""
+"""Graph surgery: one form per module, each registering itself in registry.py; function.py wraps
+any form. A new form is one module plus its import line here (the order is the tuner's)."""
+from . import parallel, batched, function  # noqa: F401  (isort: skip) registration order
 from .apply import Job, emit_chain, rewrite_model
 from .emit import Unsupported
-from .registry import AUTO, FORMS, LAYOUT_NAMES, LAYOUTS, cost_form, cost_rule, layout_macs, refusal
+from .registry import AUTO, FORMS, LAYOUTS, cost_form, cost_rule, layout_macs, layout_names, refusal
 
-__all__ = ["AUTO", "FORMS", "Job", "LAYOUTS", "LAYOUT_NAMES", "Unsupported", "cost_form", "cost_rule", "emit_chain",
-           "layout_macs", "refusal", "rewrite_model"]
+__all__ = ["AUTO", "FORMS", "Job", "LAYOUTS", "Unsupported", "cost_form", "cost_rule", "emit_chain", "layout_macs",
+           "layout_names", "refusal", "rewrite_model"]

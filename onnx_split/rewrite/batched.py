@@ -15,6 +15,7 @@ from ..chains import Chain
 from ..partition import ChainPlan
 from .emit import Emitter, from_rows_view, rows_view
 from .form import Form, Layout
+from .registry import register
 from .layers import Lane, run_layers
 
 
@@ -77,3 +78,4 @@ def padded_macs(plan, layer: int | None = None) -> int:
 FORMS = (Form("batched", frozenset({"blocks"}), lambda em, chain, plan: emit_batched(em, chain, plan.partition),
               padded_macs, doc="all parts padded to one size and computed by one MatMul per layer"),)
 LAYOUT = Layout("batched", lambda chain, plan: "batched", "batched", help="one MatMul over [parts,n,k]")
+register(*FORMS, LAYOUT)

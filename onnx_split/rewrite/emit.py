@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .. import __version__
+from ..version import __version__
 
 
 def is_run(index: np.ndarray) -> bool:

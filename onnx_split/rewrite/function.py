@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .. import __version__
+from ..version import __version__
 from ..chains import Chain
 from .emit import Emitter, Unsupported
 from .form import Layout
+from .registry import register
 from .parallel import LAYOUT as PARALLEL
 
 DOMAIN = "onnx_split"
@@ -81,3 +82,4 @@ def add_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto]) -
 
 LAYOUT = Layout("function", PARALLEL.pick, "parallel", wrap=True,
                 help="one onnx_split node per site whose function body is the parallel layout")
+register(LAYOUT)

@@ -20,6 +20,7 @@ from ..chains import Chain
 from ..partition import ChainPlan
 from .emit import Emitter, from_rows_view, is_run, rows_view
 from .form import Form, Layout
+from .registry import register
 from .layers import Lane, run_layers, vector_for
 
 
@@ -114,3 +115,4 @@ FORMS = (
 )
 LAYOUT = Layout("parallel", lambda chain, plan: "parallel-rows" if prefers_rows(chain, plan.partition) else "parallel",
                 "parallel", help="per part Slice->MatMul->Concat")
+register(*FORMS, LAYOUT)

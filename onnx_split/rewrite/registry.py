@@ -6,28 +6,41 @@ what it costs per activation row, and how it emits. A *layout* is what ``--layou
 form it writes for a chain without measuring, which form's cost a budget counts, and whether the
 nodes are wrapped (``function``). ``--layout auto`` measures every form that accepts the plan.
 
-Adding a form: one module that defines a :class:`Form` (and, if users may name it, a
-:class:`Layout`), plus its entry below. The CLI's choices, the config's check, the tuner's
-candidates and the budgets' cost rule all read these tables.
+Adding a form: one module that registers a :class:`Form` (and, if users may name it, a
+:class:`Layout`) with :func:`register`, plus its import line in ``rewrite/__init__.py`` (the
+import order is the tuner's order). The CLI's choices, the config's check, the tuner's candidates
+and the budgets' cost rule all read these tables; this module imports no form, so every stage
+can read it.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from . import batched, function, parallel
 from .form import Form, Layout
 
-FORMS: dict[str, Form] = {f.name: f for f in (*parallel.FORMS, *batched.FORMS)}
+FORMS: dict[str, Form] = {}
 """Concrete forms, in the order the tuner measures them."""
 
-LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (parallel.LAYOUT, batched.LAYOUT, function.LAYOUT)}
+LAYOUTS: dict[str, Layout] = {}
 """``--layout`` choices besides ``auto``."""
 
 AUTO = "auto"
 AUTO_COST_FORM = "parallel"
 """With ``--layout auto`` the form is chosen later by timing; budgets count the parts' blocks."""
 
-LAYOUT_NAMES = (AUTO, *LAYOUTS)
+
+def register(*entries: Form | Layout) -> None:
+    """Add forms and layouts (a name registered twice is a bug)."""
+    for entry in entries:
+        table = FORMS if isinstance(entry, Form) else LAYOUTS
+        if entry.name in table or entry.name == AUTO:
+            raise ValueError(f"rewrite form or layout {entry.name!r} is registered twice")
+        table[entry.name] = entry
+
+
+def layout_names() -> tuple[str, ...]:
+    """``auto``, then every registered layout: the ``--layout`` choices."""
+    return (AUTO, *LAYOUTS)
 
 
 def cost_form(layout: str) -> Form:
@@ -54,5 +67,5 @@ def refusal(form: str, chain, plan) -> str | None:
     return f.refuse(chain, plan)
 
 
-__all__ = ["AUTO", "FORMS", "Form", "LAYOUTS", "LAYOUT_NAMES", "Layout", "cost_form", "cost_rule", "layout_macs",
-           "refusal"]
+__all__ = ["AUTO", "FORMS", "Form", "LAYOUTS", "Layout", "cost_form", "cost_rule", "layout_macs", "layout_names",
+           "refusal", "register"]
