@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .plans import Planner, WeightPlan, planner_for
-from .plans.balanced import LEVELS
+from .plans.base import LEVELS
 
 __all__ = ["LEVELS", "SearchResult", "by_budget", "make_planner", "refusal", "search"]
 

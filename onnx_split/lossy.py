@@ -37,16 +37,14 @@ class Lossy:
     decisions: dict[int, Decision]
     calibration: Calibration | None
     evaluator: Evaluator | None
-    sites: list[Site]
     evaluations: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def error(self, plans: dict[int, object], tolerance: float | None) -> tuple[ErrorReport | None, list[str]]:
-        """The relative output error of the model with the effective weights of ``plans`` (site
-        index -> plan), and notes."""
+    def error(self, weights: dict[int, object], tolerance: float | None) -> tuple[ErrorReport | None, list[str]]:
+        """The relative output error of the model whose sites ``weights`` read those weights (the
+        written plans' effective weights), and notes."""
         if self.calibration is None or self.evaluator is None:
             return None, []
-        weights = {i: plan.effective_weight(0, self.sites[i].weight) for i, plan in plans.items()}
         cal = self.calibration
         try:
             search_err = self.evaluator.error(cal.search, weights)
@@ -68,7 +66,7 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
     purpose = "--tolerance" if config.tolerance is not None else "--score activation"
     calibration = _calibration(model, config, required=needs_data, wanted=config.verify, purpose=purpose)
     planners = _planners(model, sites, candidates, config, calibration, progress)
-    result = Lossy(site_decisions(sites), calibration, None, sites)
+    result = Lossy(site_decisions(sites), calibration, None)
     if calibration is not None and candidates:
         try:
             result.evaluator = Evaluator(model, sites, candidates, config.threads)
@@ -123,8 +121,8 @@ def _others(chosen: dict, i: int) -> str:
 
 
 def _summary(plan, stopped, chosen, i: int) -> str:
-    text = (f"{plan.label}: keeps {percent(plan.retained)} of its {plan.score} significance at "
-            f"{plan.flops:.1%} of the dense FLOPs")
+    kept = f"keeps {percent(plan.retained)} of its {plan.score} significance at " if plan.retained is not None else ""
+    text = f"{plan.label}: {kept}{plan.flops:.1%} of the dense FLOPs"
     if stopped is not None:
         text += f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g}{_others(chosen, i)}"
     return text

@@ -91,13 +91,13 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
                 decisions[i] = Split(u, layer, written[u].form, written[u].layout, unit.reasons[layer],
                                      decisions[i].facts)
 
-    approximated = {i: units[u].plan for u in written for i in units[u].sites if units[u].plan.approximates}
+    approximated = {i: units[u].plan.effective_weight(layer, sites[i].weight)    # what the rewrite multiplies by
+                    for u in written if units[u].plan.approximates for layer, i in enumerate(units[u].sites)}
     error = None
-    if lossy is not None:                                  # what the dropped weights cost
+    if lossy is not None:                                  # what that costs at the outputs
         error, more = lossy.error(approximated, config.tolerance)
         notes += [n for n in more if n not in notes]
-    reference = original if not approximated else reference_model(
-        original, sites, {i: plan.effective_weight(0, sites[i].weight) for i, plan in approximated.items()})
+    reference = reference_model(original, sites, approximated) if approximated else original
     n_split = sum(isinstance(d, Split) for d in decisions.values())
     _set_metadata(model, metadata_entries(config, n_split, len(sites), error))
 

@@ -15,7 +15,7 @@ from .version import __version__
 from .bench import LatencyEntry
 from .decisions import Kept, Split, Unit
 from .plans import PLANNERS
-from .plans.balanced import LEVELS
+from .plans.base import LEVELS
 from .pruned import ErrorReport
 from .rewrite import FORMS
 from .text import columns, percent

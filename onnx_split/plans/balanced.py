@@ -5,14 +5,11 @@ from __future__ import annotations
 import math
 
 from ..partition import BALANCED
-from ..text import percent
+from .base import LEVELS, LadderMixin
 from .blocks import BlockPlan, lossy_plan
 
-LEVELS = (2, 4, 8, 16)
-"""The dry run's columns and the tolerance search's steps."""
 
-
-class BalancedPlanner:
+class BalancedPlanner(LadderMixin):
     def __init__(self, scores, partitioner: str, *, cost, score: str | None = None, seed: int = 0,
                  max_parts: int = 16, tile: int = 64):
         """``cost``: multiply-adds per row a plan costs in the form it will be written in."""
@@ -34,10 +31,6 @@ class BalancedPlanner:
     @staticmethod
     def level_name(level: int) -> str:
         return f"{level} parts"
-
-    def ladder(self) -> list[BlockPlan]:
-        options = [self.step(level) for level in LEVELS]
-        return list({id(o): o for o in options if o is not None}.values())
 
     def for_parts(self, parts: int) -> BlockPlan | None:
         return self.at(min(parts, self.max_parts)) if min(parts, self.max_parts) > 1 else None
@@ -77,9 +70,7 @@ class BalancedPlanner:
             return (f"--parts {value:g} is capped to 1 here (by --max-parts {max_parts_option} or the "
                     f"weight's smaller side): nothing to split")
         if budget == "keep":
-            first = self.ladder()[:1]
-            best = f" ({first[0].label} keep {percent(first[0].retained)})" if first else ""
-            return f"no split keeps {value:g} of its {self.score} significance{best}"
+            return self.keep_refusal(value)
         return (f"no plan of at most {self.max_parts} parts (--max-parts {max_parts_option}, or the weight's "
                 f"smaller side) costs at most {value:g} of the dense FLOPs")
 

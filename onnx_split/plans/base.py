@@ -10,6 +10,8 @@ from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
+from ..text import percent
+
 
 class WeightPlan(Protocol):
     kind: ClassVar[str]
@@ -20,6 +22,10 @@ class WeightPlan(Protocol):
     for a plan that claims to compute the original weight (verified against the original)."""
     label: str
     """What was chosen, in a few words ("8 metis parts")."""
+    retained: float | None
+    """Lossy plans: the fraction of the weight's significance kept (None where that means nothing)."""
+    flops: float
+    """Lossy plans: the fraction of the dense multiply-adds in the form the budget counts."""
 
     @property
     def n_layers(self) -> int: ...
@@ -64,3 +70,24 @@ class Planner(Protocol):
     @staticmethod
     def level_name(level: int) -> str:
         """The dry run's column heading of ``level``."""
+
+
+LEVELS = (2, 4, 8, 16)
+"""The dry run's columns and the tolerance search's steps (parts, or 1/level of the tiles)."""
+
+
+class LadderMixin:
+    """What every planner derives from its ``step``: the ladder, and why no plan keeps enough."""
+
+    score: str | None
+
+    def ladder(self) -> list:
+        options = [self.step(level) for level in LEVELS]
+        return list({id(o): o for o in options if o is not None}.values())
+
+    def keep_refusal(self, value: float) -> str:
+
+
+        first = self.ladder()[:1]
+        best = f" ({first[0].label} keep {percent(first[0].retained)})" if first else ""
+        return f"no split keeps {value:g} of its {self.score} significance{best}"

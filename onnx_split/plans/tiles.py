@@ -6,12 +6,11 @@ import math
 import numpy as np
 
 from ..partition import static_tiles
-from ..text import percent
-from .balanced import LEVELS
+from .base import LadderMixin
 from .blocks import BlockPlan, lossy_plan
 
 
-class TilePlanner:
+class TilePlanner(LadderMixin):
     def __init__(self, scores, partitioner: str = "tiles", *, cost, score: str | None = None, seed: int = 0,
                  max_parts: int = 16, tile: int = 64):
         self.scores, self.tile, self.cost, self.score = scores, tile, cost, score
@@ -46,10 +45,6 @@ class TilePlanner:
     def level_name(level: int) -> str:
         return f"1/{level} of tiles"
 
-    def ladder(self) -> list[BlockPlan]:
-        options = [self.step(level) for level in LEVELS]
-        return list({id(o): o for o in options if o is not None}.values())
-
     def for_parts(self, parts: int) -> BlockPlan | None:
         return None  # config refuses --parts with tiles
 
@@ -70,8 +65,6 @@ class TilePlanner:
 
     def refusal(self, budget: str, value: float, max_parts_option: int) -> str:
         if budget == "keep":
-            first = self.ladder()[:1]
-            best = f" ({first[0].label} keep {percent(first[0].retained)})" if first else ""
-            return f"no split keeps {value:g} of its {self.score} significance{best}"
+            return self.keep_refusal(value)
         return (f"no set of {self.tile}x{self.tile} tiles costs at most {value:g} of the dense FLOPs "
                 f"(the best tile alone costs {self.at(1).flops:.1%})")
