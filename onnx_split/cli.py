@@ -213,13 +213,14 @@ def _run(args, written: list[Path]) -> int:
 def _publish(staged: list, written: list[Path]) -> None:
     """Rename every staged file into place with SIGINT and SIGTERM held back, so an interrupt comes
     before all of them or after all of them; what was published is appended to ``written``."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    mask = getattr(signal, "pthread_sigmask", None)  # POSIX only
+    previous = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if mask else None
     try:
         for s in staged:
             written.extend(s.publish())
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if mask:
+            mask(signal.SIG_SETMASK, previous)
 
 
 def _batches(text: str | None) -> tuple[int, ...]:

@@ -11,7 +11,6 @@ starts with :data:`DATA_MAGIC`, whose lock is free and that the output model no 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import secrets
@@ -20,6 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import OutputError, first_line
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): files are still written the same way; leftovers are never removed
+    fcntl = None
+
+_O_CLOEXEC, _O_NOFOLLOW = getattr(os, "O_CLOEXEC", 0), getattr(os, "O_NOFOLLOW", 0)
 
 TMP_PREFIX = ".onnx_split-tmp-"
 _TMP_NAME = re.compile(r"\.onnx_split-tmp-(\d+)-[0-9a-f]{12}(\.[a-z]+)?")
@@ -35,7 +41,9 @@ def data_name_pattern(output_name: str) -> re.Pattern:
 
 def create_locked(path: Path) -> int:
     """Create ``path`` (which must not exist) and hold an exclusive lock on it; return the descriptor."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | getattr(os, "O_BINARY", 0), 0o666)
+    if fcntl is None:
+        return fd
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -199,8 +207,10 @@ def remove_unreferenced_data(output: Path, referenced: Callable[[], set[Path] | 
 
 def _remove_if_unused(path: Path, unused: Callable[[int], bool]) -> bool:
     """Unlink ``path`` if it is a regular file whose lock is free and ``unused(fd)`` holds."""
+    if fcntl is None:
+        return False  # without locks a live writer's file cannot be told from a leftover
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -255,7 +265,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def _fsync_dir(directory: Path) -> None:
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
     except OSError:
         return
     try:

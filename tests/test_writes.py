@@ -128,7 +128,7 @@ def _stamps(path: Path):
 
 def test_concurrent_writers_never_publish_a_mixed_pair(tmp_path):
     out = tmp_path / "o.onnx"
-    writers, rounds = 4, 15
+    writers, rounds = 4, 12
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(w), str(rounds)], cwd=REPO)
              for w in range(1, writers + 1)]
     reads = superseded = 0
@@ -151,6 +151,7 @@ def test_concurrent_writers_never_publish_a_mixed_pair(tmp_path):
     assert values == {stamp} and stamp % 1000 == rounds - 1  # the last write of one of the writers
     data_files = [p.name for p in tmp_path.iterdir() if p.name != "o.onnx"]
     assert len(data_files) == 1 and DATA.fullmatch(data_files[0]), data_files  # no leftovers
+    print(f"{reads} complete reads, {superseded} of a pair replaced while it was read")
     assert reads > 0
 
 
