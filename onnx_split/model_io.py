@@ -272,7 +272,7 @@ def plan_destinations(
         if _same_file(rep.parent, out_dir) and (rep.name == out.name + ".data"
                                                  or writes.data_name_pattern(out.name).fullmatch(rep.name)):
             raise OutputError(f"--report {rep} is a name for the output model's external data; choose another")
-        for used in _references(out) or ():
+        for used in (_references(out) or ()) if rep.exists() else ():  # only an existing file can be in use
             if _same_file(rep, used):
                 raise OutputError(f"--report {rep} is the external data of the existing {out}; choose another")
     dest = Destinations(out, rep, f"{out.name}.<id>.data")

@@ -242,7 +242,7 @@ SLOW_WRITE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_the_write_leaves_nothing(tmp_path, src, sig):
     folder = tmp_path / "out"
     folder.mkdir()
