@@ -191,6 +191,23 @@ def test_a_killed_writer_leaves_the_old_pair_and_its_leftovers_are_removed_by_th
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.onnx"] + [p.name for p in written])
 
 
+def test_a_data_file_about_to_be_published_is_never_taken_for_a_leftover(tmp_path, src):
+    """A writer holds its data file's lock until its model is published: a concurrent writer's cleanup
+    leaves it alone, and the pair it then publishes is complete."""
+    from onnx_split.model_io import stage_model
+
+    model = onnx.load(str(src))
+    out = tmp_path / "o.onnx"
+    pending = stage_model(model, out, external_data=True)
+    other = save_model(model, out, external_data=True)  # publishes, then removes unused data files
+    assert pending.extra[0][0].exists()
+    mine = pending.publish()
+    assert not other[1].exists() and all(p.exists() for p in mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.onnx"] + [p.name for p in mine])
+    x = {"x": np.ones((2, 128), np.float32)}
+    np.testing.assert_array_equal(ort_run(onnx.load(str(out)), x)[0], ort_run(model, x)[0])
+
+
 # 3. nothing is written through an unrelated file or a link
 
 def test_an_unrelated_file_at_the_conventional_data_name_is_left_alone(tmp_path, capsys, src):
