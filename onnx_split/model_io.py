@@ -129,7 +129,7 @@ def stage_model(
         else:
             payload = model.SerializeToString()
         tmp, fd = writes.temp_file(parent, ".onnx")
-        writes._write_all(fd, payload)
+        writes.write_all(fd, payload)
         del payload
     except BaseException as exc:
         if tmp is not None:

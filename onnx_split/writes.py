@@ -76,7 +76,7 @@ def new_data_file(output: Path) -> tuple[Path, int]:
         except FileExistsError:
             continue
         try:
-            _write_all(fd, DATA_MAGIC + b"\0" * (DATA_HEADER - len(DATA_MAGIC)))
+            write_all(fd, DATA_MAGIC + b"\0" * (DATA_HEADER - len(DATA_MAGIC)))
         except BaseException:
             discard(path, fd)
             raise
@@ -91,7 +91,8 @@ def probe_writable(directory: Path, what: str) -> None:
     try:
         path, fd = temp_file(directory, ".probe")
     except OSError as exc:
-        raise OutputError(f"cannot write in the {what} directory {directory}: {exc.strerror or first_line(exc)}") from None
+        reason = exc.strerror or first_line(exc)
+        raise OutputError(f"cannot write in the {what} directory {directory}: {reason}") from None
     discard(path, fd)
 
 
@@ -142,7 +143,7 @@ def stage_bytes(dest: Path, data: bytes) -> Staged:
     """``data`` written in full beside ``dest`` under a temporary name, ready to publish."""
     tmp, fd = temp_file(dest.parent if str(dest.parent) else Path("."), ".tmp")
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
     except BaseException as exc:
         discard(tmp, fd)
         if isinstance(exc, OSError):
@@ -257,7 +258,7 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

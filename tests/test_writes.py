@@ -245,6 +245,7 @@ SLOW_WRITE = textwrap.dedent("""
     from onnx_split.cli import main
 
     # a slow disk: once the weights are written, the write waits; the marker says it has started
+    # (the older name lets this test run against the code before this change, where it fails)
     name = "_write_external" if hasattr(model_io, "_write_external") else "_save_external"
     original = getattr(model_io, name)
 
