@@ -7,14 +7,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .version import __version__
 from .config import DEFAULT_LOSSY, LAYOUTS, PARTITIONERS, SCORES, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
-from .model_io import check_destination, read_model, refuse_overwrite, save_model
+from .model_io import plan_destinations, read_model, stage_model
+from .writes import stage_bytes
 from .pipeline import split_model, survey_model
 from .report import survey_table
 from .rewrite import LAYOUTS as REGISTERED_LAYOUTS
@@ -112,31 +115,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: temporary files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (2), --help and --version (0)
         return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    written: list[Path] = []
     try:
-        return _run(args)
+        return _run(args, written)
     except OnnxSplitError as exc:
         if args.debug:
             raise
-        print(f"onnx_split: error: {exc}", file=sys.stderr)
+        also = f" (already written: {', '.join(map(str, written))})" if written else ""
+        print(f"onnx_split: error: {exc}{also}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("onnx_split: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = f"after writing {', '.join(map(str, written))}" if written else "nothing written"
+        print(f"onnx_split: interrupted{' (SIGTERM)' if isinstance(exc, _Terminated) else ''}; {what}",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
     except Exception as exc:  # a bug of ours: still one line, unless --debug
         if args.debug:
             raise
         print(f"onnx_split: internal error: {type(exc).__name__}: {first_line(exc)} "
               f"(rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _run(args) -> int:
+def _run(args, written: list[Path]) -> int:
     config = SplitConfig(
         threshold=args.threshold, max_parts=args.max_parts, min_elements=args.min_elements, layout=args.layout,
         verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds, threads=args.threads,
@@ -167,13 +187,9 @@ def _run(args) -> int:
     in_path, out_path = Path(args.input), Path(args.output)
     model, external_files = read_model(in_path)
     protect = (in_path, *external_files)
-    report_path = Path(args.report) if args.report else None
-    refuse_overwrite([out_path] + ([report_path] if report_path else []), protect)
-    if report_path is not None and report_path.resolve() == out_path.resolve():
-        raise OnnxSplitError(f"--report {report_path} is the output model's path; choose another")
-    check_destination(out_path)
-    if report_path is not None:
-        check_destination(report_path, "--report")
+    npz = tuple(Path(f) for f in (args.inputs, args.calibration) if f is not None)
+    dest = plan_destinations(out_path, report=args.report, inputs=protect + npz)
+    report_path = dest.report
 
     bar = _ProgressBar(disabled=args.quiet)
     try:
@@ -184,16 +200,35 @@ def _run(args) -> int:
     report.input, report.output = str(in_path), str(out_path)
     passed = report.verification_passed
     ok = passed is not False
-    if ok or args.force:
-        external = args.external_data or bool(external_files) or None
-        save_model(result.model, out_path, external_data=external, protect=protect)
-        report.written = True
+    staged = []
+    try:
+        if ok or args.force:
+            external = args.external_data or bool(external_files) or None
+            staged.append(stage_model(result.model, out_path, external_data=external, protect=protect + npz))
+            report.written = True
+        if report_path is not None:
+            staged.append(stage_bytes(report_path, report.to_json().encode()))
+        _publish(staged, written)
+    finally:
+        for s in staged:
+            s.discard()  # what was not published (an error or an interrupt before it)
     if not args.quiet:
         print(report.to_text())
-    if args.report:
-        report_path.write_text(report.to_json())
     _summary(report, out_path, ok, args.force)
     return EXIT_OK if ok else EXIT_VERIFY_FAILED
+
+
+def _publish(staged: list, written: list[Path]) -> None:
+    """Rename every staged file into place with SIGINT and SIGTERM held back, so an interrupt comes
+    before all of them or after all of them; what was published is appended to ``written``."""
+    mask = getattr(signal, "pthread_sigmask", None)  # POSIX only
+    previous = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if mask else None
+    try:
+        for s in staged:
+            written.extend(s.publish())
+    finally:
+        if mask:
+            mask(signal.SIG_SETMASK, previous)
 
 
 def _batches(text: str | None) -> tuple[int, ...]:

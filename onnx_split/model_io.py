@@ -5,14 +5,15 @@ The pass keeps the input's IR version and opsets; nothing here changes them.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
+from . import writes
 from .errors import ModelLoadError, OutputError, first_line
+from .external_data import check_external_data
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -38,10 +39,7 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
         raise ModelLoadError(f"{p} is not a valid ONNX model (truncated or not ONNX): {first_line(exc)}") from None
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{p} is not an ONNX model (no IR version, graph or opset)")
-    files = external_data_files(model, p.parent)
-    for f in sorted(files):
-        if not f.is_file():
-            raise ModelLoadError(f"external data file of the model is missing: {f}")
+    files = check_external_data(model, p)
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:  # onnx raises OSError, ValueError or its ValidationError here
@@ -96,49 +94,80 @@ def save_model(
     external_data: bool | None = None,
     protect: tuple[str | os.PathLike, ...] = (),
 ) -> list[Path]:
-    """Write ``model`` to ``path`` atomically; return the files written.
+    """Write ``model`` to ``path`` all or nothing; return the files written (model first).
 
-    ``external_data``: True writes tensors to ``<name>.data`` beside the model; None (default)
-    does so only when the model would reach protobuf's 2 GB limit. ``protect``: paths (the input
-    model) that must never be overwritten. Everything is first written to a temporary folder in the
-    destination directory and renamed into place, so a failure leaves no partial output.
+    ``external_data``: True writes the tensors to a new file ``<name>.<random>.data`` beside the model;
+    None (default) does so only when the model would reach protobuf's 2 GB limit. ``protect``: paths
+    (the input model) that must never be overwritten. The data file is complete before the model that
+    refers to it appears, by one rename, so a reader of ``path`` sees the old model with its data or
+    the new one with its data, never a mix; the data file of the replaced model is removed then.
     """
+    return stage_model(model, path, external_data=external_data, protect=protect).publish()
+
+
+def stage_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> writes.Staged:
+    """Write everything :func:`save_model` writes but publish nothing yet (see :class:`writes.Staged`)."""
     out = Path(path)
     parent = check_destination(out)
+    refuse_overwrite([out], protect)
+    writes.remove_stale_temps(parent)
     if external_data is None:
         external_data = is_large(model)
-    data_name = out.name + ".data"
-    refuse_overwrite([out] + ([parent / data_name] if external_data else []), protect)
-    tmp = Path(tempfile.mkdtemp(prefix=".onnx_split-", dir=parent))
+    extra: list[tuple[Path, int]] = []
+    tmp = fd = None
     try:
-        tmp_model = tmp / out.name
-        try:
-            if external_data:
-                _save_external(model, tmp_model, data_name)
-            else:
-                onnx.save_model(model, str(tmp_model))
-        except (OSError, ValueError) as exc:
-            raise OutputError(f"cannot write {out}: {first_line(exc)}") from None
-        written = []
         if external_data:
-            os.replace(tmp / data_name, parent / data_name)
-            written.append(parent / data_name)
-        os.replace(tmp_model, out)
-        written.insert(0, out)
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            data_path, data_fd = writes.new_data_file(out)
+            extra.append((data_path, data_fd))
+            payload = _write_external(model, data_fd, data_path.name).SerializeToString()
+        else:
+            payload = model.SerializeToString()
+        tmp, fd = writes.temp_file(parent, ".onnx")
+        writes.write_all(fd, payload)
+        del payload
+    except BaseException as exc:
+        if tmp is not None:
+            writes.discard(tmp, fd)
+        for p, f in extra:
+            writes.discard(p, f)
+        if isinstance(exc, (OSError, ValueError, EncodeError)):
+            raise OutputError(f"cannot write {out}: {first_line(exc)}") from None
+        raise
+    return writes.Staged(out, tmp, fd, extra, after=lambda: writes.remove_unreferenced_data(
+        out, lambda: _references(out)))
 
 
-def _save_external(model: onnx.ModelProto, path: Path, data_name: str, threshold: int = 1024) -> None:
-    """Write the main graph's tensors of ``threshold`` bytes or more to ``data_name`` beside ``path``.
+def _references(model_path: Path) -> set[Path] | None:
+    """The external data files the model at ``model_path`` refers to now (None: it cannot be read)."""
+    try:
+        header = onnx.load(str(model_path), load_external_data=False)
+    except FileNotFoundError:
+        return set()
+    except Exception:  # not readable as ONNX: refer to nothing we can tell
+        return None
+    try:
+        return external_data_files(header, model_path.parent)
+    except (ValueError, OSError):
+        return None
+
+
+def _write_external(model: onnx.ModelProto, data_fd: int, data_name: str, threshold: int = 1024) -> onnx.ModelProto:
+    """Write the main graph's tensors of ``threshold`` bytes or more to the open data file; return the
+    model without them, referring to ``data_name`` (a location relative to the model's folder).
 
     Unlike ``onnx.save_model(save_as_external_data=True)`` this leaves ``model`` untouched and
     holds at most one tensor's bytes at a time, so a model near the memory limit can be saved.
     """
     header = without_weights(model)
-    offset = 0
-    with open(path.parent / data_name, "wb") as data:
+    offset = writes.DATA_HEADER
+    with open(data_fd, "wb", closefd=False) as data:
+        data.seek(offset)
         for tensor in model.graph.initializer:
             raw = tensor.raw_data if tensor.HasField("raw_data") else None
             if raw is None or len(raw) < threshold:
@@ -155,8 +184,7 @@ def _save_external(model: onnx.ModelProto, path: Path, data_name: str, threshold
                 ref.external_data.add(key=key, value=val)
             offset += len(raw)
             del raw
-    with open(path, "wb") as f:
-        f.write(header.SerializeToString())
+    return header
 
 
 def _copy_fields(src, dst, skip: str) -> None:
@@ -189,14 +217,69 @@ def _all_tensors(model: onnx.ModelProto):
 
 
 def check_destination(path: str | os.PathLike, what: str = "output") -> Path:
-    """Raise :class:`OutputError` unless a file can be written at ``path``; return its folder."""
+    """Raise :class:`OutputError` unless a file can be put at ``path``; return its folder."""
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
+    if not parent.exists():
         raise OutputError(f"{what} directory does not exist: {parent}")
+    if not parent.is_dir():
+        raise OutputError(f"{what} directory is not a directory: {parent}")
     if out.is_dir():
         raise OutputError(f"{what} path is a directory: {out}")
     return parent
+
+
+@dataclass(frozen=True)
+class Destinations:
+    """Every path a run writes, checked by :func:`plan_destinations`."""
+
+    model: Path
+    report: Path | None
+    data_pattern: str  # the model's external data file, if any: a new name of this form
+
+    @property
+    def directories(self) -> list[Path]:
+        dirs = [self.model.parent]
+        if self.report is not None and not _same_file(self.report.parent, self.model.parent):
+            dirs.append(self.report.parent)
+        return dirs
+
+
+def plan_destinations(
+    output: str | os.PathLike,
+    *,
+    report: str | os.PathLike | None = None,
+    inputs: tuple[str | os.PathLike, ...] = (),
+) -> Destinations:
+    """Check, before any work, every path a run will write; raise :class:`OutputError` if one cannot be.
+
+    The model, its external data file and the report must be distinct from each other and from
+    every input file (``inputs``: the model, its external data, the npz files); the report must not
+    take a name that belongs to the model's data (``OUT.data`` or onnx_split's ``OUT.<id>.data``) or a
+    data file the existing ``output`` model uses. Every destination folder must exist and take a new
+    file (tried for real). Leftover temporary files of dead runs are removed from those folders.
+    """
+    out = Path(output)
+    out_dir = check_destination(out)
+    refuse_overwrite([out], inputs)
+    rep = None
+    if report is not None:
+        rep = Path(report)
+        check_destination(rep, "--report")
+        refuse_overwrite([rep], inputs)
+        if _same_file(rep, out):
+            raise OutputError(f"--report {rep} is the output model's path; choose another")
+        if _same_file(rep.parent, out_dir) and (rep.name == out.name + ".data"
+                                                 or writes.data_name_pattern(out.name).fullmatch(rep.name)):
+            raise OutputError(f"--report {rep} is a name for the output model's external data; choose another")
+        for used in (_references(out) or ()) if rep.exists() else ():  # only an existing file can be in use
+            if _same_file(rep, used):
+                raise OutputError(f"--report {rep} is the external data of the existing {out}; choose another")
+    dest = Destinations(out, rep, f"{out.name}.<id>.data")
+    for folder, what in zip(dest.directories, ("output", "--report")):
+        writes.probe_writable(folder, what)
+        writes.remove_stale_temps(folder)
+    return dest
 
 
 def refuse_overwrite(targets, protect) -> None:

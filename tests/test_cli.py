@@ -1,5 +1,6 @@
 """The CLI end to end, and every bad input: exit 2, one line, no traceback, no output, input intact."""
 import hashlib
+import os
 import json
 import subprocess
 import sys
@@ -237,3 +238,85 @@ def test_absolute_external_data_location_is_a_load_error(tmp_path, capsys):
 def test_nan_timing_budget_is_refused(tmp_path, capsys, block_model):
     _bad(tmp_path, capsys, [block_model, tmp_path / "o.onnx", "--bench-seconds", "nan"], "--bench-seconds must be > 0",
          [block_model])
+
+
+def _external_model(folder: Path, location: str, **entries) -> Path:
+    """The 64x64 MatMul with its weight stored externally at ``location`` (entries set by hand)."""
+    w, _ = planted(np.random.default_rng(8), 64, 64, 4)
+    model = matmul_model(w, [2, 64])
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), *entries.items()):
+        tensor.external_data.add(key=key, value=str(value))
+    path = folder / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _directory(folder):
+    (folder / "weights").mkdir()
+    return "weights", {}
+
+
+def _fifo(folder):
+    os.mkfifo(folder / "w.fifo")
+    return "w.fifo", {}
+
+
+def _short(folder):
+    (folder / "w.bin").write_bytes(b"\0" * 1000)  # the tensor needs 64 * 64 * 4 bytes
+    return "w.bin", {}
+
+
+def _short_length(folder):
+    (folder / "w.bin").write_bytes(b"\0" * 64 * 64 * 4)
+    return "w.bin", {"length": 1000}
+
+
+def _past_the_end(folder):
+    (folder / "w.bin").write_bytes(b"\0" * 64 * 64 * 4)
+    return "w.bin", {"offset": 4096, "length": 64 * 64 * 4}
+
+
+def _link_to_dev_zero(folder):
+    (folder / "w.bin").symlink_to("/dev/zero")
+    return "w.bin", {}
+
+
+@pytest.mark.parametrize("make,match", [
+    (_directory, "location 'weights' is a directory, not a regular file"),
+    (_fifo, "location 'w.fifo' is a FIFO (named pipe), not a regular file"),
+    (lambda folder: ("w\0.bin", {}), "contains a NUL character"),
+    (_short, "'w.bin' is shorter than the tensor: it needs bytes 0 to 16384, the file has 1000"),
+    (_short_length, "its length 1000 is shorter than the tensor (16384 bytes"),
+    (_past_the_end, "'w.bin' is shorter than the tensor: it needs bytes 4096 to 20480, the file has 16384"),
+    (lambda folder: ("/dev/zero", {}), "location '/dev/zero' is an absolute path"),
+    (_link_to_dev_zero, "location 'w.bin' is a symbolic link out of the model's folder"),
+    (lambda folder: ("w.bin", {"offset": "-1"}), "its offset '-1' is not a whole number >= 0"),
+], ids=["directory", "fifo", "nul", "short", "short-length", "past-the-end", "dev-zero", "link-out", "offset"])
+def test_bad_external_data_gives_its_true_reason(tmp_path, capsys, make, match):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    location, entries = make(folder)
+    src = _external_model(folder, location, **entries)
+    _bad(folder, capsys, [src, tmp_path / "o.onnx"], match, [src])
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("outside", ["../secret.bin", "link.bin"])
+def test_a_location_out_of_the_folder_does_not_tell_whether_the_file_exists(tmp_path, capsys, outside):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if outside == "link.bin":
+        (folder / "link.bin").symlink_to(tmp_path / "secret.bin")
+    src = _external_model(folder, outside)
+    messages = []
+    for exists in (False, True):
+        if exists:
+            (tmp_path / "secret.bin").write_bytes(b"\0" * 64 * 64 * 4)
+        code, _, err = _run(capsys, src, tmp_path / "o.onnx")
+        assert code == 2 and "missing" not in err, err
+        assert ("out of the model's folder" if outside == "link.bin" else "leaves the model's folder") in err
+        messages.append(err)
+    assert messages[0] == messages[1]
