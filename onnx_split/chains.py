@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .sites import Site, subgraphs
+from .sites import Site, node_graphs, subgraphs, walk_graphs
 
 UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Erf", "Elu", "Selu", "Celu", "Softplus",
                    "Softsign", "HardSigmoid", "HardSwish", "ThresholdedRelu", "Abs", "Neg", "Exp", "Mish",
@@ -126,11 +126,12 @@ def _readers(graph: onnx.GraphProto) -> tuple[dict[str, list[int]], set[str]]:
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
+    """What ``node`` reads, its subgraphs' nodes included."""
     names = set(node.input)
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in sub.node:
-                names |= _reads(inner)
+    for _, _, _, sub in node_graphs(node):
+        for _, graph in walk_graphs(sub):
+            for inner in graph.node:
+                names.update(inner.input)
     return names
 
 

@@ -164,7 +164,7 @@ def _run(args, written: list[Path]) -> int:
         rtol=args.rtol, atol=args.atol, input_shapes=dict(parse_input_shape(s) for s in args.input_shape),
         inputs_path=args.inputs, seed=args.seed, chains=not args.no_chains, batches=_batches(args.batch),
         tune_seconds=args.tune_seconds, min_speedup=args.min_speedup,
-        partitioner=args.partitioner or ("metis" if args.dry_run else "components"), parts=args.parts,
+        partitioner=args.partitioner or (DEFAULT_LOSSY if args.dry_run else D["partitioner"]), parts=args.parts,
         keep=args.keep, flops=args.flops, tolerance=args.tolerance, calibration=args.calibration, score=args.score,
         tile=args.tile, holdout=args.holdout,
     )

@@ -12,7 +12,7 @@ unused inputs, dead outputs; partitioner and score), as report field names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
@@ -24,6 +24,9 @@ class Kept:
     stage: str  # sites | plan | budget | tune | rewrite | whole-model
     reason: str
     facts: Mapping = field(default_factory=lambda: _EMPTY)
+    undone: "Split | None" = None
+    """A split that was written and then undone (the whole model was not faster): the report still
+    shows what it was."""
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,6 @@ class Planned:
     plan: object  # a WeightPlan of one layer
     reason: str  # the plan's summary, shown for the split site
     facts: Mapping = field(default_factory=lambda: _EMPTY)
-
-    def kept(self, stage: str, reason: str) -> Kept:
-        return Kept(stage, reason, self.facts)
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,3 @@ class Split:
 
 
 Decision = Kept | Planned | Split
-
-
-def keep(decision: Decision, stage: str, reason: str) -> Kept:
-    """``decision`` turned into Kept, keeping its facts."""
-    return Kept(stage, reason, decision.facts)
-
-
-def with_facts(decision: Decision, **facts) -> Decision:
-    return replace(decision, facts=MappingProxyType({**decision.facts, **facts}))

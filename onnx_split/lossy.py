@@ -95,13 +95,15 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
         planner, plan = planners[i], chosen.get(i)
         facts = MappingProxyType({"partitioner": config.partitioner, "score": planner.score})
         if plan is not None and plan.flops >= 1:
-            result.decisions[i] = Kept("plan", f"no saving: {plan.label} in the {form.name} layout would cost "
+            parts = plan.summary(0).get("parts")
+            what = f"{parts} parts" if parts is not None else plan.label
+            result.decisions[i] = Kept("plan", f"no saving: {what} in the {form.name} layout would cost "
                                                f"{form.cost(plan, None):,} multiply-adds per row, dense costs "
                                                f"{plan.macs_dense():,}", facts)
         elif plan is not None:
-            result.decisions[i] = Planned(plan, _summary(plan, stopped.get(i), chosen, i), facts)
+            result.decisions[i] = Planned(plan, _summary(plan, stopped.get(i)), facts)
         else:
-            result.decisions[i] = Kept("budget", _why_dense(planner, config, stopped.get(i), chosen, i), facts)
+            result.decisions[i] = Kept("budget", _why_dense(planner, config, stopped.get(i)), facts)
     return result
 
 
@@ -116,24 +118,24 @@ def lossy_units(sites: list[Site], decisions: dict[int, Decision]) -> list[Unit]
     return units
 
 
-def _others(chosen: dict, i: int) -> str:
-    return " (with the other sites' chosen splits)" if any(j != i for j in chosen) else ""
+def _with_others(stopped) -> str:
+    return " (with the other sites' chosen splits)" if stopped[2] else ""
 
 
-def _summary(plan, stopped, chosen, i: int) -> str:
+def _summary(plan, stopped) -> str:
     kept = f"keeps {percent(plan.retained)} of its {plan.score} significance at " if plan.retained is not None else ""
     text = f"{plan.label}: {kept}{plan.flops:.1%} of the dense FLOPs"
     if stopped is not None:
-        text += f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g}{_others(chosen, i)}"
+        text += f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g}{_with_others(stopped)}"
     return text
 
 
-def _why_dense(planner, config: SplitConfig, stopped, chosen, i: int) -> str:
+def _why_dense(planner, config: SplitConfig, stopped) -> str:
     if config.tolerance is None:
         return refusal(planner, config)
     if stopped is not None:
         return (f"--tolerance {config.tolerance:g}: {stopped[0].label} would raise the output error to "
-                f"{stopped[1]:.3g}{_others(chosen, i)}")
+                f"{stopped[1]:.3g}{_with_others(stopped)}")
     return "too small to split" if not planner.ladder() else "--tolerance: not reached by the search"
 
 

@@ -1,8 +1,9 @@
 """``split_model``: load -> sites -> plan -> units -> forms -> rewrite -> verify -> bench -> report.
 
 Each step returns new values (decisions per site, units, forms, measurements); the report is
-built once at the end from them. The lossless and the lossy path differ only in how the plan step
-decides (planning.py, lossy.py). The library never prints or exits: it logs, raises
+built once at the end from them. The lossless and the lossy path differ in the plan step
+(planning.py or lossy.py: decisions and units) and in that a lossy run measures what its dropped
+weights cost at the outputs; every later step is shared. The library never prints or exits: it logs, raises
 :class:`OnnxSplitError` for bad input, and returns a :class:`SplitResult`.
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
 
     if config.lossy:                                       # plan: what each site would become
         lossy = plan_lossy(model, sites, config, progress)
-        decisions, units = lossy.decisions, lossy_units(sites, lossy.decisions)
+        decisions, units = dict(lossy.decisions), lossy_units(sites, lossy.decisions)
         notes += lossy.notes
     else:
         lossy = None
@@ -108,26 +109,19 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if points:
         verification, latency = _verify_and_time(original, model, reference, config, points, providers,
                                                  n_split > 0, notes, progress)
-    reverted = False
+    why = None
     if config.layout == AUTO and config.bench and points and n_split:   # the whole model must pay too
-        measured = [e for e in latency if e.status == "measured" and e.speedup]
         why = whole_model_verdict(latency, config.min_speedup)
-        if not measured:
+        if not any(e.status == "measured" and e.speedup for e in latency):
             notes.append("the whole rewritten model could not be timed: written without that check")
-        elif why is not None:
-            notes.append(why)
-            model, reverted = _copy(original), True
-            decisions = {i: Kept("whole-model", why, d.facts) if isinstance(d, Split) else d
-                         for i, d in decisions.items()}
-            if error is not None:
-                error = dataclasses.replace(
-                    error, data=error.data + "; the original was written, so its error is 0", search=0.0,
-                    held_out=0.0, met=None if error.tolerance is None else True)
+    if why is not None:
+        notes.append(why)
+        model, decisions, error = _undo(original, decisions, error, why)
 
     report = build_report(config=json.loads(config.to_json()), source=source, sites=sites, decisions=decisions,
                           units=units, written=written, tuning=list(tuning.values()), checker=checker,
                           verification=verification, latency=latency, inputs=inputs, notes=notes, error=error,
-                          reverted=reverted)
+                          reverted=why is not None)
     return SplitResult(model, report)
 
 
@@ -150,6 +144,17 @@ def _load(model_or_path, caller: str) -> tuple[str | None, onnx.ModelProto]:
     raise InputError(f"{caller} wants an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
 
 
+def _undo(original, decisions: dict, error, why: str):
+    """The original model written instead of the rewrite: every split undone (with why), and an
+    output error of 0."""
+    decisions = {i: Kept("whole-model", why, d.facts, undone=d) if isinstance(d, Split) else d
+                 for i, d in decisions.items()}
+    if error is not None:
+        error = dataclasses.replace(error, data=error.data + "; the original was written, so its error is 0",
+                                    search=0.0, held_out=0.0, met=None if error.tolerance is None else True)
+    return _copy(original), decisions, error
+
+
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -161,7 +166,7 @@ def _forms(original, units, config: SplitConfig, points, providers, notes: list[
     if config.layout != AUTO:
         return {u: LAYOUTS[config.layout].pick(unit.chain, unit.plan) for u, unit in enumerate(units)}, {}
     why = None if points else "no inputs to measure with"
-    if why is None and units:
+    if why is None:
         loads = loads_in_ort(original)
         why = None if loads == "yes" else f"onnxruntime cannot load the original: {loads}"
     if why is not None:
@@ -176,11 +181,11 @@ def _forms(original, units, config: SplitConfig, points, providers, notes: list[
 def _rewrite(model, units, forms: dict[int, str], config: SplitConfig):
     """Write every unit not kept dense: ({unit: Written}, {unit: why it could not be written})."""
     chosen = [u for u in range(len(units)) if forms.get(u, "dense") != "dense"]
-    wrap = config.layout in LAYOUTS and LAYOUTS[config.layout].wrap
-    jobs = [Job(units[u].chain, units[u].plan, forms[u], wrap) for u in chosen]
+    layout = LAYOUTS.get(config.layout)
+    wrapper = layout if layout is not None and layout.wrap is not None else None
+    jobs = [Job(units[u].chain, units[u].plan, forms[u], wrapper) for u in chosen]
     refused_jobs, gathers = rewrite_model(model, jobs)
-    layout = config.layout if wrap else None
-    written = {u: Written(forms[u], layout or forms[u], gathers[j]) for j, u in enumerate(chosen)
+    written = {u: Written(forms[u], wrapper.name if wrapper else forms[u], gathers[j]) for j, u in enumerate(chosen)
                if j not in refused_jobs}
     return written, {chosen[j]: why for j, why in refused_jobs.items()}
 

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from .version import __version__
 from .bench import LatencyEntry
-from .decisions import Kept, Split, Unit
+from .decisions import Split, Unit
 from .plans import PLANNERS
 from .plans.base import LEVELS
 from .pruned import ErrorReport
@@ -109,6 +109,9 @@ class SplitReport:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        for site in data["sites"]:
+            if not site["details"]:
+                del site["details"]  # only plan kinds with fields of their own have any
         data["modified"] = self.modified
         data["verification_passed"] = self.verification_passed
         return _finite(data)
@@ -225,18 +228,21 @@ def site_report(site, decision, units: list[Unit]) -> SiteReport:
         rep.flops_before = 2 * site.shape[0] * site.shape[1]
     for key, value in decision.facts.items():
         setattr(rep, key, value)
-    if isinstance(decision, Split):
-        unit = units[decision.unit]
-        summary = unit.plan.summary(decision.layer)
-        rep.decision, rep.layout = "split", decision.layout
-        for key, value in summary.items():
+    split = decision if isinstance(decision, Split) else getattr(decision, "undone", None)
+    if split is not None:
+        unit = units[split.unit]
+        for key, value in unit.plan.summary(split.layer).items():
             if key in _FIELDS:
                 setattr(rep, key, value)
             else:
                 rep.details[key] = value
-        rep.flops_after = 2 * FORMS[decision.form].cost(unit.plan, decision.layer)
+        rep.flops_after = 2 * FORMS[split.form].cost(unit.plan, split.layer)
         if len(unit.sites) > 1:
             rep.chain = unit.chain.name
+        if split is decision:
+            rep.decision, rep.layout = "split", split.layout
+        else:  # undone: what it was stays visible, but nothing of it was written
+            rep.retained = None
     return rep
 
 
@@ -245,7 +251,7 @@ _FIELDS = {f.name for f in dataclasses.fields(SiteReport)}
 
 def chain_report(unit: Unit, written: Written) -> ChainReport:
     chain, plan = unit.chain, unit.plan
-    return ChainReport(sites=[s.name for s in chain.sites], scope=chain.first.scope, parts=len(plan.parts),
+    return ChainReport(sites=[s.name for s in chain.sites], scope=chain.first.scope, parts=plan.summary(0)["parts"],
                        layout=written.layout, boundary_gathers=written.gathers, flops_before=2 * plan.macs_dense(),
                        flops_after=2 * FORMS[written.form].cost(plan, None))
 
@@ -257,8 +263,7 @@ def build_report(*, config: dict, source: str | None, sites: list, decisions: di
     reverted)."""
     report = SplitReport(version=__version__, config=config, input=source, **fields)
     report.sites = [site_report(site, decisions[i], units) for i, site in enumerate(sites)]
-    if not report.reverted:
-        report.chains = [chain_report(units[u], w) for u, w in sorted(written.items())]
+    report.chains = [chain_report(units[u], w) for u, w in sorted(written.items())]
     return report
 
 
@@ -307,5 +312,5 @@ def survey_table(rows: list, partitioner: str, tile: int = 64, layout: str = "au
     return "\n".join(lines)
 
 
-__all__ = ["ChainReport", "ErrorReport", "Kept", "SiteReport", "SplitReport", "Written", "build_report",
-           "metadata_entries", "percent", "survey_table"]
+__all__ = ["ChainReport", "ErrorReport", "SiteReport", "SplitReport", "Written", "build_report", "chain_report",
+           "metadata_entries", "percent", "site_report", "survey_table"]

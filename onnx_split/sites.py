@@ -184,11 +184,17 @@ def subgraphs(graph: onnx.GraphProto, scope_name: str):
         if label in seen:
             label = f"{label}#{index}"
         seen.add(label)
-        for attr in node.attribute:
-            graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for i, sub in enumerate(graphs):
-                suffix = attr.name if len(graphs) == 1 else f"{attr.name}[{i}]"
-                yield index, node, f"{scope_name}/{label}/{suffix}", sub
+        for attr, i, count, sub in node_graphs(node):
+            suffix = attr.name if count == 1 else f"{attr.name}[{i}]"
+            yield index, node, f"{scope_name}/{label}/{suffix}", sub
+
+
+def node_graphs(node: onnx.NodeProto):
+    """(attribute, position, count, subgraph) for every subgraph attribute of ``node``."""
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for i, sub in enumerate(graphs):
+            yield attr, i, len(graphs), sub
 
 
 def graphs_by_scope(model: onnx.ModelProto) -> dict[str, onnx.GraphProto]:

@@ -19,7 +19,7 @@ import onnx
 
 from .bench import Runner, round_robin
 from .chains import Chain
-from .rewrite import FORMS, LAYOUTS, Unsupported, emit_chain
+from .rewrite import FALLBACK, FORMS, LAYOUTS, Unsupported, emit_chain
 from .runtime import capture, ort_error, provider_status
 from .sites import default_opset
 
@@ -40,7 +40,7 @@ class TuneResult:
 
 def static_choice(chain: Chain, plan) -> str:
     """The form written where nothing could be measured: the parallel layout's rule."""
-    return LAYOUTS["parallel"].pick(chain, plan)
+    return LAYOUTS[FALLBACK].pick(chain, plan)
 
 
 def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],

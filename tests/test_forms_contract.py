@@ -16,7 +16,7 @@ import pytest
 from builders import chain_model, chained_blocks, feature_wise, gemm_model, if_model, matmul_model, ort_run, planted
 from onnx_split import SplitConfig, split_model
 from onnx_split.planning import exact_units, plan_exact
-from onnx_split.rewrite import FORMS, Job, refusal, rewrite_model
+from onnx_split.rewrite import FORMS, LAYOUTS, Job, refusal, rewrite_model
 from onnx_split.sites import find_sites, walk_graphs
 
 CONFIG = SplitConfig(min_elements=0, layout="parallel", verify=False, bench=False)
@@ -80,7 +80,7 @@ def _rewritten(model: onnx.ModelProto, form: str, wrap: bool):
     sites = find_sites(copy, min_elements=0)
     units = exact_units(sites, plan_exact(sites, CONFIG), CONFIG)
     assert units, "every case has something to split"
-    jobs = [Job(u.chain, u.plan, form, wrap) for u in units]
+    jobs = [Job(u.chain, u.plan, form, LAYOUTS["function"] if wrap else None) for u in units]
     refused, _ = rewrite_model(copy, jobs)
     return copy, refused, units
 
@@ -116,7 +116,8 @@ def test_every_form_keeps_the_contract(case, form, wrap):
         assert node.doc_string.startswith("onnx_split "), node.name
         if node.domain != "onnx_split" or out.ir_version >= 10:
             meta = {p.key: p.value for p in node.metadata_props}
-            assert meta.get("onnx_split.site") and meta.get("onnx_split.layout") in (form, "function"), node.name
+            assert meta.get("onnx_split.site") and meta.get("onnx_split.layout") == ("function" if wrap else form), \
+                node.name
     again = split_model(out, CONFIG)
     assert not again.report.modified, [(s.node, s.reason) for s in again.report.sites]
 
@@ -147,3 +148,64 @@ def test_a_rerun_keeps_nodes_the_pass_wrote_with_the_reason():
     report = split_model(out, CONFIG).report
     assert report.sites and not report.modified
     assert all(s.reason.startswith("written by onnx_split") for s in report.sites if s.op_type == "MatMul")
+
+
+def _noisy():
+    rng = np.random.default_rng(7)
+    w, _ = planted(rng, 64, 48, 4)
+    w = w + 0.05 * rng.standard_normal(w.shape).astype(np.float32)  # small weights outside the blocks
+    return _ir10(matmul_model(w, ["batch", 64], ir_version=10)), {"x": (5, 64)}
+
+
+LOSSY = {"metis parts": SplitConfig(min_elements=0, parts=4, verify=False, bench=False, layout="parallel"),
+         "tiles": SplitConfig(min_elements=0, partitioner="tiles", tile=16, flops=0.3, verify=False, bench=False,
+                              layout="parallel")}
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "function"])
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("budget", list(LOSSY))
+def test_every_form_computes_an_approximating_plans_effective_weight(budget, form, wrap):
+    """A lossy plan's rewrite equals the model with the plan's effective weight (not the original)."""
+    from onnx_split.lossy import lossy_units, plan_lossy
+    from onnx_split.pruned import reference_model, relative_error
+
+    model, shapes = _noisy()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    sites = find_sites(out, min_elements=0)
+    lossy = plan_lossy(out, sites, LOSSY[budget])
+    (unit,) = lossy_units(sites, lossy.decisions)
+    assert unit.plan.approximates
+    refused, _ = rewrite_model(out, [Job(unit.chain, unit.plan, form, LAYOUTS["function"] if wrap else None)])
+    assert not refused
+    onnx.checker.check_model(out, full_check=True)
+    (i,) = unit.sites
+    reference = reference_model(model, find_sites(model, min_elements=0),
+                                {i: unit.plan.effective_weight(0, sites[i].weight)})
+    (feeds,) = _feeds(model, shapes)
+    for optimization in ("disabled", "enabled"):
+        (got,) = ort_run(out, feeds, optimization)
+        np.testing.assert_allclose(got, ort_run(reference, feeds, optimization)[0], rtol=1e-4, atol=1e-5)
+        assert relative_error([ort_run(model, feeds, optimization)[0]], [got]) > 1e-3  # it did drop weights
+
+
+@pytest.mark.parametrize("ir_version", [8, 9])
+def test_function_wrap_before_ir_10_names_one_op_per_site(ir_version):
+    w1, _ = planted(np.random.default_rng(8), 32, 32, 4)
+    model = matmul_model(w1, ["batch", 32], ir_version=ir_version)
+    out, refused, _ = _rewritten(model, "parallel", True)
+    assert not refused
+    onnx.checker.check_model(out, full_check=True)
+    (node,) = [n for n in out.graph.node if n.domain == "onnx_split"]
+    assert node.op_type == "BlockMatMul_0" and not node.overload  # overloads need IR 10
+    x = {"x": np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(out, x, "enabled")[0], ort_run(model, x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_function_wrap_refuses_ir_below_8_with_the_reason():
+    w, _ = planted(np.random.default_rng(9), 32, 32, 4)
+    model = matmul_model(w, ["batch", 32], ir_version=7)
+    out, refused, _ = _rewritten(model, "parallel", True)
+    assert list(refused.values()) == ["the function layout needs IR version >= 8 (this model has 7)"]
+    assert out.SerializeToString() == model.SerializeToString()

@@ -91,8 +91,8 @@ def exact_plan(partition: ChainPlan) -> BlockPlan:
 def lossy_plan(plan: Plan, scores: np.ndarray, label: str, score: str | None, cost) -> BlockPlan:
     """A budget's candidate: ``plan``'s blocks kept, the rest dropped. Outputs no block feeds get a
     one-input part of their own (their weights are zero), so they cost one multiply-add each."""
-    from ..partition import retained
-
-    partition = ChainPlan.from_plan(plan, dead_part=True)
-    candidate = BlockPlan(partition, (block_mask(plan),), True, label, retained(plan, scores), score)
+    partition, mask = ChainPlan.from_plan(plan, dead_part=True), block_mask(plan)
+    total = float(scores.sum())
+    kept = 1.0 if total == 0 else float(scores[mask].sum()) / total
+    candidate = BlockPlan(partition, (mask,), True, label, kept, score)
     return candidate.with_cost(cost(candidate) / plan.macs_dense)

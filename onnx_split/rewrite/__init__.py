@@ -3,7 +3,7 @@ any form. A new form is one module plus its import line here (the order is the t
 from . import parallel, batched, function  # noqa: F401  (isort: skip) registration order
 from .apply import Job, emit_chain, rewrite_model
 from .emit import Unsupported
-from .registry import AUTO, FORMS, LAYOUTS, cost_form, cost_rule, layout_macs, layout_names, refusal
+from .registry import AUTO, FALLBACK, FORMS, LAYOUTS, cost_form, cost_rule, layout_names, refusal
 
-__all__ = ["AUTO", "FORMS", "Job", "LAYOUTS", "Unsupported", "cost_form", "cost_rule", "emit_chain", "layout_macs",
+__all__ = ["AUTO", "FALLBACK", "FORMS", "Job", "LAYOUTS", "Unsupported", "cost_form", "cost_rule", "emit_chain",
            "layout_names", "refusal", "rewrite_model"]

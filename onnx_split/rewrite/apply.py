@@ -8,7 +8,8 @@ import onnx
 from ..chains import Chain
 from ..sites import default_opset, walk_graphs
 from .emit import Emitter, Unsupported
-from .function import add_functions, wrap_function
+from .function import add_functions
+from .form import Layout
 from .registry import FORMS, refusal
 
 
@@ -20,26 +21,26 @@ class Job:
     chain: Chain
     plan: object  # a WeightPlan whose kind the form accepts
     form: str
-    wrap: bool = False
+    wrapper: Layout | None = None
+    """A layout whose ``wrap`` puts the nodes in one function call (``function``), or None."""
 
 
 def emit_chain(chain: Chain, plan, form: str, *, opset: int, taken: set[str], ir_version: int,
-               function_index: int | None = None, overloads: set[str] | None = None
+               wrapper: Layout | None = None, function_index: int = 0, overloads: set[str] | None = None
                ) -> tuple[Emitter, onnx.FunctionProto | None]:
-    """The nodes and initializers that compute ``chain`` in ``form``; with ``function_index``, as
+    """The nodes and initializers that compute ``chain`` in ``form``; with a ``wrapper`` layout, as
     one call of a new function (returned too). Raises :class:`Unsupported` with the reason."""
     why = refusal(form, chain, plan)
     if why is not None:
         raise Unsupported(why)
-    layout = "function" if function_index is not None else form
-    em = Emitter(chain.first.name, opset, taken, layout, ir_version)
+    em = Emitter(chain.first.name, opset, taken, wrapper.name if wrapper is not None else form, ir_version)
     y = FORMS[form].emit(em, chain, plan)
     em.rename_output(y, chain.last.output)
     em.gathers = sum(n.op_type == "Gather" for n in em.nodes)
     func = None
-    if function_index is not None:
-        func = wrap_function(em, chain, chain.last.output, opset, function_index,
-                             overloads if overloads is not None else set())
+    if wrapper is not None:
+        func = wrapper.wrap(em, chain, chain.last.output, opset, function_index,
+                            overloads if overloads is not None else set())
     return em, func
 
 
@@ -62,7 +63,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job]) -> tuple[dict[int, st
             continue
         try:
             em, func = emit_chain(chain, job.plan, job.form, opset=opset, taken=taken, ir_version=model.ir_version,
-                                  function_index=len(functions) if job.wrap else None, overloads=overloads)
+                                  wrapper=job.wrapper, function_index=len(functions), overloads=overloads)
         except Unsupported as exc:
             refused[j] = str(exc)
             continue

@@ -30,6 +30,7 @@ class Layout:
     """(chain, plan) -> the form written without measuring."""
     cost_form: str
     """The form whose cost a budget counts under this layout."""
-    wrap: bool = False
-    """Wrap each rewrite's nodes in one call of a model-local function."""
+    wrap: Callable | None = None
+    """(emitter, chain, output, opset, index, written ids) -> a FunctionProto: wraps any form's nodes
+    in one call of a model-local function (``function``); None writes the nodes as they are."""
     help: str = ""

@@ -80,6 +80,6 @@ def add_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto]) -
 
 
 
-LAYOUT = Layout("function", PARALLEL.pick, "parallel", wrap=True,
+LAYOUT = Layout("function", PARALLEL.pick, "parallel", wrap=wrap_function,
                 help="one onnx_split node per site whose function body is the parallel layout")
 register(LAYOUT)

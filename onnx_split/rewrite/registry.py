@@ -25,8 +25,9 @@ LAYOUTS: dict[str, Layout] = {}
 """``--layout`` choices besides ``auto``."""
 
 AUTO = "auto"
-AUTO_COST_FORM = "parallel"
-"""With ``--layout auto`` the form is chosen later by timing; budgets count the parts' blocks."""
+FALLBACK = "parallel"
+"""The layout whose rule writes a unit where nothing could be measured, and whose cost budgets
+count under ``--layout auto`` (the form is chosen later by timing)."""
 
 
 def register(*entries: Form | Layout) -> None:
@@ -45,13 +46,7 @@ def layout_names() -> tuple[str, ...]:
 
 def cost_form(layout: str) -> Form:
     """The form whose cost a budget counts under ``--layout layout``."""
-    return FORMS[LAYOUTS[layout].cost_form if layout in LAYOUTS else AUTO_COST_FORM]
-
-
-def layout_macs(plan, form: str, layer: int | None = None) -> int:
-    """Multiply-accumulates per activation row that ``form`` executes for ``plan`` (padding
-    included), for one ``layer`` or for all."""
-    return FORMS[form].cost(plan, layer)
+    return FORMS[LAYOUTS[layout if layout in LAYOUTS else FALLBACK].cost_form]
 
 
 def cost_rule(layout: str) -> Callable:
@@ -67,5 +62,5 @@ def refusal(form: str, chain, plan) -> str | None:
     return f.refuse(chain, plan)
 
 
-__all__ = ["AUTO", "FORMS", "Form", "LAYOUTS", "Layout", "cost_form", "cost_rule", "layout_macs", "layout_names",
+__all__ = ["AUTO", "FALLBACK", "FORMS", "Form", "LAYOUTS", "Layout", "cost_form", "cost_rule", "layout_names",
            "refusal", "register"]
