@@ -1,7 +1,8 @@
 """The child side of :mod:`onnx_split.isolate`: open (and run once) ONNX Runtime sessions one after
 another, writing one JSON line per step to a results file.
 
-Run as a script, never imported by the package: ``python _probe_child.py JOB RESULTS START``.
+Run as a script, never imported by the package: ``python _probe_child.py JOB RESULTS START SKIP``
+(SKIP: a JSON file listing the indices not to try).
 JOB is a pickle of a list of dicts (``source``: model bytes or a path, ``provider``,
 ``optimization``: an ``ort.GraphOptimizationLevel`` name, ``threads``, ``feeds``: None or a dict
 of numpy arrays). Every step is flushed before the next one starts, so when ONNX Runtime kills
@@ -32,6 +33,8 @@ def _session(ort, job: dict):
 
 def main(argv: list[str]) -> int:
     job_path, results_path, start = argv[0], argv[1], int(argv[2])
+    with open(argv[3], encoding="utf-8") as f:
+        skip = set(json.load(f))
     with open(results_path, "a", encoding="utf-8") as out:
         def emit(**fields) -> None:
             out.write(json.dumps(fields) + "\n")
@@ -44,6 +47,8 @@ def main(argv: list[str]) -> int:
         with open(job_path, "rb") as f:
             jobs = pickle.load(f)
         for i in range(start, len(jobs)):
+            if i in skip:
+                continue
             job = jobs[i]
             emit(i=i, phase="load")
             try:

@@ -98,13 +98,14 @@ class BatchStats:
     seconds: float
 
 
-def probe_models(probes: Sequence[Probe], *, timeout: float | None = None,
+def probe_models(probes: Sequence[Probe], *, timeout: float | None = None, skip_crashed_labels: bool = False,
                  stats: list[BatchStats] | None = None) -> list[ProbeResult]:
     """Open every probe's session in a child process, in order; one result per probe.
 
     One child serves the whole batch; after a crash, a fresh child resumes with the next probe.
     ``timeout`` (seconds) bounds each child: the probe it was on when killed is reported as
-    crashed, and the rest go on in a fresh child. ``stats``, when given, receives one
+    crashed, and the rest go on in a fresh child. With ``skip_crashed_labels``, the later probes of
+    a label that crashed are not tried (their reason says so). ``stats``, when given, receives one
     :class:`BatchStats`. Never raises for what a model does to ORT; an OSError starting Python
     itself propagates.
     """
@@ -120,10 +121,22 @@ def probe_models(probes: Sequence[Probe], *, timeout: float | None = None,
             with open(job_path, "wb") as f:
                 pickle.dump([_job(p) for p in probes], f, protocol=pickle.HIGHEST_PROTOCOL)
             start = 0
-            while start < len(probes):
+            while True:
+                if skip_crashed_labels:
+                    crashed = {r.probe.label for r in results.values() if r.crashed}
+                    for i in range(start, len(probes)):
+                        if probes[i].label in crashed and i not in results:
+                            results[i] = ProbeResult(probes[i], False, reason=f"not tried: {probes[i].label} "
+                                                                               f"crashed onnxruntime already")
+                while start < len(probes) and start in results:
+                    start += 1
+                if start == len(probes):
+                    break
                 children += 1
-                start = _run_child(probes, job_path, Path(tmp) / f"results{children}.jsonl", start, timeout,
-                                   results)
+                skip_path = Path(tmp) / f"skip{children}.json"
+                skip_path.write_text(json.dumps(sorted(i for i in results if i >= start)))
+                start = _run_child(probes, job_path, Path(tmp) / f"results{children}.jsonl", skip_path, start,
+                                   timeout, results)
     if stats is not None:
         stats.append(BatchStats(children, time.perf_counter() - started))
     return [results[i] for i in range(len(probes))]
@@ -175,9 +188,27 @@ def crash_reason(model: onnx.ModelProto, label: str, *, providers: Sequence[str]
     ORT errors that are not crashes give None: the in-process session that follows reports them
     as it always has. Call this before opening a model in this process."""
     with probe_source(model) as source:
-        results = probe_models([Probe(source, label, provider, level, threads, feeds)
-                                for provider in providers for level in levels], timeout=timeout)
-    return first_crash(results)
+        return crash_screen({label: source}, providers=providers, levels=levels,
+                            feeds_list=[feeds] if feeds is not None else [None], threads=threads,
+                            timeout=timeout)[label]
+
+
+def crash_screen(sources: Mapping[str, bytes | str], *, providers: Sequence[str] = (CPU,),
+                 levels: Sequence[str] = ("disabled", "enabled"),
+                 feeds_list: Sequence[Mapping[str, np.ndarray] | None] = (None,), threads: int = 1,
+                 timeout: float | None = None) -> dict[str, str | None]:
+    """Several models (label -> :attr:`Probe.source`) screened in one child: each is opened at every
+    level on every provider and run once on each of ``feeds_list`` (None: opened only). Returns
+    label -> None, or the reason of the first crash it caused. A crashed model is not tried again
+    (its remaining probes are skipped), so one bad model costs one extra child."""
+    probes = [Probe(source, label, provider, level, threads, feeds)
+              for label, source in sources.items() for provider in providers for level in levels
+              for feeds in feeds_list]
+    found: dict[str, str | None] = {label: None for label in sources}
+    for result in probe_models(probes, timeout=timeout, skip_crashed_labels=True):
+        if result.crashed and found[result.probe.label] is None:
+            found[result.probe.label] = result.reason
+    return found
 
 
 # -- the parent side of one child ------------------------------------------------------------------
@@ -188,10 +219,12 @@ def _job(probe: Probe) -> dict:
             "threads": probe.threads, "feeds": feeds}
 
 
-def _run_child(probes: Sequence[Probe], job_path: Path, results_path: Path, start: int,
+def _run_child(probes: Sequence[Probe], job_path: Path, results_path: Path, skip_path: Path, start: int,
                timeout: float | None, results: dict[int, ProbeResult]) -> int:
-    """Run one child from probe ``start``; fill ``results``; return where the next child starts."""
-    command = [sys.executable, "-c", _BOOT, str(CHILD_SCRIPT), str(job_path), str(results_path), str(start)]
+    """Run one child from probe ``start`` (skipping those already in ``results``); fill ``results``;
+    return where the next child starts."""
+    command = [sys.executable, "-c", _BOOT, str(CHILD_SCRIPT), str(job_path), str(results_path), str(start),
+               str(skip_path)]
     timed_out = False
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
@@ -223,8 +256,9 @@ def _run_child(probes: Sequence[Probe], job_path: Path, results_path: Path, star
             results[i] = ProbeResult(probe, False, reason=f"onnxruntime cannot {_doing(phase, probe, text)}")
             current = None
     how = _death(proc.returncode, timed_out, timeout, stderr)
-    if not reached:  # the child failed before its first model: no model is to blame, none is tried
-        for i in range(start, len(probes)):
+    if not reached and not all(i in results for i in range(start, len(probes))):
+        # the child failed before its first model: no model is to blame, none is tried
+        for i in (i for i in range(start, len(probes)) if i not in results):
             results[i] = ProbeResult(probes[i], False, crashed=True,
                                      reason=f"the onnxruntime child process {how.replace('crashed', 'failed')} "
                                             f"before {_doing('load', probes[i])}")

@@ -213,3 +213,21 @@ def test_overhead_is_reported_not_asserted(caplog):
     with caplog.at_level(logging.INFO):
         logging.getLogger("test_isolate").info("probe overhead: one child %.3f s; 20 models %.3f s", timings[1],
                                                timings[20])
+
+
+def test_crash_screen_names_each_crashing_model_once(crashing_child):
+    crashing_child("segv")
+    good, bad = identity_model().SerializeToString(), identity_model(MARK).SerializeToString()
+    stats: list[BatchStats] = []
+    probes = [Probe(source, label, optimization=level) for label, source in
+              (("the original model", good), ("the rewritten model", bad), ("another model", good))
+              for level in ("disabled", "enabled")]
+    results = probe_models(probes, skip_crashed_labels=True, stats=stats)
+    assert [r.ok for r in results] == [True, True, False, False, True, True]
+    assert results[3].reason == "not tried: the rewritten model crashed onnxruntime already"
+    assert stats[0].children == 2  # the crashed model's second probe costs no extra child
+    found = isolate.crash_screen({"the original model": good, "the rewritten model": bad},
+                                 feeds_list=[{"x": np.ones((2, 3), np.float32)}, None])
+    assert found == {"the original model": None, "the rewritten model":
+                     "onnxruntime crashed (SIGSEGV) loading the rewritten model with ORT_DISABLE_ALL on "
+                     "CPUExecutionProvider"}
