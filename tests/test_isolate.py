@@ -201,18 +201,17 @@ def test_a_hung_child_is_stopped_and_named(crashing_child, tmp_path, monkeypatch
                                  "on CPUExecutionProvider")
 
 
-def test_overhead_is_reported_not_asserted(caplog):
-    """One child per batch: its cost, and the cost per extra model, go to the log (not asserted)."""
+def test_overhead_is_reported_not_asserted(record_property, caplog):
+    """One child per batch: its cost for 1 and for 20 models goes to the test report (junit
+    properties) and the log; no figure is asserted."""
     model = identity_model().SerializeToString()
-    timings = {}
     for n in (1, 20):
         stats: list[BatchStats] = []
         probe_models([Probe(model, f"model {i}") for i in range(n)], stats=stats)
         assert stats[0].children == 1
-        timings[n] = stats[0].seconds
-    with caplog.at_level(logging.INFO):
-        logging.getLogger("test_isolate").info("probe overhead: one child %.3f s; 20 models %.3f s", timings[1],
-                                               timings[20])
+        record_property(f"probe_seconds_{n}_models", round(stats[0].seconds, 3))
+        with caplog.at_level(logging.INFO):
+            logging.getLogger(__name__).info("%d models probed in one child: %.3f s", n, stats[0].seconds)
 
 
 def test_crash_screen_names_each_crashing_model_once(crashing_child):
