@@ -54,9 +54,10 @@ LEVELS = {
 BYTES_LIMIT = 100 * 2**20
 """Models serializing to more than this go to the child as a file, not as bytes."""
 
-_BOOT = ("import runpy, sys; sys.path.pop(0); sys.argv = sys.argv[1:]; "
+_BOOT = ("import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; sys.argv = sys.argv[1:]; "
          "runpy.run_path(sys.argv[0], run_name='__main__')")
-"""``python -c`` bootstrap: drops the working directory from sys.path, then runs the child script."""
+"""``python -c`` bootstrap: drops the working directory from sys.path (a file there must not shadow
+a module), then runs the child script."""
 
 
 @dataclass(frozen=True)

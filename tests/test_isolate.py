@@ -230,3 +230,11 @@ def test_crash_screen_names_each_crashing_model_once(crashing_child):
     assert found == {"the original model": None, "the rewritten model":
                      "onnxruntime crashed (SIGSEGV) loading the rewritten model with ORT_DISABLE_ALL on "
                      "CPUExecutionProvider"}
+
+
+def test_files_in_the_working_directory_do_not_shadow_the_child_s_imports(tmp_path, monkeypatch):
+    (tmp_path / "onnxruntime.py").write_text("raise ImportError('shadowed')\n")
+    (tmp_path / "json.py").write_text("raise ImportError('shadowed')\n")
+    monkeypatch.chdir(tmp_path)
+    result, = probe_models([Probe(identity_model().SerializeToString(), "the model")])
+    assert result.ok, result.reason
