@@ -30,7 +30,8 @@ from .report import SplitReport, Written, build_report, metadata_entries
 from .rewrite import AUTO, LAYOUTS, Job, rewrite_model
 from .sites import find_sites
 from .tune import static_choice, tune_chains, whole_model_verdict
-from .verify import check, loads_in_ort, verify_models
+from .runtime import provider_status
+from .verify import check, crash_entry, crashed, loads_in_ort, screen_sessions, verify_models
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,12 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     _set_metadata(model, metadata_entries(config, n_split, len(sites), error))
 
     checker = check(model)                                 # verify and time
-    if not config.verify:
-        checker["ort_loads"] = loads_in_ort(model)
     verification, latency = [], []
-    if points:
+    if not config.verify:
+        loads = checker["ort_loads"] = loads_in_ort(model, "the rewritten model")
+        if crashed(loads):  # never write a model that crashes ORT
+            verification = [crash_entry(loads)]
+    if points and not verification:
         verification, latency = _verify_and_time(original, model, reference, config, points, providers,
                                                  n_split > 0, notes, progress)
     why = None
@@ -196,6 +199,13 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
     effective weights) on the first set of inputs; timing against the original on every set."""
     verification, latency = [], []
     _, feeds = points[0]
+    if config.verify or (config.bench and modified):  # no session of a model that crashes ORT opens here
+        levels = ("disabled", "enabled") if config.verify else ("enabled",)
+        crash = screen_sessions(reference, model, providers=[p for p in providers if not provider_status(p)],
+                                levels=levels, feeds_list=[f for _, f in points] if config.bench else [feeds],
+                                threads=config.threads)
+        if crash is not None:
+            return [crash_entry(crash)], []
     if config.verify:
         progress("verify", 0, 1)
         verification = verify_models(reference, model, feeds, providers=providers, rtol=config.rtol,

@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import InputError
+from .isolate import crash_reason
 from .runtime import CPU, make_session, model_source, ort_error
 from .sites import Site, graphs_by_scope
 
@@ -116,6 +117,9 @@ class Evaluator:
     def __init__(self, model: onnx.ModelProto, sites: list[Site], indices: list[int], threads: int = 1):
         self.sites, self.indices = sites, list(indices)
         probe = _with_weights(model, sites, {i: None for i in self.indices}, as_inputs=True)
+        crash = crash_reason(probe, "the model with its weights as inputs", levels=("enabled",))
+        if crash is not None:  # opened in a child first: a crash of ORT must not end the run
+            raise InputError(f"measuring the output error needs the model to run in onnxruntime: {crash}")
         try:
             with model_source(probe) as source:
                 self.session = make_session(source, CPU, "enabled", threads)

@@ -20,10 +20,14 @@ import onnx
 from .bench import Runner, round_robin
 from .chains import Chain
 from .rewrite import FALLBACK, FORMS, LAYOUTS, Unsupported, emit_chain
+from .isolate import Probe, probe_models
 from .runtime import capture, ort_error, provider_status
 from .sites import default_opset
 
 log = logging.getLogger(__name__)
+
+SCREEN_BYTES = 256 * 2**20
+"""Candidates are screened for ORT crashes in one child per batch of units of about this many bytes."""
 
 Timer = Callable[[dict[str, onnx.ModelProto], dict[str, np.ndarray], str, float, int], dict[str, float]]
 """(candidate models, feeds, provider, seconds, threads) -> median milliseconds per candidate."""
@@ -66,19 +70,71 @@ def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],
             results[i].reason = f"not measured (the original failed to run: {ort_error(exc)}): static rule"
         return results
     budget = seconds / (len(tunable) * len(usable) * len(points))
-    for done, i in enumerate(tunable):
-        progress("tune", done, len(tunable))
-        chain, plan = chains[i]
-        models = candidates(original, chain, plan, activations[points[0][0]])
-        times, failed = _time_candidates(models, activations, points, usable, budget, threads, timer)
-        if failed is not None:
-            results[i].reason = f"not measured ({failed}): static rule"
-        else:
-            choice, reason = choose(times, margin)
-            results[i] = TuneResult([s.name for s in chain.sites], choice, reason, times)
-        log.info("%s: %s (%s)", chain.name, results[i].choice, results[i].reason)
+    done = 0
+    for batch in _batches(original, chains, tunable, activations[points[0][0]]):
+        crashed = _screen(batch, chains, activations, points, usable, threads)
+        for i, models in batch:
+            progress("tune", done, len(tunable))
+            done += 1
+            chain, plan = chains[i]
+            results[i] = _tune_one(chain, models, crashed.get(i, {}), activations, points, usable, budget, threads,
+                                   timer, margin, results[i])
+            log.info("%s: %s (%s)", chain.name, results[i].choice, results[i].reason)
     progress("tune", len(tunable), len(tunable))
     return results
+
+
+def _tune_one(chain: Chain, models: dict, crashed: dict[str, str], activations, points, providers, budget: float,
+              threads: int, timer: Timer, margin: float, static: TuneResult) -> TuneResult:
+    """One unit's choice: candidates that crash ORT are left out, the rest timed against dense."""
+    if "dense" in crashed:
+        return TuneResult(static.chain, static.choice, f"not measured ({crashed['dense']}): static rule")
+    for form, why in crashed.items():
+        log.info("%s: %s left out: %s", chain.name, form, why)
+        del models[form]
+    if len(models) == 1:  # only dense is left
+        return TuneResult(static.chain, "dense", f"kept dense: every layout crashed ({next(iter(crashed.values()))})")
+    times, failed = _time_candidates(models, activations, points, providers, budget, threads, timer)
+    if failed is not None:
+        return TuneResult(static.chain, static.choice, f"not measured ({failed}): static rule")
+    choice, reason = choose(times, margin)
+    return TuneResult(static.chain, choice, reason, times)
+
+
+def _batches(original, chains, tunable: list[int], examples):
+    """The tunable units' candidates, in batches of about SCREEN_BYTES: [(unit index, models)]."""
+    batch, size = [], 0
+    for i in tunable:
+        chain, plan = chains[i]
+        models = candidates(original, chain, plan, examples)
+        batch.append((i, models))
+        size += sum(m.ByteSize() for m in models.values())
+        if size >= SCREEN_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _screen(batch, chains, activations, points, providers, threads: int) -> dict[int, dict[str, str]]:
+    """{unit index: {candidate: why}} for the candidates that crash ORT (opened at the level the
+    timing uses, run once per point), all found in one child process."""
+    probes, owners = [], []
+    for i, models in batch:
+        names = _inputs(models["dense"])
+        for form, model in models.items():
+            source = model.SerializeToString()
+            for provider in providers:
+                for label, _ in points:
+                    feeds = {name: activations[label][name] for name in names}
+                    probes.append(Probe(source, f"candidate '{form}' of {chains[i][0].name}", provider,
+                                        "enabled", threads, feeds))
+                    owners.append((i, form))
+    crashed: dict[int, dict[str, str]] = {}
+    for (i, form), result in zip(owners, probe_models(probes, skip_crashed_labels=True)):
+        if result.crashed:
+            crashed.setdefault(i, {}).setdefault(form, result.reason)
+    return crashed
 
 
 def _time_candidates(models, activations, points, providers, budget: float, threads: int, timer: Timer):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import isolate
 from .errors import InputError, first_line
 from .model_io import is_large, save_model
 from .runtime import CPU, make_session, model_source, ort_error, provider_status
@@ -190,11 +191,31 @@ def check(model: onnx.ModelProto) -> dict:
     return {"passed": True, "error": None}
 
 
-def loads_in_ort(model: onnx.ModelProto) -> str:
-    """"yes", or why the installed ONNX Runtime cannot load the model (one line)."""
-    try:
-        with model_source(model) as source:
-            make_session(source, CPU, "disabled")
-    except Exception as exc:  # ORT raises its own types
-        return ort_error(exc)
-    return "yes"
+def loads_in_ort(model: onnx.ModelProto, label: str = "the model") -> str:
+    """"yes", or why the installed ONNX Runtime cannot load the model (one line), with graph
+    optimizations off and at ORT's default (ORT_ENABLE_ALL), each in a child process: a model
+    that crashes ORT gives "onnxruntime crashed (SIGSEGV) loading ..." instead of ending the run."""
+    return isolate.loads_in_ort(model, label)
+
+
+def crashed(reason: str) -> bool:
+    """Whether a load check's reason is a native crash (or hang) of ORT, not an error it reported."""
+    return reason.startswith(("onnxruntime crashed", "onnxruntime did not finish"))
+
+
+def crash_entry(reason: str) -> VerificationEntry:
+    """A verification that failed because ONNX Runtime crashed on the rewritten model."""
+    return VerificationEntry(CPU, "enabled", False, "failed", reason)
+
+
+def screen_sessions(reference: onnx.ModelProto, model: onnx.ModelProto, *, providers: list[str],
+                    levels: tuple[str, ...], feeds_list: list[dict], threads: int = 1) -> str | None:
+    """Why ONNX Runtime crashes opening or running the rewritten ``model`` (on the providers, levels
+    and inputs the in-process sessions will use), found in one child process before any of them
+    opens it here; None if it does not. Raises InputError when the ``reference`` itself crashes ORT."""
+    with isolate.probe_source(reference) as ref_source, isolate.probe_source(model) as new_source:
+        found = isolate.crash_screen({"the original model": ref_source, "the rewritten model": new_source},
+                                     providers=providers, levels=levels, feeds_list=feeds_list, threads=threads)
+    if found["the original model"] is not None:
+        raise InputError(f"{found['the original model']}; skip verification and timing with --no-verify --no-bench")
+    return found["the rewritten model"]
