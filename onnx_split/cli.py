@@ -16,6 +16,7 @@ from .inputs import parse_input_shape
 from .model_io import check_destination, read_model, refuse_overwrite, save_model
 from .lossy import survey_table
 from .pipeline import split_model, survey_model
+from .runtime import require_providers
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -156,6 +157,7 @@ def _run(args) -> int:
         return EXIT_OK
     if args.output is None:
         raise OnnxSplitError("give the output path (or --dry-run)")
+    require_providers(config.providers, force=args.force)  # --providers cuda where CUDA does not run: exit 2
     in_path, out_path = Path(args.input), Path(args.output)
     model, external_files = read_model(in_path)
     protect = (in_path, *external_files)

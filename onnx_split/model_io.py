@@ -13,6 +13,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelLoadError, OutputError, first_line
+from .validate import check_shapes
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -50,6 +51,7 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
         onnx.checker.check_model(str(p))
     except (onnx.checker.ValidationError, DecodeError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{p} is not a valid ONNX model: {first_line(exc)}") from None
+    check_shapes(model, str(p))  # strict shape inference: a Gemm with a 3-D weight is bad input (exit 2)
     return model, files
 
 

@@ -22,7 +22,7 @@ from .bench import benchmark_models
 from .chains import Chain, chains_from_links, find_links
 from .config import DEFAULT_LOSSY, SplitConfig
 from .errors import InputError, first_line
-from .inputs import batch_shapes, make_feeds
+from .inputs import batch_shapes, make_feeds, verification_sets
 from .model_io import is_large, load_model, save_model
 from .partition import ChainPlan, Plan, exact_components, joint_components
 from .lossy import SurveyRow, plan_lossy, survey
@@ -129,7 +129,8 @@ def _verify_and_time(original, model, config: SplitConfig, points, providers, re
     _, feeds = points[0]
     if config.verify:
         progress("verify", 0, 1)
-        report.verification = verify_models(reference, model, feeds, providers=providers, rtol=config.rtol,
+        sets, report.inputs = verification_sets(original, feeds, config.inputs_path, config.seed, report.inputs)
+        report.verification = verify_models(reference, model, sets, providers=providers, rtol=config.rtol,
                                             atol=config.atol, threads=config.threads)
         progress("verify", 1, 1)
     if config.bench and report.modified:

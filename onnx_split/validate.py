@@ -1,0 +1,48 @@
+"""Input-model validation beyond onnx's checker: shapes and types that cannot hold.
+
+onnx's checker (without ``full_check``) checks the graph's structure, not that its shapes agree: a
+Gemm with a 3-D weight, or a value_info dim of 1e15 where the producer gives 2, pass it and would
+only surface later as a "verification failed" or a huge allocation. Strict shape inference (type
+checks on) finds them; the model is refused as bad input with the inference's reason.
+
+Inference runs on a copy in which every main-graph initializer of more than
+:data:`STUB_BYTES` bytes keeps its name, type and dims but not its data (inference reads the values
+of small tensors only: Reshape shapes, Slice starts, ...), so a model of any size is checked in
+little memory and never serialized whole.
+"""
+from __future__ import annotations
+
+import onnx
+
+from .errors import ModelLoadError, first_line
+
+STUB_BYTES = 1 << 16
+
+
+def check_shapes(model: onnx.ModelProto, source: str = "the model") -> None:
+    """Raise :class:`ModelLoadError` (one line) if strict shape inference rejects ``model``."""
+    from .model_io import without_weights
+
+    light = without_weights(model)
+    for t in model.graph.initializer:
+        if t.ByteSize() <= STUB_BYTES:
+            light.graph.initializer.append(t)
+        else:
+            light.graph.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
+    try:
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise ModelLoadError(f"{source} is not a valid ONNX model: its shapes or types do not agree: "
+                             f"{_reason(exc)}") from None
+    except (ValueError, RuntimeError) as exc:  # e.g. a copy still past protobuf's limit: not checked here
+        import logging
+
+        logging.getLogger(__name__).info("shape check skipped: %s", first_line(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    """The first error of onnx's message (one per line), without its "[ShapeInferenceError]" tags."""
+    line = first_line(exc, 1000).replace("Inference error(s): ", "")
+    for tag in ("[ShapeInferenceError] ", "[TypeInferenceError] "):
+        line = line.replace(tag, "")
+    return line[:300]
