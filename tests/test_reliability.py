@@ -15,7 +15,7 @@ from builders import gemm_model, matmul_model, planted
 from onnx_split import SplitConfig, compare, split_model, verify_models
 from onnx_split.cli import main
 from onnx_split.errors import InputError, ModelLoadError
-from onnx_split.inputs import feed_sets, make_feeds
+from onnx_split.inputs import make_feeds
 from onnx_split.model_io import read_model
 from onnx_split.runtime import CPU, CUDA, provider_status
 from onnx_split.sites import find_sites
@@ -121,6 +121,8 @@ def test_a_verification_that_compared_nothing_is_not_verified(tmp_path, capsys, 
 
 
 def test_verification_runs_on_three_seeded_input_sets_by_default(blocks_model):
+    from onnx_split.inputs import feed_sets
+
     model = onnx.load(str(blocks_model))
     feeds, _ = make_feeds(model, {"x": (3, 64)}, seed=5)
     sets = feed_sets(model, feeds, seed=5)
