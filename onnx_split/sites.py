@@ -29,6 +29,7 @@ _QUANTIZED = {"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"}
 """Ops whose presence in a weight's producer chain means the weight is stored quantized."""
 _LOW_BIT_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 _MAX_FOLD_DEPTH = 16
+_NOT_CONSTANT = " is not constant: "
 _TOO_DEEP = "producer chain deeper than"
 
 
@@ -143,7 +144,9 @@ class _Resolver:
                 continue
             val, reason, sub = self.value(inp, scopes, depth + 1)
             if val is None:
-                return None, f"weight '{name}' is not constant: {reason}", []
+                # the root cause only: nesting every step's reason made them O(depth) long, and the
+                # pass O(nodes^2) in time and memory on a deep chain of layers
+                return None, f"weight '{name}' is not constant: {reason.rsplit(_NOT_CONSTANT, 1)[-1]}", []
             feeds[inp] = val
             chain += sub
         source = _quantizing(node, feeds) or next(
