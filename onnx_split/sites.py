@@ -118,7 +118,7 @@ class _Resolver:
                         extra += " (IR version < 4 lists every weight as a graph input; export with IR >= 4 to split)"
                     self._cache[key] = (None, f"weight '{name}' is a {where}{extra}: it can change at run time", [])
                 elif name in scope.initializers:
-                    self._cache[key] = (numpy_helper.to_array(scope.initializers[name]), None, [])
+                    self._cache[key] = _read(scope.initializers[name])
                 else:
                     continue
             value, reason, chain = self._cache[key]
@@ -158,6 +158,14 @@ class _Resolver:
         except Exception as exc:  # the reference evaluator raises many types
             return None, f"weight '{name}' could not be folded from {what}: {first_line(exc)}", []
         return out[list(node.output).index(name)], None, chain
+
+
+def _read(tensor: onnx.TensorProto):
+    """An initializer's value, or why it cannot be read (a damaged tensor is kept, not a crash)."""
+    try:
+        return numpy_helper.to_array(tensor), None, []
+    except Exception as exc:  # numpy and onnx raise several types for inconsistent data
+        return None, f"weight '{tensor.name}' cannot be read: {first_line(exc, 120)}", []
 
 
 def _quantizing(node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> str | None:

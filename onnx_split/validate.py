@@ -19,9 +19,20 @@ from .errors import ModelLoadError, first_line
 STUB_BYTES = 1 << 16
 
 
+_KNOWN_TYPES = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+
+
 def check_shapes(model: onnx.ModelProto, source: str = "the model") -> None:
-    """Raise :class:`ModelLoadError` (one line) if strict shape inference rejects ``model``."""
+    """Raise :class:`ModelLoadError` (one line) if a tensor has an unknown data type or strict shape
+    inference rejects ``model``."""
+    from onnx.external_data_helper import _get_all_tensors
+
     from .model_io import without_weights
+
+    for tensor in _get_all_tensors(model):  # initializers and Constant values, subgraphs included
+        if tensor.data_type not in _KNOWN_TYPES:
+            raise ModelLoadError(f"{source} is not a valid ONNX model: tensor {tensor.name!r} has data type "
+                                 f"{tensor.data_type}, which ONNX does not define")
 
     light = without_weights(model)
     for t in model.graph.initializer:

@@ -393,3 +393,15 @@ def test_a_float_weight_through_a_non_quantizing_chain_is_still_split():
     model.graph.node.insert(0, helper.make_node("Cast", ["W16"], ["W"], to=TensorProto.FLOAT, name="up"))
     (site,) = find_sites(model, min_elements=0)
     assert site.reason is None
+
+
+def test_an_initializer_of_an_undefined_data_type_is_bad_input(tmp_path, capsys):
+    """Found by tools/fuzz.py: onnx's checker (without full_check) lets data type 99 through, and
+    reading the weight was an internal error (KeyError: 99)."""
+    model = matmul_model(_tiny_blocks(1.0, 0.0), [2, 32])
+    model.graph.initializer[0].data_type = 99
+    src = _save(model, tmp_path / "dt.onnx")
+    out = tmp_path / "out.onnx"
+    _bad_input(*_run(capsys, src, out, "--min-elements", "0", "--layout", "parallel", "--no-bench"),
+               "tensor 'W' has data type 99")
+    assert not out.exists()
