@@ -105,7 +105,7 @@ def verification_sets(model: onnx.ModelProto, feeds: dict[str, np.ndarray], inpu
     sets = feed_sets(model, feeds, seed)
     label = f"seeded random inputs (seed {seed})"
     seeds = ", ".join(str(seed + i) for i in range(len(sets)))
-    told = f"seeded random inputs (verification: seeds {seeds}; tuning and timing: seed {seed})"
+    told = f"seeded random inputs (seeds {seeds}; tuning and timing on seed {seed})"
     return sets, [told if n == label else n for n in notes]
 
 

@@ -29,6 +29,11 @@ def check_shapes(model: onnx.ModelProto, source: str = "the model") -> None:
 
     from .model_io import without_weights
 
+    try:
+        _decode_strings(model)
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{source} is not a valid ONNX model: a name or string in it is not valid UTF-8 "
+                             f"({first_line(exc, 100)})") from None
     for tensor in _get_all_tensors(model):  # initializers and Constant values, subgraphs included
         if tensor.data_type not in _KNOWN_TYPES:
             raise ModelLoadError(f"{source} is not a valid ONNX model: tensor {tensor.name!r} has data type "
@@ -49,6 +54,25 @@ def check_shapes(model: onnx.ModelProto, source: str = "the model") -> None:
         import logging
 
         logging.getLogger(__name__).info("shape check skipped: %s", first_line(exc))
+
+
+def _decode_strings(message) -> None:
+    """Raise UnicodeDecodeError if a string field of ``message`` or of its sub-messages is not UTF-8
+    (protobuf reads it back as bytes, and copying or printing it fails wherever that happens first).
+    Bytes fields (weights) are not read."""
+    for f in message.DESCRIPTOR.fields:
+        repeated = f.is_repeated
+        if f.type == f.TYPE_STRING:
+            value = getattr(message, f.name)
+            for text in (value if repeated else [value]):
+                if isinstance(text, bytes):  # protobuf hands back invalid UTF-8 as bytes, and fails on copy
+                    text.decode("utf-8")
+        elif f.type == f.TYPE_MESSAGE:
+            if repeated:
+                for sub in getattr(message, f.name):
+                    _decode_strings(sub)
+            elif message.HasField(f.name):
+                _decode_strings(getattr(message, f.name))
 
 
 def _reason(exc: BaseException) -> str:

@@ -131,7 +131,7 @@ def test_verification_runs_on_three_seeded_input_sets_by_default(blocks_model):
     assert not np.array_equal(sets[0]["x"], sets[1]["x"]) and not np.array_equal(sets[1]["x"], sets[2]["x"])
     np.testing.assert_array_equal(sets[2]["x"], make_feeds(model, {"x": (3, 64)}, seed=7)[0]["x"])
     result = split_model(model, SplitConfig(layout="parallel", min_elements=0, bench=False, providers=("cpu",)))
-    assert "verification: seeds 0, 1, 2" in "; ".join(result.report.inputs)
+    assert "seeded random inputs (seeds 0, 1, 2; tuning and timing on seed 0)" in "; ".join(result.report.inputs)
     assert all(o.compared == 3 * 1 * 48 for v in result.report.verification for o in v.outputs)
 
 
@@ -404,4 +404,17 @@ def test_an_initializer_of_an_undefined_data_type_is_bad_input(tmp_path, capsys)
     out = tmp_path / "out.onnx"
     _bad_input(*_run(capsys, src, out, "--min-elements", "0", "--layout", "parallel", "--no-bench"),
                "tensor 'W' has data type 99")
+    assert not out.exists()
+
+
+def test_a_name_that_is_not_utf8_is_bad_input(tmp_path, capsys):
+    """Found by tools/fuzz.py: a flipped byte in the graph's name passed onnx's checker, then copying
+    the model raised an internal UnicodeDecodeError."""
+    model = matmul_model(_tiny_blocks(1.0, 0.0), [2, 32])
+    model.graph.name = "Qgraph"
+    src = tmp_path / "utf8.onnx"
+    src.write_bytes(model.SerializeToString().replace(b"Qgraph", b"\xe7graph"))
+    out = tmp_path / "out.onnx"
+    _bad_input(*_run(capsys, src, out, "--min-elements", "0", "--layout", "parallel", "--no-bench"),
+               "not valid UTF-8")
     assert not out.exists()

@@ -287,7 +287,7 @@ def run_case(case: Case, data: bytes, folder: Path, in_process: bool, timeout: f
 
 
 def fuzz(cases: int | None, seconds: float | None, seed: int, in_process: bool, timeout: float,
-         log=None) -> list[Case]:
+         log=None, save: Path | None = None) -> list[Case]:
     rng = random.Random(seed)
     models = seed_models()
     names = sorted(models)
@@ -300,6 +300,9 @@ def fuzz(cases: int | None, seconds: float | None, seed: int, in_process: bool, 
             data, label = mutate(models[name], rng)
             case = run_case(Case(i, name, label, rng.choice(OPTION_SETS)), data, Path(tmp), in_process, timeout)
             done.append(case)
+            if save is not None and case.problems:
+                save.mkdir(parents=True, exist_ok=True)
+                (save / f"case{seed}-{i}.onnx").write_bytes(data)
             if log is not None and case.problems:
                 print(f"case {i} ({name}; {label}; {' '.join(case.argv)}): {case.problems}: {case.stderr[:300]}",
                       file=log)
@@ -322,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process", action="store_true", help="run cases in this process (no crash isolation)")
     p.add_argument("--timeout", type=float, default=120.0, help="time limit of one case in a subprocess")
     p.add_argument("--json", default=None, help="write the summary as JSON here")
+    p.add_argument("--save", default=None, help="write the model of every case with a problem to this folder")
     args = p.parse_args(argv)
     seconds = args.seconds if args.seconds is not None or args.cases is not None else 60.0
-    done = fuzz(args.cases, seconds, args.seed, args.in_process, args.timeout, log=sys.stderr)
+    done = fuzz(args.cases, seconds, args.seed, args.in_process, args.timeout, log=sys.stderr,
+                save=Path(args.save) if args.save else None)
     result = summary(done)
     print(json.dumps({k: v for k, v in result.items() if k != "problems"} | {"with_problems": len(result["problems"])}))
     if args.json:
