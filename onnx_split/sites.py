@@ -160,6 +160,11 @@ class _Resolver:
         return out[list(node.output).index(name)], None, chain
 
 
+def _all_finite(weight: np.ndarray) -> bool:
+    with np.errstate(all="ignore"):  # a signalling NaN raises "invalid value" on the slightest touch
+        return bool(np.isfinite(weight).all())
+
+
 def _read(tensor: onnx.TensorProto):
     """An initializer's value, or why it cannot be read (a damaged tensor is kept, not a crash)."""
     try:
@@ -345,3 +350,5 @@ def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_e
         site.reason = f"weight has {weight.size} elements, below --min-elements {min_elements}"
     elif site.activation_rank == 0:
         site.reason = "activation is a scalar"
+    elif not _all_finite(weight):
+        site.reason = "weight holds NaN or infinite values: no split of it can be checked against the original"

@@ -418,3 +418,17 @@ def test_a_name_that_is_not_utf8_is_bad_input(tmp_path, capsys):
     _bad_input(*_run(capsys, src, out, "--min-elements", "0", "--layout", "parallel", "--no-bench"),
                "not valid UTF-8")
     assert not out.exists()
+
+
+def test_a_weight_holding_a_signalling_nan_is_kept_and_prints_no_warning(tmp_path, capsys):
+    """Found by tools/fuzz.py: a flipped bit made a signalling NaN in a weight; the lossy scores then
+    printed a numpy RuntimeWarning (a second stderr line) and the split dropped the NaN."""
+    w = _tiny_blocks(1.0, 0.0)
+    w[3, 5] = np.array([0x7F800001], np.uint32).view(np.float32)[0]
+    src = _save(matmul_model(w, ["batch", 32]), tmp_path / "nan.onnx")
+    (site,) = find_sites(onnx.load(str(src)))
+    assert site.reason.startswith("weight holds NaN or infinite values")
+    out = tmp_path / "out.onnx"
+    code, stdout, err = _run(capsys, src, out, "--min-elements", "0", "--layout", "parallel", "--no-bench",
+                             "--parts", "2")
+    assert code == 0 and err == "" and "kept: weight holds NaN" in stdout, err
