@@ -34,6 +34,9 @@ def check_shapes(model: onnx.ModelProto, source: str = "the model") -> None:
     except UnicodeDecodeError as exc:
         raise ModelLoadError(f"{source} is not a valid ONNX model: a name or string in it is not valid UTF-8 "
                              f"({first_line(exc, 100)})") from None
+    if not model.graph.output:
+        raise ModelLoadError(f"{source} is not a usable ONNX model: its graph has no outputs, so it computes "
+                             f"nothing (ONNX Runtime refuses it)")
     for tensor in _get_all_tensors(model):  # initializers and Constant values, subgraphs included
         if tensor.data_type not in _KNOWN_TYPES:
             raise ModelLoadError(f"{source} is not a valid ONNX model: tensor {tensor.name!r} has data type "

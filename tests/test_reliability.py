@@ -432,3 +432,14 @@ def test_a_weight_holding_a_signalling_nan_is_kept_and_prints_no_warning(tmp_pat
     code, stdout, err = _run(capsys, src, out, "--min-elements", "0", "--layout", "parallel", "--no-bench",
                              "--parts", "2")
     assert code == 0 and err == "" and "kept: weight holds NaN" in stdout, err
+
+
+def test_a_model_without_graph_outputs_is_bad_input(tmp_path, capsys):
+    """Found by tools/fuzz.py: a graph with its outputs removed passes onnx's checker, then
+    verification compared nothing and ended "NOT VERIFIED" (exit 1) instead of bad input."""
+    model = matmul_model(_tiny_blocks(1.0, 0.0), [2, 32])
+    del model.graph.output[:]
+    src = _save(model, tmp_path / "no_out.onnx")
+    out = tmp_path / "out.onnx"
+    _bad_input(*_run(capsys, src, out, "--min-elements", "0", "--layout", "parallel", "--no-bench"), "no outputs")
+    assert not out.exists()
