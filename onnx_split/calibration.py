@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .inputs import batch_shapes, graph_inputs, make_feeds, read_npz
+from .inputs import batch_shapes, graph_inputs, make_feeds, read_npz, tensor_dtype
 
 RANDOM_SAMPLES = 64
 """Samples of seeded random inputs used when no calibration file is given."""
@@ -50,21 +50,23 @@ def _count(feeds: dict[str, np.ndarray]) -> int:
 def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float = 0.25, seed: int = 0) -> Calibration:
     """Read and check ``path`` against the model's inputs; split it into search and held-out samples."""
     p = Path(path)
-    arrays = read_npz(p, "--calibration")
     specs = graph_inputs(model)
     names = [s.name for s in specs]
+    for spec in specs:
+        tensor_dtype(spec)
+    arrays, members = read_npz(p, "--calibration", names)  # only the members named like graph inputs are read
     missing = [n for n in names if n not in arrays]
     if missing:
         raise InputError(f"--calibration {p} has no array named {missing[0]!r}: it needs one array per graph input "
-                         f"({', '.join(names)}), it has {', '.join(sorted(arrays)) or 'none'}")
-    extra = sorted(set(arrays) - set(names))
+                         f"({', '.join(names)}), it has {', '.join(sorted(members)) or 'none'}")
+    extra = sorted(set(members) - set(names))
     if extra:
         raise InputError(f"--calibration {p} has arrays that are not graph inputs: {', '.join(extra)} "
                          f"(the graph inputs are {', '.join(names)})")
     counts, batched = set(), []
     for spec in specs:
         value = arrays[spec.name]
-        want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
+        want = tensor_dtype(spec)
         if value.dtype != want:
             raise InputError(f"--calibration array {spec.name!r} has dtype {value.dtype}, the model wants {want}")
         dims = _dims(spec)

@@ -21,6 +21,7 @@ from .writes import stage_bytes
 from .pipeline import split_model, survey_model
 from .report import survey_table
 from .rewrite import LAYOUTS as REGISTERED_LAYOUTS
+from .runtime import require_providers
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 D = {f.name: f.default for f in dataclasses.fields(SplitConfig)}
@@ -184,6 +185,7 @@ def _run(args, written: list[Path]) -> int:
         return EXIT_OK
     if args.output is None:
         raise OnnxSplitError("give the output path (or --dry-run)")
+    require_providers(config.providers, force=args.force)  # --providers cuda where CUDA does not run: exit 2
     in_path, out_path = Path(args.input), Path(args.output)
     model, external_files = read_model(in_path)
     protect = (in_path, *external_files)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -90,6 +92,7 @@ class SplitConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+        _finite_number("threshold", self.threshold, ">= 0")
         if not self.threshold >= 0:
             raise InputError(f"--threshold must be >= 0, got {self.threshold}")
         if self.max_parts < 1:
@@ -98,8 +101,12 @@ class SplitConfig:
             raise InputError(f"--min-elements must be >= 0, got {self.min_elements}")
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise InputError(f"--{name} must be >= 0, got {value}")
+            if value is not None:
+                _finite_number(name, value, ">= 0")
+                if not value >= 0:
+                    raise InputError(f"--{name} must be >= 0, got {value}")
+        for name in ("bench_seconds", "tune_seconds", "min_speedup"):
+            _finite_number(name.replace("_", "-"), getattr(self, name), "> 0")
         if not self.bench_seconds > 0:  # NaN too
             raise InputError(f"--bench-seconds must be > 0, got {self.bench_seconds}")
         if not self.tune_seconds > 0:
@@ -132,6 +139,11 @@ class SplitConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise InputError(f"--{name} must be a fraction in (0, 1], got {value}")
+        wants = {"keep": "a fraction in (0, 1]", "flops": "a fraction in (0, 1]", "tolerance": ">= 0",
+                 "holdout": "a fraction in (0, 1)"}
+        for name, want in wants.items():
+            if getattr(self, name) is not None:
+                _finite_number(name, getattr(self, name), want)
         if self.tolerance is not None and not self.tolerance >= 0:
             raise InputError(f"--tolerance must be >= 0, got {self.tolerance}")
         if self.tile < 1:
@@ -167,6 +179,13 @@ class SplitConfig:
     def to_json(self) -> str:
         """The options as recorded in the output model's metadata and in the report."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _finite_number(option: str, value, want: str) -> None:
+    """A one-line InputError unless ``value`` is a finite real number (inf and NaN never make sense
+    as a tolerance, a threshold, a budget or a time)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(f"--{option} must be {want} and finite, got {value!r}")
 
 
 def normalize_provider(name: str) -> str:

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from . import writes
 from .errors import ModelLoadError, OutputError, first_line
 from .external_data import check_external_data
+from .validate import check_shapes
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -48,6 +49,7 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
         onnx.checker.check_model(str(p))
     except (onnx.checker.ValidationError, DecodeError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{p} is not a valid ONNX model: {first_line(exc)}") from None
+    check_shapes(model, str(p))  # strict shape inference: a Gemm with a 3-D weight is bad input (exit 2)
     return model, files
 
 

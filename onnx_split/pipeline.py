@@ -21,6 +21,7 @@ from .bench import benchmark_models
 from .config import DEFAULT_LOSSY, SplitConfig
 from .decisions import Kept, Split
 from .errors import InputError
+from .inputs import verification_sets
 from .lossy import SurveyRow, lossy_units, plan_lossy, survey
 from .model_io import load_model
 from .planning import exact_units, plan_exact
@@ -111,7 +112,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
             verification = [crash_entry(loads)]
     if points and not verification:
         verification, latency = _verify_and_time(original, model, reference, config, points, providers,
-                                                 n_split > 0, notes, progress)
+                                                 n_split > 0, notes, inputs, progress)
     why = None
     if config.layout == AUTO and config.bench and points and n_split:   # the whole model must pay too
         why = whole_model_verdict(latency, config.min_speedup)
@@ -194,9 +195,10 @@ def _rewrite(model, units, forms: dict[int, str], config: SplitConfig):
 
 
 def _verify_and_time(original, model, reference, config: SplitConfig, points, providers, modified: bool,
-                     notes: list[str], progress):
+                     notes: list[str], inputs: list[str], progress):
     """Verification against ``reference`` (the original, or the model with the approximating plans'
-    effective weights) on the first set of inputs; timing against the original on every set."""
+    effective weights) on the first point's inputs and more seeded sets like them (``inputs``, how
+    they were made, is updated); timing against the original at every point."""
     verification, latency = [], []
     _, feeds = points[0]
     if config.verify or (config.bench and modified):  # no session of a model that crashes ORT opens here
@@ -208,7 +210,8 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
             return [crash_entry(crash)], []
     if config.verify:
         progress("verify", 0, 1)
-        verification = verify_models(reference, model, feeds, providers=providers, rtol=config.rtol,
+        sets, inputs[:] = verification_sets(original, feeds, config.inputs_path, config.seed, inputs)
+        verification = verify_models(reference, model, sets, providers=providers, rtol=config.rtol,
                                      atol=config.atol, threads=config.threads)
         progress("verify", 1, 1)
     if config.bench and modified:

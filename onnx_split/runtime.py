@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from .errors import InputError
 from .model_io import is_large, save_model
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,20 @@ def provider_status(provider: str) -> str | None:
     if not used or used[0] != provider:
         return f"{provider} is listed by onnxruntime but did not start (no usable GPU or CUDA libraries)"
     return None
+
+
+def require_providers(requested, force: bool = False) -> None:
+    """A one-line InputError for the first provider of ``requested`` (asked for by name, e.g. with
+    ``--providers``) that does not really run here, unless ``force`` (then it is reported
+    ``unavailable``, as a provider found missing by default is)."""
+    if force:
+        return
+    for provider in requested or ():
+        why = provider_status(provider)
+        if why is not None:
+            short = provider.replace("ExecutionProvider", "").lower()
+            raise InputError(f"--providers {short} was asked for, but {why}; leave it out (the default uses every "
+                             f"provider that really runs) or pass --force to go on without it")
 
 
 def ort_error(exc: BaseException) -> str:

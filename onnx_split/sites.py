@@ -25,7 +25,11 @@ SUPPORTED_DTYPES = {
 MIN_OPSET = 7
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                      "Multinomial", "Bernoulli"}
+_QUANTIZED = {"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"}
+"""Ops whose presence in a weight's producer chain means the weight is stored quantized."""
+_LOW_BIT_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 _MAX_FOLD_DEPTH = 16
+_NOT_CONSTANT = " is not constant: "
 _TOO_DEEP = "producer chain deeper than"
 
 
@@ -85,6 +89,17 @@ class _Resolver:
         self.model = model
         self.opsets = list(model.opset_import)
         self._cache: dict[tuple[str, str], tuple[np.ndarray | None, str | None, list[int]]] = {}
+        self._quantized: dict[tuple[str, str], str] = {}
+        """(scope, tensor) -> the quantizing node of its producer chain, for folded tensors"""
+
+    def quantized(self, name: str, scopes: list[_Scope]) -> str | None:
+        """The DequantizeLinear (or similar) node a folded constant ``name`` comes from, or None."""
+        for scope in scopes:
+            if name in scope.producers:
+                return self._quantized.get((scope.name, name))
+            if name in scope.inputs or name in scope.initializers:
+                return None
+        return None
 
     def value(self, name: str, scopes: list[_Scope], depth: int = 0):
         """(array or None, reason if not constant, producer node indices in the innermost scope)."""
@@ -103,7 +118,7 @@ class _Resolver:
                         extra += " (IR version < 4 lists every weight as a graph input; export with IR >= 4 to split)"
                     self._cache[key] = (None, f"weight '{name}' is a {where}{extra}: it can change at run time", [])
                 elif name in scope.initializers:
-                    self._cache[key] = (numpy_helper.to_array(scope.initializers[name]), None, [])
+                    self._cache[key] = _read(scope.initializers[name])
                 else:
                     continue
             value, reason, chain = self._cache[key]
@@ -129,14 +144,50 @@ class _Resolver:
                 continue
             val, reason, sub = self.value(inp, scopes, depth + 1)
             if val is None:
-                return None, f"weight '{name}' is not constant: {reason}", []
+                # the root cause only: nesting every step's reason made them O(depth) long, and the
+                # pass O(nodes^2) in time and memory on a deep chain of layers
+                return None, f"weight '{name}' is not constant: {reason.rsplit(_NOT_CONSTANT, 1)[-1]}", []
             feeds[inp] = val
             chain += sub
+        source = _quantizing(node, feeds) or next(
+            (q for q in (self.quantized(i, scopes) for i in node.input if i) if q), None)
+        if source:
+            self._quantized[(scope.name, name)] = source
         try:
             out = _run_node(node, feeds, self.opsets, self.model.ir_version)
         except Exception as exc:  # the reference evaluator raises many types
             return None, f"weight '{name}' could not be folded from {what}: {first_line(exc)}", []
         return out[list(node.output).index(name)], None, chain
+
+
+def _all_finite(weight: np.ndarray) -> bool:
+    with np.errstate(all="ignore"):  # a signalling NaN raises "invalid value" on the slightest touch
+        return bool(np.isfinite(weight).all())
+
+
+def _read(tensor: onnx.TensorProto):
+    """An initializer's value, or why it cannot be read (a damaged tensor is kept, not a crash)."""
+    try:
+        return numpy_helper.to_array(tensor), None, []
+    except Exception as exc:  # numpy and onnx raise several types for inconsistent data
+        return None, f"weight '{tensor.name}' cannot be read: {first_line(exc, 120)}", []
+
+
+def _quantizing(node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> str | None:
+    """``node`` as "<op> node '<name>'" if it dequantizes: a DequantizeLinear (or similar), or a Cast
+    of an 8-bit-or-narrower integer tensor to a float type."""
+    what = f"{node.op_type} node '{node.name or node.output[0]}'"
+    if node.op_type in _QUANTIZED:
+        return what
+    if node.op_type == "Cast" and node.input and node.input[0] in feeds:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        try:
+            src = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(feeds[node.input[0]]).dtype)
+        except (KeyError, TypeError, ValueError):
+            return None
+        if src in _LOW_BIT_INTS and to in SUPPORTED_DTYPES:
+            return what
+    return None
 
 
 def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets, ir_version: int):
@@ -147,7 +198,11 @@ def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets, ir_ver
     outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]
     graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
     model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
-    return ReferenceEvaluator(model).run(None, feeds)
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):  # folding NaN/inf: the value says so
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return ReferenceEvaluator(model).run(None, feeds)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, dict[str, list[int | None]]]:
@@ -259,6 +314,10 @@ def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_e
     if a_val is not None and b_val is not None:
         site.reason = "both operands are constant (a constant-folding case, not a split)"
         return
+    quantized = resolver.quantized(b_name, scopes)
+    if b_val is None and quantized is not None and a_val is None:
+        site.reason = f"weight is quantized (it comes from {quantized}): kept as it is"
+        return
     if b_val is None:
         if a_val is not None:
             site.reason = f"the constant is the left operand ({node.op_type}(W, x)); only x·W is split"
@@ -289,7 +348,10 @@ def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_e
     dtype = onnx.helper.np_dtype_to_tensor_dtype(weight.dtype)
     if site.reason:
         return
-    if dtype not in SUPPORTED_DTYPES:
+    if quantized is not None:
+        site.reason = (f"weight is quantized (it comes from {quantized}): splitting would fold it to "
+                       f"{np.dtype(weight.dtype).name} and lose the quantization")
+    elif dtype not in SUPPORTED_DTYPES:
         site.reason = (f"weight dtype {onnx.TensorProto.DataType.Name(dtype).lower()} is not supported "
                        f"({', '.join(SUPPORTED_DTYPES.values())})")
     elif weight.ndim != 2:
@@ -298,3 +360,5 @@ def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_e
         site.reason = f"weight has {weight.size} elements, below --min-elements {min_elements}"
     elif site.activation_rank == 0:
         site.reason = "activation is a scalar"
+    elif not _all_finite(weight):
+        site.reason = "weight holds NaN or infinite values: no split of it can be checked against the original"

@@ -4,6 +4,15 @@ An element passes when ``|got - ref| <= atol + rtol * max(|ref|, rms(ref))``: re
 element, but never tighter than relative to the output's typical size, so that accumulation-order
 rounding of outputs near zero does not fail a lossless split while a dropped significant weight
 (an error of about 1/sqrt(K) of the output's size) does.
+
+The default ``atol`` (by dtype) is a floor for outputs of ordinary size; it is scaled down to
+``rtol * rms(ref)`` for an output whose size is below ``atol / rtol`` (and not all zero), so that an
+output of size 1e-8 cannot pass with a 100% error under an atol of 1e-6. Rounding is relative to
+the output's size, so lossless splits pass either way. An ``atol`` given explicitly is used as given.
+
+A verification must compare something: an entry whose outputs hold no finite element on any input
+set (all-NaN inputs, a zero-size dim) is ``not verified``, and so is one where a rewritten branch
+of an ``If`` of the main graph was taken by none of the input sets. Both count as not passed.
 """
 from __future__ import annotations
 
@@ -46,15 +55,18 @@ class OutputComparison:
     """the smallest rtol that would pass with this atol"""
     rtol: float
     atol: float
+    """the atol applied (the default one scaled to the output's size, see the module docstring)"""
     note: str = ""
+    compared: int = 0
+    """finite elements compared (every element of an exactly compared integer or bool output)"""
 
 
 @dataclass
 class VerificationEntry:
     provider: str
     optimization: str
-    passed: bool | None  # None: could not run (provider unavailable)
-    status: str  # passed | failed | unavailable
+    passed: bool | None  # None: could not run (provider unavailable); False also when not verified
+    status: str  # passed | failed | unavailable | not verified (nothing compared, see the module docstring)
     detail: str = ""
     outputs: list[OutputComparison] = field(default_factory=list)
 
@@ -66,6 +78,7 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, rtol: float | None = No
     ref, got = np.asarray(ref), np.asarray(got)
     d_rtol, d_atol = default_tolerances(ref.dtype)
     rtol = d_rtol if rtol is None else rtol
+    scaled = atol is None
     atol = d_atol if atol is None else atol
     if ref.shape != got.shape or ref.dtype != got.dtype:
         note = f"shape/dtype {got.shape}/{got.dtype} differs from {ref.shape}/{ref.dtype}"
@@ -73,7 +86,13 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, rtol: float | None = No
     if ref.dtype.kind not in "fcV":
         equal = bool(np.array_equal(ref, got))
         return OutputComparison(name, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"),
-                                equal, 0.0 if equal else float("inf"), rtol, atol, "compared exactly")
+                                equal, 0.0 if equal else float("inf"), rtol, atol, "compared exactly", int(ref.size))
+    with np.errstate(all="ignore"):  # inf - inf, overflowing squares: handled below, never printed
+        return _compare_floats(name, ref, got, rtol, atol, scaled)
+
+
+def _compare_floats(name: str, ref: np.ndarray, got: np.ndarray, rtol: float, atol: float,
+                    scaled: bool) -> OutputComparison:
     r = ref.astype(np.float64)
     g = got.astype(np.float64)
     same_nan = np.isnan(r) == np.isnan(g)
@@ -83,16 +102,41 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, rtol: float | None = No
         return OutputComparison(name, float("inf"), float("inf"), False, float("inf"), rtol, atol,
                                 "NaN/inf positions differ")
     diff = np.where(finite, np.abs(g - r), 0.0)
-    scale_all = float(np.sqrt(np.mean(np.square(r[finite])))) if finite.any() else 0.0
+    scale_all = _rms(r[finite])
+    note = ""
+    if scaled and 0 < rtol * scale_all < atol:
+        atol = max(rtol * scale_all, _rounding_floor(ref.dtype))
+        note = f"default atol scaled to the output's size (rms {scale_all:.3g})"
     scale = np.maximum(np.abs(np.where(finite, r, 0.0)), scale_all)
     max_abs = float(diff.max()) if diff.size else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(scale > 0, diff / scale, np.where(diff > 0, np.inf, 0.0))
-        need = np.where(diff > atol, (diff - atol) / scale, 0.0)
+    rel = np.where(scale > 0, diff / scale, np.where(diff > 0, np.inf, 0.0))
+    need = np.where(diff > atol, (diff - atol) / scale, 0.0)
     max_rel = float(rel.max()) if rel.size else 0.0
     min_rtol = float(need.max()) if need.size else 0.0
-    passed = bool(np.all(diff <= atol + rtol * scale))
-    return OutputComparison(name, max_abs, max_rel, passed, min_rtol, rtol, atol)
+    passed = bool(np.all(diff <= atol + rtol * scale)) and bool(np.isfinite(diff).all())  # 1e308 - -1e308
+    compared = int(finite.sum())
+    if not compared:
+        note = "no finite element to compare"
+    return OutputComparison(name, max_abs, max_rel, passed, min_rtol, rtol, atol, note, compared)
+
+
+def _rms(values: np.ndarray) -> float:
+    """Root mean square without overflow (values near the float64 limit square to inf)."""
+    if not values.size:
+        return 0.0
+    peak = float(np.abs(values).max())
+    return peak * float(np.sqrt(np.mean(np.square(values / peak)))) if peak > 0 else 0.0
+
+
+def _rounding_floor(dtype) -> float:
+    """A few steps of the dtype's smallest subnormal: the absolute rounding no output can avoid."""
+    try:
+        info = np.finfo(dtype)
+    except (TypeError, ValueError):  # bfloat16 and the other ml_dtypes types
+        import ml_dtypes
+
+        info = ml_dtypes.finfo(dtype)
+    return 8 * float(info.smallest_subnormal)
 
 
 def _compare_sequences(name: str, ref, got, rtol, atol) -> OutputComparison:
@@ -104,19 +148,27 @@ def _compare_sequences(name: str, ref, got, rtol, atol) -> OutputComparison:
     if not parts:
         return OutputComparison(name, 0.0, 0.0, True, 0.0, rtol or 0.0, atol or 0.0, "empty sequences")
     return OutputComparison(name, max(p.max_abs for p in parts), max(p.max_rel for p in parts),
-                            all(p.passed for p in parts), max(p.min_rtol for p in parts), parts[0].rtol, parts[0].atol,
-                            f"sequence of {len(parts)} tensors, compared one by one")
+                            all(p.passed for p in parts), max(p.min_rtol for p in parts), parts[0].rtol,
+                            max(p.atol for p in parts), f"sequence of {len(parts)} tensors, compared one by one",
+                            sum(p.compared for p in parts))
 
 
-def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict[str, np.ndarray], *,
-                  providers: list[str], rtol: float | None = None, atol: float | None = None,
-                  threads: int = 1) -> list[VerificationEntry]:
-    """Run both models on every provider with graph optimizations disabled and enabled.
+def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
+                  feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]], *, providers: list[str],
+                  rtol: float | None = None, atol: float | None = None, threads: int = 1) -> list[VerificationEntry]:
+    """Run both models on every provider with graph optimizations disabled and enabled, on one set
+    of feeds or on each of a list of them (one session per model, provider and level serves all
+    sets; an output's figures are the worst over the sets, and it passes when it passes on each).
 
     A provider that does not really run here gives an entry with status ``unavailable``. When ONNX
     Runtime cannot run the *original* model at all (e.g. bfloat16 MatMul on CPU), both models are
-    compared in onnx's reference evaluator instead, and the entry says so.
+    compared in onnx's reference evaluator instead, and the entry says so. An entry that compared no
+    finite element, or whose inputs never took a rewritten ``If`` branch of the main graph, is
+    ``not verified`` (``passed`` False).
     """
+    sets = [feeds] if isinstance(feeds, dict) else list(feeds)
+    if not sets:
+        raise ValueError("verify_models needs at least one set of feeds")
     entries: list[VerificationEntry] = []
     with model_source(original) as src_a, model_source(rewritten) as src_b:
         for provider in providers:
@@ -127,11 +179,11 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: 
                     continue
                 try:
                     session_a = make_session(src_a, provider, optimization, threads)
-                    ref = session_a.run(None, feeds)
+                    refs = [session_a.run(None, f) for f in sets]
                 except Exception as exc:  # ORT raises its own types
                     reason = ort_error(exc)
                     if provider == CPU and optimization == "disabled":
-                        entries.append(_reference(original, rewritten, feeds, rtol, atol, reason))
+                        entries.append(_reference(original, rewritten, sets, rtol, atol, reason))
                     else:
                         entries.append(VerificationEntry(provider, optimization, None, "unavailable",
                                                          f"the original model does not run here: {reason}"))
@@ -140,26 +192,107 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: 
                 del session_a  # one model in memory at a time: large models need it
                 try:
                     session_b = make_session(src_b, provider, optimization, threads)
-                    got = session_b.run(None, feeds)
+                    gots = [session_b.run(None, f) for f in sets]
                 except Exception as exc:
                     entries.append(VerificationEntry(provider, optimization, False, "failed",
                                                      f"the rewritten model does not run: {ort_error(exc)}"))
                     continue
-                entries.append(_entry(provider, optimization, names, ref, got, rtol, atol))
+                del session_b
+                entries.append(_entry(provider, optimization, names, refs, gots, rtol, atol))
+    if any(e.status == "passed" for e in entries):
+        missed = unreached_branches(original, rewritten, sets, threads)
+        if missed:
+            why = (f"{'; '.join(missed)}: the rewrite there was never run, so nothing checks it; give --inputs "
+                   f"that reach it (or --force)")
+            for e in entries:
+                if e.status == "passed":
+                    e.status, e.passed = "not verified", False
+                    e.detail = f"{e.detail}; {why}" if e.detail else why
     return entries
 
 
-def _entry(provider, optimization, names, ref, got, rtol, atol, detail="") -> VerificationEntry:
-    outputs = [compare(n, a, b, rtol, atol) for n, a, b in zip(names, ref, got)]
+def _entry(provider, optimization, names, refs, gots, rtol, atol, detail="") -> VerificationEntry:
+    """One entry from the outputs of each input set (``refs[i]``, ``gots[i]``: one list per set)."""
+    outputs = [_worst([compare(n, ref[j], got[j], rtol, atol) for ref, got in zip(refs, gots)])
+               for j, n in enumerate(names)]
     passed = all(o.passed for o in outputs)
-    return VerificationEntry(provider, optimization, passed, "passed" if passed else "failed", detail, outputs)
+    status = "passed" if passed else "failed"
+    if passed and not sum(o.compared for o in outputs):
+        status, passed = "not verified", False
+        what = "no output element" if not any(np.size(r) for ref in refs for r in ref if not isinstance(r, list)) \
+            else "every output element is NaN or infinite"
+        note = (f"nothing was compared ({what} on {len(refs)} input set{'s' if len(refs) != 1 else ''}): "
+                f"give inputs with --inputs or --input-shape whose outputs are finite and not empty")
+        detail = f"{detail}; {note}" if detail else note
+    return VerificationEntry(provider, optimization, passed, status, detail, outputs)
 
 
-def _reference(original, rewritten, feeds, rtol, atol, ort_reason: str) -> VerificationEntry:
+def _worst(parts: list[OutputComparison]) -> OutputComparison:
+    """One output compared on several input sets: the worst figures; it passes if it passes on each."""
+    if len(parts) == 1:
+        return parts[0]
+    worst = max(parts, key=lambda p: (not p.passed, p.max_rel))
+    notes = list(dict.fromkeys(p.note for p in parts if p.note))
+    return OutputComparison(worst.name, max(p.max_abs for p in parts), max(p.max_rel for p in parts),
+                            all(p.passed for p in parts), max(p.min_rtol for p in parts), worst.rtol, worst.atol,
+                            "; ".join(notes), sum(p.compared for p in parts))
+
+
+def unreached_branches(original: onnx.ModelProto, rewritten: onnx.ModelProto, sets: list[dict],
+                       threads: int = 1) -> list[str]:
+    """The branches of ``If`` nodes of the main graph that the rewrite changed and that none of the
+    input ``sets`` takes (their condition read from a CPU run of ``original``).
+
+    If nodes inside subgraphs, and Loop/Scan bodies, are not followed: they are verified as far as
+    the inputs reach them.
+    """
+    before = {tuple(n.output): n for n in original.graph.node if n.op_type == "If" and n.domain in ("", "ai.onnx")}
+    changed = []  # (node, branch attribute names changed)
+    for node in rewritten.graph.node:
+        old = before.get(tuple(node.output)) if node.op_type == "If" else None
+        if old is None:
+            continue
+        graphs = {a.name: a.g for a in old.attribute if a.type == onnx.AttributeProto.GRAPH}
+        moved = [a.name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH and a.name in graphs
+                 and a.g.SerializeToString(deterministic=True) != graphs[a.name].SerializeToString(deterministic=True)]
+        if moved:
+            changed.append((old, moved))
+    if not changed:
+        return []
+    from .runtime import capture
+
+    conds = list(dict.fromkeys(node.input[0] for node, _ in changed))
+    try:
+        values = capture(original, conds, sets, threads)
+    except Exception as exc:  # ORT raises its own types; the check is a help, not a requirement
+        log.info("could not read the If conditions to see which branches ran: %s", first_line(exc))
+        return []
+    missed = []
+    for node, moved in changed:
+        taken = {bool(np.asarray(v[node.input[0]]).reshape(-1)[0]) for v in values}
+        for branch in moved:
+            if (branch == "then_branch" and True not in taken) or (branch == "else_branch" and False not in taken):
+                missed.append(f"the {branch} of If {node.name or node.output[0]!r} was taken by none of the "
+                              f"{len(sets)} input set{'s' if len(sets) != 1 else ''}")
+    return missed
+
+
+def _quiet_run(evaluator, feeds):
+    """A reference-evaluator run whose numpy warnings (NaN in a dot, overflow) are not printed: the
+    comparison judges the values."""
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return evaluator.run(None, feeds)
+
+
+def _reference(original, rewritten, sets, rtol, atol, ort_reason: str) -> VerificationEntry:
     from onnx.reference import ReferenceEvaluator
 
     try:
-        ref = ReferenceEvaluator(original).run(None, feeds)
+        evaluator = ReferenceEvaluator(original)
+        refs = [_quiet_run(evaluator, f) for f in sets]
     except Exception as exc:
         raise InputError(
             f"the input model runs neither in ONNX Runtime ({ort_reason}) nor in onnx's reference evaluator "
@@ -167,12 +300,13 @@ def _reference(original, rewritten, feeds, rtol, atol, ort_reason: str) -> Verif
             f"or skip with --no-verify") from None
     names = [o.name for o in original.graph.output]
     try:
-        got = ReferenceEvaluator(rewritten).run(None, feeds)
+        evaluator = ReferenceEvaluator(rewritten)
+        gots = [_quiet_run(evaluator, f) for f in sets]
     except Exception as exc:
         return VerificationEntry(REFERENCE, "n/a", False, "failed",
                                  f"the rewritten model does not run: {first_line(exc)}")
     log.info("ONNX Runtime cannot run the original (%s); verified with onnx.reference", ort_reason)
-    return _entry(REFERENCE, "n/a", names, ref, got, rtol, atol,
+    return _entry(REFERENCE, "n/a", names, refs, gots, rtol, atol,
                   f"ONNX Runtime cannot run the original ({ort_reason}); compared in onnx's reference evaluator")
 
 

@@ -139,3 +139,21 @@ def test_ir3_weights_are_graph_inputs_and_the_reason_says_how_to_split_them():
     model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [8, 6]))
     reason = _one(model).reason
     assert "initializer default" in reason and "IR >= 4" in reason
+
+
+def test_a_deep_chain_gives_short_reasons_so_the_pass_stays_linear():
+    """200 chained MatMul -> Tanh layers, then a MatMul whose right operand is the last activation:
+    its reason names the root cause, not every layer (nested reasons grew with depth: O(n^2))."""
+    rng = np.random.default_rng(0)
+    nodes, inits, h = [], [], "x"
+    for i in range(200):
+        inits.append(numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"W{i}"))
+        nodes += [helper.make_node("MatMul", [h, f"W{i}"], [f"m{i}"], name=f"fc{i}"),
+                  helper.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"act{i}")]
+        h = f"t{i}"
+    nodes.append(helper.make_node("MatMul", ["x", h], ["y"], name="last"))
+    g = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])], inits)
+    sites = find_sites(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert len(sites) == 201 and all(s.reason is None for s in sites[:200])
+    assert sites[-1].reason.startswith("weight 't199' is not constant: ") and len(sites[-1].reason) < 200

@@ -93,3 +93,13 @@ def test_sequence_outputs_are_compared_element_by_element():
     assert not worse.passed and worse.max_abs == pytest.approx(1.0) and "sequence of 2" in worse.note
     assert not compare("s", a, a[:1]).passed
     assert compare("s", [], []).passed
+
+
+def test_compare_prints_no_numpy_warning_on_infinite_or_huge_values():
+    import warnings
+
+    ref = np.array([np.inf, -np.inf, 1e308, 1.0], np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning is printed on stderr by the CLI: a second line
+        assert compare("y", ref, ref.copy()).passed
+        assert not compare("y", ref, np.array([np.inf, -np.inf, -1e308, 1.0])).passed
