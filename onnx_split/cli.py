@@ -257,8 +257,10 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
         if error is not None and error.met is False:
             what = (f"--tolerance {error.tolerance:g} NOT MET on held-out data (relative output error "
                     f"{error.held_out:.4g} > {error.tolerance:g})")
-        else:
+        elif any(v.status == "failed" for v in report.verification) or report.checker.get("passed") is False:
             what = "VERIFICATION FAILED"
+        else:
+            what = "NOT VERIFIED (nothing finite was compared, or a rewritten branch was never taken)"
         if force:
             print(f"{what}; wrote {out_path} anyway (--force)", file=sys.stderr)
         else:

@@ -18,7 +18,7 @@ from .plans import PLANNERS
 from .plans.base import LEVELS
 from .pruned import ErrorReport
 from .rewrite import FORMS
-from .text import columns, percent
+from .text import chain_label, columns, percent, plural
 from .verify import VerificationEntry
 
 
@@ -128,10 +128,10 @@ class SplitReport:
         for c in self.chains:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
                     else f"split into {c.parts} part{'s' if c.parts != 1 else ''}")
-            lines.append(f"{' -> '.join(c.sites)}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
+            lines.append(f"{chain_label(c.sites)}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
                          f"{'s' if c.boundary_gathers != 1 else ''} on activations")
         for t in self.tuning:
-            lines.append(f"autotune {' -> '.join(t.chain)}: {t.reason}")
+            lines.append(f"autotune {chain_label(t.chain)}: {t.reason}")
         if self.checker:
             lines.append("onnx checker (full): " + ("passed" if self.checker.get("passed") else
                                                     f"FAILED: {self.checker.get('error')}"))
@@ -179,10 +179,18 @@ def _short(provider: str) -> str:
     return provider.replace("ExecutionProvider", "")
 
 
+TABLE_ROWS = 60
+"""The text table shows at most this many sites (split ones first); the JSON report has all."""
+
+
 def _sites_table(sites: list[SiteReport]) -> str:
     header = ("node", "op", "shape", "parts", "FLOPs/row before -> after", "decision")
     rows = []
-    for s in sites:
+    keep = set(range(len(sites)))
+    if len(sites) > TABLE_ROWS:
+        keep = set(sorted(keep, key=lambda i: (sites[i].decision != "split", i))[:TABLE_ROWS])
+    shown = [s for i, s in enumerate(sites) if i in keep]
+    for s in shown:
         shape = "x".join(map(str, s.shape)) if s.shape else "-"
         flops = f"{s.flops_before:,} -> {s.flops_after:,}" if s.decision == "split" else (
             f"{s.flops_before:,}" if s.flops_before else "-")
@@ -193,7 +201,13 @@ def _sites_table(sites: list[SiteReport]) -> str:
         rows.append((node, s.op_type, shape, str(s.parts or "-"), flops, decision))
     if not rows:
         return "no MatMul or Gemm nodes found"
-    return "\n".join(columns([header] + rows))
+    lines = columns([header] + rows)
+    if len(shown) < len(sites):
+        rest = [s for i, s in enumerate(sites) if i not in keep]
+        split = sum(s.decision == "split" for s in rest)
+        lines.append(f"... and {plural(len(rest), 'more site')} ({split:,} split, {len(rest) - split:,} kept): "
+                     f"every site is in the JSON report (--report)")
+    return "\n".join(lines)
 
 
 def _finite(value):

@@ -11,7 +11,15 @@ def percent(fraction: float) -> str:
 
 
 def plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def chain_label(names: list[str], most: int = 6) -> str:
+    """``a -> b -> c``; a longer chain as its first two and last names and its length, so a line
+    stays short however many layers it has."""
+    if len(names) <= most:
+        return " -> ".join(names)
+    return f"{names[0]} -> {names[1]} -> ... -> {names[-1]} ({len(names):,} layers)"
 
 
 def columns(rows: list[tuple[str, ...]], pad_last: bool = False) -> list[str]:
