@@ -125,13 +125,15 @@ class SplitReport:
         split_after = sum(s.flops_after for s in self.sites if s.decision == "split")
         lines.append(f"{self.n_split} of {len(self.sites)} MatMul/Gemm sites split"
                      + (f"; their FLOPs per row {split_before:,} -> {split_after:,}" if self.n_split else ""))
+        chains = []
         for c in self.chains:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
                     else f"split into {c.parts} part{'s' if c.parts != 1 else ''}")
-            lines.append(f"{chain_label(c.sites)}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
-                         f"{'s' if c.boundary_gathers != 1 else ''} on activations")
-        for t in self.tuning:
-            lines.append(f"autotune {chain_label(t.chain)}: {t.reason}")
+            chains.append(f"{chain_label(c.sites)}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
+                          f"{'s' if c.boundary_gathers != 1 else ''} on activations")
+        lines += _capped(chains, "rewrite")
+        lines += _capped([f"autotune {chain_label(t.chain)}: {t.reason}" for t in self.tuning], "tuned unit",
+                         [t.choice for t in self.tuning])
         if self.checker:
             lines.append("onnx checker (full): " + ("passed" if self.checker.get("passed") else
                                                     f"FAILED: {self.checker.get('error')}"))
@@ -177,6 +179,24 @@ def _error_line(e: ErrorReport) -> str:
 
 def _short(provider: str) -> str:
     return provider.replace("ExecutionProvider", "")
+
+
+LIST_LINES = 20
+"""Chain and autotune lines shown in the text; the JSON report has all."""
+
+
+def _capped(lines: list[str], what: str, kinds: list[str] | None = None) -> list[str]:
+    """At most LIST_LINES of ``lines``, then one line counting the rest (by ``kinds``, if given)."""
+    if len(lines) <= LIST_LINES:
+        return lines
+    rest = len(lines) - LIST_LINES
+    counts = ""
+    if kinds is not None:
+        tally: dict[str, int] = {}
+        for kind in kinds[LIST_LINES:]:
+            tally[kind] = tally.get(kind, 0) + 1
+        counts = " (" + ", ".join(f"{n:,} {k}" for k, n in sorted(tally.items(), key=lambda kv: -kv[1])) + ")"
+    return lines[:LIST_LINES] + [f"... and {plural(rest, 'more ' + what)}{counts}: all are in the JSON report"]
 
 
 TABLE_ROWS = 60

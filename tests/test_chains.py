@@ -619,3 +619,30 @@ def test_link_is_refused(case):
     assert result.report.n_split == len(result.report.sites)
     _assert_verified(result)
     _assert_same_outputs(model, result.model, _x(7))
+
+
+def test_a_long_chain_is_cut_into_bounded_chains_and_its_lines_stay_short(monkeypatch, capsys, tmp_path):
+    """Tuning times each chain as one model, and ORT's session building grows faster than the graph:
+    chains are cut every planning.MAX_CHAIN layers; the text names long chains by their ends."""
+    import onnx_split.planning as planning
+    from onnx_split.cli import main
+
+    monkeypatch.setattr(planning, "MAX_CHAIN", 4)
+    rng = np.random.default_rng(12)
+    layers = 10
+    weights = chained_blocks(rng, [16] * (layers + 1), 2)
+    model = chain_model(weights, [[feature_wise("Relu", rng)] for _ in range(layers - 1)], ["N", 16])
+    result = split_model(model, SplitConfig(layout="parallel", min_elements=0, bench=False))
+    assert [len(c.sites) for c in result.report.chains] == [4, 4, 2]
+    assert result.report.verification_passed
+    monkeypatch.setattr(planning, "MAX_CHAIN", 64)
+    layers = 80
+    weights = chained_blocks(rng, [8] * (layers + 1), 2)
+    model = chain_model(weights, [[feature_wise("Relu", rng)] for _ in range(layers - 1)], ["N", 8])
+    path = tmp_path / "long.onnx"
+    onnx.save(model, str(path))
+    assert main([str(path), str(tmp_path / "out.onnx"), "--layout", "parallel", "--min-elements", "0",
+                 "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    assert "fc0 -> fc1 -> ... -> fc63 (64 layers)" in out
+    assert max(len(line) for line in out.splitlines()) < 220
