@@ -57,3 +57,33 @@ class Split:
 
 
 Decision = Kept | Planned | Split
+
+
+def after_forms(decisions: dict[int, Decision], units: list[Unit], forms: dict[int, str],
+                reasons: dict[int, str]) -> dict[int, Decision]:
+    """New decisions: the sites of every unit the tuner kept dense are kept, with its reason."""
+    new = dict(decisions)
+    for u, form in forms.items():
+        if form == "dense":
+            for i in units[u].sites:
+                new[i] = Kept("tune", f"--layout auto {reasons[u]}", decisions[i].facts)
+    return new
+
+
+def after_rewrite(decisions: dict[int, Decision], units: list[Unit], written: dict[int, tuple[str, str]],
+                  refused: dict[int, str]) -> dict[int, Decision]:
+    """New decisions: the sites of written units are split (``written``: unit -> (form, layout)),
+    those of refused units kept with the form's reason."""
+    new = dict(decisions)
+    for u, unit in enumerate(units):
+        for layer, i in enumerate(unit.sites):
+            if u in refused:
+                new[i] = Kept("rewrite", refused[u], decisions[i].facts)
+            elif u in written:
+                new[i] = Split(u, layer, *written[u], unit.reasons[layer], decisions[i].facts)
+    return new
+
+
+def undone(decisions: dict[int, Decision], why: str) -> dict[int, Decision]:
+    """New decisions when the original is written after all: every split undone, with why."""
+    return {i: Kept("whole-model", why, d.facts, undone=d) if isinstance(d, Split) else d for i, d in decisions.items()}

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from . import writes
 from .errors import ModelLoadError, OutputError, first_line
 from .external_data import check_external_data
+from .protos import without_weights
 from .validate import check_shapes
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
@@ -79,14 +80,6 @@ def is_large(model: onnx.ModelProto) -> bool:
             size += count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             size += 32 + len(t.name) + 11 * len(t.dims)  # tags, lengths, name, dims: a safe upper bound
     return size >= PROTOBUF_LIMIT
-
-
-def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model without its main graph's initializers (cheap: no weight data)."""
-    header = onnx.ModelProto()
-    _copy_fields(model, header, skip="graph")
-    _copy_fields(model.graph, header.graph, skip="initializer")
-    return header
 
 
 def save_model(
@@ -187,19 +180,6 @@ def _write_external(model: onnx.ModelProto, data_fd: int, data_name: str, thresh
             offset += len(raw)
             del raw
     return header
-
-
-def _copy_fields(src, dst, skip: str) -> None:
-    """Copy every set field of message ``src`` into ``dst`` except ``skip``."""
-    for desc, value in src.ListFields():
-        if desc.name == skip:
-            continue
-        if desc.is_repeated:
-            getattr(dst, desc.name).extend(value)
-        elif desc.type == desc.TYPE_MESSAGE:
-            getattr(dst, desc.name).CopyFrom(value)
-        else:
-            setattr(dst, desc.name, value)
 
 
 def external_data_files(model: onnx.ModelProto, base: Path) -> set[Path]:

@@ -19,7 +19,7 @@ import onnx
 
 from .bench import benchmark_models
 from .config import DEFAULT_LOSSY, SplitConfig
-from .decisions import Kept, Split
+from .decisions import Split, after_forms, after_rewrite, undone
 from .errors import InputError
 from .inputs import verification_sets
 from .lossy import SurveyRow, lossy_units, plan_lossy, survey
@@ -66,7 +66,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
 
     if config.lossy:                                       # plan: what each site would become
         lossy = plan_lossy(model, sites, config, progress)
-        decisions, units = dict(lossy.decisions), lossy_units(sites, lossy.decisions)
+        decisions, units = lossy.decisions, lossy_units(sites, lossy.decisions)
         notes += lossy.notes
     else:
         lossy = None
@@ -80,19 +80,10 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         points, inputs = measuring_points(original, config)
 
     forms, tuning = _forms(original, units, config, points, providers, notes, progress)   # which form
-    for u, form in forms.items():
-        if form == "dense":
-            for i in units[u].sites:
-                decisions[i] = Kept("tune", f"--layout auto {tuning[u].reason}", decisions[i].facts)
+    decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
 
     written, refused = _rewrite(model, units, forms, config)                              # rewrite
-    for u, unit in enumerate(units):
-        for layer, i in enumerate(unit.sites):
-            if u in refused:
-                decisions[i] = Kept("rewrite", refused[u], decisions[i].facts)
-            elif u in written:
-                decisions[i] = Split(u, layer, written[u].form, written[u].layout, unit.reasons[layer],
-                                     decisions[i].facts)
+    decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
 
     approximated = {i: units[u].plan.effective_weight(layer, sites[i].weight)    # what the rewrite multiplies by
                     for u in written if units[u].plan.approximates for layer, i in enumerate(units[u].sites)}
@@ -151,8 +142,7 @@ def _load(model_or_path, caller: str) -> tuple[str | None, onnx.ModelProto]:
 def _undo(original, decisions: dict, error, why: str):
     """The original model written instead of the rewrite: every split undone (with why), and an
     output error of 0."""
-    decisions = {i: Kept("whole-model", why, d.facts, undone=d) if isinstance(d, Split) else d
-                 for i, d in decisions.items()}
+    decisions = undone(decisions, why)
     if error is not None:
         error = dataclasses.replace(error, data=error.data + "; the original was written, so its error is 0",
                                     search=0.0, held_out=0.0, met=None if error.tolerance is None else True)

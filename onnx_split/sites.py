@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import first_line
-from .model_io import without_weights
+from .protos import without_weights
 
 SUPPORTED_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import onnx
 
 from .errors import ModelLoadError, first_line
+from .protos import without_weights
 
 STUB_BYTES = 1 << 16
 
@@ -26,8 +27,6 @@ def check_shapes(model: onnx.ModelProto, source: str = "the model") -> None:
     """Raise :class:`ModelLoadError` (one line) if a tensor has an unknown data type or strict shape
     inference rejects ``model``."""
     from onnx.external_data_helper import _get_all_tensors
-
-    from .model_io import without_weights
 
     try:
         _decode_strings(model)
