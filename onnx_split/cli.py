@@ -201,7 +201,7 @@ def _run(args, written: list[Path]) -> int:
     report = result.report
     report.input, report.output = str(in_path), str(out_path)
     passed = report.verification_passed
-    ok = passed is not False
+    ok = passed is True or (passed is None and not config.verify)  # asked to verify and nothing ran: not ok
     staged = []
     try:
         if ok or args.force:
@@ -237,9 +237,12 @@ def _batches(text: str | None) -> tuple[int, ...]:
     if text is None:
         return ()
     try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
+        batches = tuple(int(b) for b in text.split(",") if b.strip())
     except ValueError:
-        raise OnnxSplitError(f"--batch wants whole numbers like 1,32, got {text!r}") from None
+        batches = ()
+    if not batches:
+        raise OnnxSplitError(f"--batch wants whole numbers like 1,32, got {text!r}")
+    return batches
 
 
 def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
@@ -259,6 +262,8 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
                     f"{error.held_out:.4g} > {error.tolerance:g})")
         elif any(v.status == "failed" for v in report.verification) or report.checker.get("passed") is False:
             what = "VERIFICATION FAILED"
+        elif not any(v.status == "not verified" for v in report.verification):
+            what = "NOT VERIFIED (no provider ran the models)"
         else:
             what = "NOT VERIFIED (nothing finite was compared, or a rewritten branch was never taken)"
         if force:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ points on average), and metis is 1.3x faster in total. (Held-out accuracy on the
 docs/SIGNIFICANCE.md favours neither everywhere.)"""
 SCORES = ("auto", "magnitude", "activation")
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+"""More ORT intra-op threads than this only oversubscribes the machine (and can take minutes)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,12 @@ class SplitConfig:
         object.__setattr__(self, "batches", batches)
         if self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
+        if self.threads > MAX_THREADS:
+            raise InputError(f"--threads {self.threads} is more than {MAX_THREADS} (4 per core of this machine)")
+        if self.seed < 0:
+            raise InputError(f"--seed must be >= 0, got {self.seed}")
+        if self.providers is not None and not [p for p in self.providers if str(p).strip()]:
+            raise InputError("--providers names no provider: give cpu, cuda or both (or leave it out)")
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(normalize_provider(p) for p in self.providers))
         shapes = {str(k): tuple(int(d) for d in v) for k, v in dict(self.input_shapes).items()}

@@ -5,6 +5,7 @@ The pass keeps the input's IR version and opsets; nothing here changes them.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +135,9 @@ def stage_model(
         if isinstance(exc, (OSError, ValueError, EncodeError)):
             raise OutputError(f"cannot write {out}: {first_line(exc)}") from None
         raise
+    kept = {Path(p).resolve() for p in protect}  # the input's own data is never a leftover
     return writes.Staged(out, tmp, fd, extra, after=lambda: writes.remove_unreferenced_data(
-        out, lambda: _references(out)))
+        out, lambda: _references(out), keep=kept))
 
 
 def _references(model_path: Path) -> set[Path] | None:
@@ -208,6 +210,15 @@ def check_destination(path: str | os.PathLike, what: str = "output") -> Path:
         raise OutputError(f"{what} directory is not a directory: {parent}")
     if out.is_dir():
         raise OutputError(f"{what} path is a directory: {out}")
+    try:
+        info = out.stat()  # through a link: what the name stands for now
+    except FileNotFoundError:
+        info = None  # a new name, or a dangling link (the link is replaced)
+    except OSError as exc:
+        raise OutputError(f"{what} path cannot be examined: {out}: {first_line(exc)}") from None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise OutputError(f"{what} path is not a regular file (a device, FIFO or socket): {out}; "
+                          f"onnx_split replaces the file at its destination, choose a file path")
     return parent
 
 
@@ -257,6 +268,10 @@ def plan_destinations(
         for used in (_references(out) or ()) if rep.exists() else ():  # only an existing file can be in use
             if _same_file(rep, used):
                 raise OutputError(f"--report {rep} is the external data of the existing {out}; choose another")
+    for path, what in ((out, "output"), (rep, "--report")):
+        if path is not None and writes.is_onnx_split_data(path):  # another model's weights
+            raise OutputError(f"{what} path {path} is the external data file of a model onnx_split wrote; "
+                              f"choose another")
     dest = Destinations(out, rep, f"{out.name}.<id>.data")
     for folder, what in zip(dest.directories, ("output", "--report")):
         writes.probe_writable(folder, what)

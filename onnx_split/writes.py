@@ -181,8 +181,19 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def remove_unreferenced_data(output: Path, referenced: Callable[[], set[Path] | None]) -> list[Path]:
-    """Remove onnx_split's external data files of ``output`` that its current model does not use.
+def is_onnx_split_data(path: Path) -> bool:
+    """Whether ``path`` is an external data file onnx_split wrote (its magic header)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(DATA_MAGIC)) == DATA_MAGIC
+    except OSError:
+        return False
+
+
+def remove_unreferenced_data(output: Path, referenced: Callable[[], set[Path] | None],
+                             keep: set[Path] = frozenset()) -> list[Path]:
+    """Remove onnx_split's external data files of ``output`` that its current model does not use
+    (never one of ``keep``: the run's inputs, e.g. the input model's own data).
 
     ``referenced()`` reads the files the model at ``output`` refers to now (None: unknown, remove
     nothing); it is asked only once a file's lock is held, so a file about to be published (whose
@@ -199,7 +210,7 @@ def remove_unreferenced_data(output: Path, referenced: Callable[[], set[Path] | 
             if os.pread(fd, len(DATA_MAGIC), 0) != DATA_MAGIC:
                 return False  # not a file onnx_split wrote
             refs = referenced()
-            return refs is not None and path.resolve() not in refs
+            return refs is not None and path.resolve() not in refs and path.resolve() not in keep
 
         if _remove_if_unused(path, unused):
             removed.append(path)
