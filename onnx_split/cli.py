@@ -157,6 +157,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def entry() -> None:
+    """The console entry point: :func:`main`, then exit with its code. Once main has returned, the
+    run is over and its last line printed, so SIGINT and SIGTERM are ignored while the interpreter
+    shuts down (ONNX Runtime's teardown takes a moment): a late signal cannot turn a finished run's
+    exit code into 130/143 with no line."""
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def _run(args, written: list[Path]) -> int:
     config = SplitConfig(
         threshold=args.threshold, max_parts=args.max_parts, min_elements=args.min_elements, layout=args.layout,
@@ -299,4 +311,4 @@ class _ProgressBar:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

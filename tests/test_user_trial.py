@@ -94,3 +94,21 @@ def test_a_forced_run_where_no_provider_ran_does_not_exit_0(model, tmp_path, cap
     assert main([str(model), str(out), "--providers", "cuda", "--force"] + QUICK) == 1
     assert out.exists()  # --force writes anyway
     assert "NOT VERIFIED (no provider ran the models)" in capsys.readouterr().err
+
+
+def test_a_signal_after_the_run_finished_does_not_change_its_exit_code(model, tmp_path):
+    """Once the last line is printed the run is over: a SIGTERM during the interpreter's shutdown
+    (ONNX Runtime's teardown takes a moment) leaves exit 0 and the written files."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_split", str(model), str(out)] + QUICK,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("wrote "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.exists()
