@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .sites import Site, node_graphs, subgraphs, walk_graphs
+from .sites import Site, node_graphs, walk_graphs
 
 UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Erf", "Elu", "Selu", "Celu", "Softplus",
                    "Softsign", "HardSigmoid", "HardSwish", "ThresholdedRelu", "Abs", "Neg", "Exp", "Mish",

@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "become independent sub-networks, with no Concat/Slice between them)")
     g = p.add_argument_group("lossy splitting (drops the weights outside the parts' blocks)")
     g.add_argument("--partitioner", choices=PARTITIONERS, default=None,
-                   help=f"components (default without a budget): exact, lossless; metis (default with a budget) or "
-                        f"spectral: balanced block-diagonal parts under row/column permutations keeping the most "
-                        f"significance; tiles: static b x b tiles, the most significant kept; random: a random "
-                        f"balanced partition (a baseline)")
+                   help=f"components (default without a budget): exact, lossless; {DEFAULT_LOSSY} (default with a "
+                        f"budget) or spectral: balanced block-diagonal parts under row/column permutations keeping "
+                        f"the most significance; tiles: static b x b tiles, the most significant kept; random: a "
+                        f"random balanced partition (a baseline)")
     g.add_argument("--parts", type=int, default=None, metavar="G",
                    help="budget: G balanced parts per site (at most --max-parts and the weight's smaller side)")
     g.add_argument("--keep", type=float, default=None, metavar="F",

@@ -13,7 +13,6 @@ from onnx_split import SplitConfig, split_model
 from onnx_split.bench import LatencyEntry
 from onnx_split.cli import main
 from onnx_split.errors import InputError
-from onnx_split.report import SplitReport
 from onnx_split.tune import whole_model_verdict
 
 CPU = "CPUExecutionProvider"
