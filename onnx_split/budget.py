@@ -3,20 +3,15 @@
 - ``--parts G``: the planner's plan of G parts;
 - ``--keep F``: the cheapest plan that keeps at least F of the site's significance;
 - ``--flops F``: the plan that keeps the most significance at most F of the dense FLOPs;
-- ``--tolerance E``: :func:`search` over every site's ladder of plans (2/4/8/16 parts, or 1/2 ..
-  1/16 of the tiles), for the largest saving whose model output error stays within E.
-
-Pure numpy: the error of a choice is measured by the caller's function (pruned.Evaluator).
+- ``--tolerance E``: allocate.py shares E among every site's ladder of plans (2/4/8/16 parts, or
+  1/2 .. 1/16 of the tiles), from measured estimates (lossy.py).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable
 
 from .plans import Planner, WeightPlan, planner_for
 from .plans.base import LEVELS
 
-__all__ = ["LEVELS", "SearchResult", "by_budget", "make_planner", "refusal", "search"]
+__all__ = ["LEVELS", "by_budget", "make_planner", "refusal"]
 
 
 def make_planner(scores, config, cost, score: str | None) -> Planner:
@@ -42,49 +37,3 @@ def refusal(planner: Planner, config) -> str:
         if getattr(config, name) is not None:
             return planner.refusal(name, getattr(config, name), config.max_parts)
     raise ValueError("no --parts, --keep or --flops budget")
-
-
-@dataclass
-class SearchResult:
-    choice: dict[int, WeightPlan]  # site -> its plan (sites left dense are absent)
-    error: float  # of the choice, on the search samples
-    evaluations: int
-    stopped: dict[int, tuple[WeightPlan, float, bool]]
-    """site -> the next step that broke the budget, its error, and whether other sites' plans were in
-    that trial"""
-
-
-def search(ladders: dict[int, list[WeightPlan]], error: Callable[[dict[int, WeightPlan]], float], tolerance: float
-           ) -> SearchResult:
-    """Greedy descent: start dense; at each step try moving each site one rung down its ladder and
-    take the move with the most FLOPs saved per unit of added error among those that keep the
-    error within ``tolerance``; a site whose next rung breaks the budget stops there."""
-    choice: dict[int, WeightPlan] = {}
-    stopped: dict[int, tuple[WeightPlan, float, bool]] = {}
-    rung = {i: 0 for i in ladders if ladders[i]}
-    now, evaluations = 0.0, 0
-    while rung:
-        best = None
-        for i in list(rung):
-            option = ladders[i][rung[i]]
-            trial = {**choice, i: option}
-            err = error(trial)
-            evaluations += 1
-            if not err <= tolerance:  # NaN breaks the budget too
-                stopped[i] = (option, err, any(j != i for j in choice))
-                del rung[i]
-                continue
-            before = choice[i].flops if i in choice else 1.0
-            gain = (before - option.flops) * option.macs_dense()
-            added = err - now
-            key = (added <= 0, gain / max(added, 1e-12))
-            if best is None or key > best[0]:
-                best = (key, i, option, err)
-        if best is None:
-            break
-        _, i, option, now = best
-        choice[i] = option
-        rung[i] += 1
-        if rung[i] >= len(ladders[i]):
-            del rung[i]
-    return SearchResult(choice, now, evaluations, stopped)

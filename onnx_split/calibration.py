@@ -28,6 +28,21 @@ class Calibration:
     source: str
     """Where the samples come from, for the report (file and counts, or "seeded random inputs")."""
     random: bool = False
+    batched: tuple[str, ...] = ()
+    """The inputs whose first axis is the sample axis (the others, scalars, go with every batch)."""
+    batch_size: int = 64
+    """Samples per run when the calibration is streamed (``--calibration-batch``)."""
+
+    def batches(self, part: str) -> list[dict[str, np.ndarray]]:
+        """``search`` or ``held_out`` as feeds of at most ``batch_size`` samples each (views, not
+        copies); the same list object every time, so evaluators can keep its reference outputs."""
+        cache = self.__dict__.setdefault("_batches", {})
+        if part not in cache:
+            feeds = getattr(self, part)
+            n, size = _count(feeds), max(1, self.batch_size)
+            cache[part] = [{k: (v[start:start + size] if k in self.batched else v) for k, v in feeds.items()}
+                           for start in range(0, max(n, 1), size)]
+        return cache[part]
 
     @property
     def n_search(self) -> int:
@@ -47,7 +62,8 @@ def _count(feeds: dict[str, np.ndarray]) -> int:
     return max((int(v.shape[0]) for v in feeds.values() if v.ndim), default=0)
 
 
-def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float = 0.25, seed: int = 0) -> Calibration:
+def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float = 0.25, seed: int = 0,
+                     batch_size: int = 64) -> Calibration:
     """Read and check ``path`` against the model's inputs; split it into search and held-out samples."""
     p = Path(path)
     specs = graph_inputs(model)
@@ -89,11 +105,13 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, holdout: float
     if n < 2:
         raise InputError(f"--calibration needs at least 2 samples (some are held out), {p} has {n}")
     search, held = _split(arrays, batched, n, holdout, seed)
-    return Calibration(search, held, f"{p.name}: {_samples(search)} searched, {_count(held)} held out")
+    return Calibration(search, held, f"{p.name}: {_samples(search)} searched, {_count(held)} held out",
+                       batched=tuple(batched), batch_size=batch_size)
 
 
 def random_calibration(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *, holdout: float = 0.25,
-                       seed: int = 0, samples: int = RANDOM_SAMPLES, purpose: str = "--tolerance") -> Calibration:
+                       seed: int = 0, samples: int = RANDOM_SAMPLES, purpose: str = "--tolerance",
+                       batch_size: int = 64) -> Calibration:
     """Seeded random samples (standard normal floats) in place of real calibration data.
 
     ``purpose`` names what needs the samples, for the error raised when the model's inputs have a
@@ -112,7 +130,8 @@ def random_calibration(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     feeds, _ = make_feeds(model, batch_shapes(model, samples, shapes), None, seed)
     search, held = _split(feeds, batched, samples, holdout, seed)
     return Calibration(search, held, f"seeded random inputs (seed {seed}): {_samples(search)} searched, "
-                                     f"{_count(held)} held out; give --calibration FILE.npz for real data", random=True)
+                                     f"{_count(held)} held out; give --calibration FILE.npz for real data", random=True,
+                       batched=tuple(batched), batch_size=batch_size)
 
 
 def _split(arrays: dict[str, np.ndarray], batched: list[str], n: int, holdout: float, seed: int):

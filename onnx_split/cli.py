@@ -78,9 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile", type=int, default=D["tile"], metavar="B", help=f"tile size of --partitioner tiles ({D['tile']})")
     g.add_argument("--holdout", type=float, default=D["holdout"],
                    help=f"fraction of calibration samples held out of the search to check the result ({D['holdout']:g})")
+    g.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="drop the weights outside the kept blocks as they are, instead of refitting the kept ones to "
+                        "reproduce each layer's original output on the calibration data (the default)")
+    g.add_argument("--calibration-batch", type=int, default=D["calibration_batch"], metavar="N",
+                   help=f"calibration samples per ORT run; activations are summed batch by batch "
+                        f"({D['calibration_batch']})")
+    g.add_argument("--search-seconds", type=float, default=None, metavar="S",
+                   help="wall-clock limit of the --tolerance search: then the best choice measured within the "
+                        "tolerance so far is kept (default: none)")
     g.add_argument("--dry-run", action="store_true",
                    help="print each site's retained significance and FLOPs at 2/4/8/16 parts (with --calibration also the "
-                        "output error of each alone); write nothing")
+                        "layer error and the estimated output error of each alone); write nothing")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
@@ -179,7 +188,8 @@ def _run(args, written: list[Path]) -> int:
         tune_seconds=args.tune_seconds, min_speedup=args.min_speedup,
         partitioner=args.partitioner or (DEFAULT_LOSSY if args.dry_run else D["partitioner"]), parts=args.parts,
         keep=args.keep, flops=args.flops, tolerance=args.tolerance, calibration=args.calibration, score=args.score,
-        tile=args.tile, holdout=args.holdout,
+        tile=args.tile, holdout=args.holdout, refit=args.refit, calibration_batch=args.calibration_batch,
+        search_seconds=args.search_seconds,
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")

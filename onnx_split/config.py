@@ -91,6 +91,16 @@ class SplitConfig:
     """Tile size b of ``--partitioner tiles``."""
     holdout: float = 0.25
     """Fraction of the calibration samples held out of the search to check the result on."""
+    refit: bool = True
+    """Lossy: solve the kept blocks (and a Gemm's constant bias) for the weights that best
+    reproduce each layer's original output on the calibration data (least squares, damped),
+    sequentially so that each site is fitted on the outputs of the sites rewritten before it."""
+    calibration_batch: int = 64
+    """Calibration samples per ORT run: activations are summed batch by batch, never held for all
+    samples at once."""
+    search_seconds: float | None = None
+    """Wall-clock limit of the ``--tolerance`` search; when it runs out, the best choice measured
+    within the tolerance so far is kept (sites not yet measured stay dense)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -157,6 +167,13 @@ class SplitConfig:
             raise InputError(f"--tolerance must be >= 0, got {self.tolerance}")
         if self.tile < 1:
             raise InputError(f"--tile must be >= 1, got {self.tile}")
+        if isinstance(self.calibration_batch, bool) or not isinstance(self.calibration_batch, int) \
+                or self.calibration_batch < 1:
+            raise InputError(f"--calibration-batch must be a whole number >= 1, got {self.calibration_batch!r}")
+        if self.search_seconds is not None:
+            _finite_number("search-seconds", self.search_seconds, "> 0")
+            if not self.search_seconds > 0:
+                raise InputError(f"--search-seconds must be > 0, got {self.search_seconds}")
         if not 0 < self.holdout < 1:
             raise InputError(f"--holdout must be a fraction in (0, 1), got {self.holdout}")
         if self.partitioner == "tiles" and self.parts is not None:

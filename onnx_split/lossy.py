@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
 import onnx
 
-from .budget import LEVELS, by_budget, make_planner, refusal, search
+from . import fitting
+from .allocate import Option, allocate, back_off, estimate
+from .budget import LEVELS, by_budget, make_planner, refusal
 from .calibration import Calibration, load_calibration, random_calibration
 from .chains import Chain
 from .config import SplitConfig
@@ -23,7 +28,7 @@ from .errors import InputError
 from .planning import site_decisions
 from .pruned import ErrorReport, Evaluator
 from .rewrite import cost_form, cost_rule
-from .significance import feature_norms, site_scores
+from .significance import site_scores
 from .sites import Site
 from .text import percent
 
@@ -39,16 +44,19 @@ class Lossy:
     evaluator: Evaluator | None
     evaluations: int = 0
     notes: list[str] = field(default_factory=list)
+    trace: list[dict] = field(default_factory=list)
+    """``--tolerance``: every whole-model confirmation of the search ({flops, error, accepted})"""
 
-    def error(self, weights: dict[int, object], tolerance: float | None) -> tuple[ErrorReport | None, list[str]]:
-        """The relative output error of the model whose sites ``weights`` read those weights (the
-        written plans' effective weights), and notes."""
+    def error(self, weights: dict[int, object], tolerance: float | None,
+              biases: dict[int, object] | None = None) -> tuple[ErrorReport | None, list[str]]:
+        """The relative output error of the model whose sites ``weights`` (and Gemm ``biases``) read
+        those values (the written plans' effective weights), and notes."""
         if self.calibration is None or self.evaluator is None:
             return None, []
         cal = self.calibration
         try:
-            search_err = self.evaluator.error(cal.search, weights)
-            held = self.evaluator.error(cal.held_out, weights)
+            search_err = self.evaluator.error(cal.batches("search"), weights, biases)
+            held = self.evaluator.error(cal.batches("held_out"), weights, biases)
         except InputError as exc:
             if tolerance is not None:
                 raise
@@ -58,40 +66,60 @@ class Lossy:
                            self.evaluations), []
 
 
-def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> Lossy:
-    """Choose each candidate site's lossy plan under the configured budget."""
+@dataclass
+class _Context:
+    """What every step of the lossy planning shares."""
+
+    model: onnx.ModelProto
+    sites: list[Site]
+    candidates: list[int]
+    config: SplitConfig
+    progress: object
+    calibration: Calibration | None = None
+    evaluator: Evaluator | None = None
+    moments: dict = field(default_factory=dict)
+    deadline: float | None = None
+
+    def gram(self, i: int):
+        m = self.moments.get(fitting._key(self.sites[i]))
+        return None if m is None else m.sum
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def search_error(self, plans: dict) -> float:
+        weights, biases = fitting.values(self.sites, plans)
+        return self.evaluator.error(self.calibration.batches("search"), weights, biases)
+
+
+def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None, speed=None) -> Lossy:
+    """Choose each candidate site's lossy plan under the configured budget.
+
+    ``speed``: optional; given (chain, plan) pairs, the tuner's measurements of each (tune.TuneResult):
+    with it, a ``--tolerance`` search spends its error budget only on plans measured faster than
+    the dense site, and ranks them by the time they save."""
     progress = progress or (lambda stage, done, total: None)
-    candidates = [i for i, s in enumerate(sites) if s.reason is None]
+    ctx = _Context(model, sites, [i for i, s in enumerate(sites) if s.reason is None], config, progress)
+    if config.search_seconds is not None:
+        ctx.deadline = time.monotonic() + config.search_seconds
     needs_data = config.tolerance is not None or config.resolved_score == "activation"
     purpose = "--tolerance" if config.tolerance is not None else "--score activation"
-    calibration = _calibration(model, config, required=needs_data, wanted=config.verify, purpose=purpose)
-    planners = _planners(model, sites, candidates, config, calibration, progress)
-    result = Lossy(site_decisions(sites), calibration, None)
-    if calibration is not None and candidates:
-        try:
-            result.evaluator = Evaluator(model, sites, candidates, config.threads)
-        except InputError as exc:
-            if config.tolerance is not None:
-                raise
-            result.notes.append(f"the output error was not measured: {exc}")
-    stopped: dict = {}
+    ctx.calibration = _calibration(model, config, required=needs_data, wanted=config.verify or config.refit,
+                                   purpose=purpose)
+    result = Lossy(site_decisions(sites), ctx.calibration, None)
+    _measure(ctx, result.notes)
+    result.evaluator = ctx.evaluator
+    planners = _planners(ctx)
     if config.tolerance is not None:
-        ladders = {i: planners[i].ladder() for i in candidates}
-        total = sum(len(v) for v in ladders.values())
-        done = [0]
-
-        def error(choice: dict) -> float:
-            done[0] += 1
-            progress("search", min(done[0], total), total)
-            weights = {i: plan.effective_weight(0, sites[i].weight) for i, plan in choice.items()}
-            return result.evaluator.error(calibration.search, weights)
-
-        found = search(ladders, error, config.tolerance)
-        chosen, result.evaluations, stopped = found.choice, found.evaluations, found.stopped
+        chosen, reasons, result.trace = _search(ctx, planners, speed)
     else:
-        chosen = {i: p for i in candidates if (p := by_budget(planners[i], config)) is not None}
+        chosen = {i: p for i in ctx.candidates if (p := by_budget(planners[i], config)) is not None}
+        reasons = {}
+        if ctx.evaluator is not None and config.refit:
+            chosen = _refit_all(ctx, {i: p for i, p in chosen.items() if p.flops < 1})
+    result.evaluations = ctx.evaluator.runs // max(1, len(ctx.calibration.batches("search"))) if ctx.evaluator else 0
     form = cost_form(config.layout)
-    for i in candidates:
+    for i in ctx.candidates:
         planner, plan = planners[i], chosen.get(i)
         facts = MappingProxyType({"partitioner": config.partitioner, "score": planner.score})
         if plan is not None and plan.flops >= 1:
@@ -101,71 +129,227 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
                                                f"{form.cost(plan, None):,} multiply-adds per row, dense costs "
                                                f"{plan.macs_dense():,}", facts)
         elif plan is not None:
-            result.decisions[i] = Planned(plan, _summary(plan, stopped.get(i)), facts)
+            result.decisions[i] = Planned(plan, _summary(plan, reasons.get(i)), facts)
         else:
-            result.decisions[i] = Kept("budget", _why_dense(planner, config, stopped.get(i)), facts)
+            result.decisions[i] = Kept("budget", reasons.get(i) or _why_dense(planner, config), facts)
     return result
 
 
+def _measure(ctx: _Context, notes: list[str]) -> None:
+    """The evaluator (weights as inputs, site activations captured) and one streamed pass of
+    calibration moments; on failure without --tolerance, a note and no measurements."""
+    if ctx.calibration is None or not ctx.candidates:
+        return
+    names = tuple(ctx.sites[i].activation for i in ctx.candidates if fitting.refittable(ctx.sites[i]))
+    try:
+        ctx.evaluator = Evaluator(ctx.model, ctx.sites, ctx.candidates, ctx.config.threads, capture=names)
+        ctx.moments = fitting.collect(ctx.evaluator, ctx.sites, ctx.candidates, ctx.calibration.batches("search"),
+                                      lambda d, t: ctx.progress("calibrate", d, t))
+    except InputError as exc:
+        if ctx.config.tolerance is not None or ctx.config.resolved_score == "activation":
+            raise
+        ctx.evaluator, ctx.moments = None, {}
+        notes.append(f"the output error was not measured: {exc}")
+
+
+def _refit_all(ctx: _Context, chosen: dict) -> dict:
+    """The chosen plans refitted: first each on the original activations, then level by level."""
+    first = {i: fitting.fit(ctx.sites[i], p, ctx.gram(i)) if ctx.gram(i) is not None else p
+             for i, p in chosen.items()}
+    ups = fitting.upstream(ctx.model, ctx.sites, list(chosen))
+    fitted, _ = fitting.sequential(ctx.evaluator, ctx.sites, chosen, first, ups, ctx.calibration.batches("search"),
+                                   ctx.deadline, lambda d, t: ctx.progress("refit", d, t))
+    return fitted
+
+
 def lossy_units(sites: list[Site], decisions: dict[int, Decision]) -> list[Unit]:
-    """One unit per planned site, its weight the plan's effective weight: what the plan drops is
-    zero in the rewrite too."""
+    """One unit per planned site, its weight (and a refitted Gemm's C) the plan's effective ones:
+    what the plan drops is zero in the rewrite too."""
     units = []
     for i, d in sorted(decisions.items()):
         if isinstance(d, Planned):
             site = dataclasses.replace(sites[i], weight=d.plan.effective_weight(0, sites[i].weight))
+            if sites[i].bias_value is not None:
+                site.bias_value = d.plan.effective_bias(0, sites[i].bias_value)
             units.append(Unit((i,), Chain([site], []), d.plan, (d.reason,)))
     return units
 
 
-def _with_others(stopped) -> str:
-    return " (with the other sites' chosen splits)" if stopped[2] else ""
+def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str], list[dict]]:
+    """``--tolerance``: (site -> plan, site -> reason, the confirmations made).
+
+    Linear in the number of sites: every rung of every site is refitted and its local error read
+    off the calibration moments (no model run); one whole-model run per site measures how its
+    local error propagates to the outputs; a greedy knapsack (allocate.py) shares the tolerance
+    among the sites by gain per unit of estimated error; a few whole-model runs confirm the choice,
+    backing off the costliest sites until the measured error is within the tolerance; the chosen
+    plans are then refitted in dependency order and kept if that measures better."""
+    config, sites, tol = ctx.config, ctx.sites, ctx.config.tolerance
+    ladders = {i: planners[i].ladder() for i in ctx.candidates}
+    reasons: dict[int, str] = {}
+    gains = _gains(ctx, ladders, speed)
+    raw: dict[int, list] = {}
+    for n, i in enumerate(ctx.candidates):
+        ctx.progress("fit", n, len(ctx.candidates))
+        gram, opts = ctx.gram(i), []
+        for plan, gain in zip(ladders[i], gains[i]):
+            if not gain > 0:
+                continue
+            fitted = fitting.fit(sites[i], plan, gram) if gram is not None and config.refit else plan
+            local = fitting.layer_error(sites[i], fitted, gram) if gram is not None else None
+            opts.append((plan, fitted, gain, local))
+        if opts:
+            raw[i] = opts
+        elif not ladders[i]:
+            reasons[i] = "too small to split"
+        else:
+            reasons[i] = (f"--tolerance {tol:g}: no split of it ({ladders[i][0].label} .. {ladders[i][-1].label}) "
+                          f"was measured faster than the dense node" if speed is not None else
+                          f"--tolerance {tol:g}: no split of it saves multiply-adds")
+    ctx.progress("fit", len(ctx.candidates), len(ctx.candidates))
+    options: dict[int, list[Option]] = {}
+    unfitted: dict[int, dict[int, object]] = {}
+    for n, i in enumerate(raw):
+        ctx.progress("sensitivity", n, len(raw))
+        if ctx.out_of_time():
+            reasons[i] = f"--search-seconds {config.search_seconds:g} ran out before this site was measured"
+            continue
+        opts = raw[i]
+        if all(o[3] is not None for o in opts):
+            probe = min(opts, key=lambda o: abs(math.log(max(o[3], 1e-12) / max(tol, 1e-12))))
+            out = ctx.search_error({i: probe[1]})
+            factor = out / probe[3] if probe[3] > 0 else (0.0 if out == 0 else math.inf)
+            errors = [factor * o[3] if o[3] > 0 else 0.0 for o in opts]
+            errors[opts.index(probe)] = out
+        else:  # inside a subgraph: no moments, each rung measured
+            errors = [ctx.search_error({i: o[1]}) for o in opts]
+        options[i] = [Option(o[1], o[2], e) for o, e in zip(opts, errors)]
+        unfitted[i] = {id(o[1]): o[0] for o in opts}
+    ctx.progress("sensitivity", len(raw), len(raw))
+
+    trace: list[dict] = []
+    dense_macs = sum(sites[i].weight.size for i in ctx.candidates) or 1
+
+    def confirm(choice: dict[int, int]) -> float:
+        plans = {i: options[i][r].plan for i, r in choice.items()}
+        err = ctx.search_error(plans)
+        saved = sum((1 - p.flops) * p.macs_dense() for p in plans.values())
+        trace.append({"flops": 1 - saved / dense_macs, "error": err, "accepted": bool(err <= tol),
+                      "estimate": estimate(options, choice), "sites": len(choice)})
+        ctx.progress("confirm", len(trace), len(trace) + 1)
+        return err
+
+    budget, backed = tol, {}
+    choice = allocate(options, budget)
+    accepted, accepted_err = {}, 0.0
+    shrinks = 0
+    while choice and not ctx.out_of_time():
+        err = confirm(choice)
+        if err <= tol:
+            accepted, accepted_err = choice, err
+            break
+        est = estimate(options, choice)
+        for i in choice:
+            backed[i] = err
+        if shrinks < 3 and est > 0:  # the estimate was optimistic by err / est: ask for less
+            shrinks += 1
+            budget = min(budget, est) * 0.9 * tol / err
+            smaller = allocate(options, budget)
+            choice = smaller if smaller != choice else back_off(options, choice) or {}
+        else:
+            choice = back_off(options, choice) or {}
+    chosen = {i: options[i][r].plan for i, r in accepted.items()}
+    if chosen and config.refit and ctx.evaluator is not None and len(chosen) > 1 and not ctx.out_of_time():
+        plain = {i: unfitted[i][id(p)] for i, p in chosen.items()}
+        ups = fitting.upstream(ctx.model, sites, list(chosen))
+        seq, finished = fitting.sequential(ctx.evaluator, sites, plain, chosen, ups,
+                                           ctx.calibration.batches("search"), ctx.deadline,
+                                           lambda d, t: ctx.progress("refit", d, t))
+        if seq is not chosen and any(seq[i] is not chosen[i] for i in chosen):
+            err = ctx.search_error(seq)
+            trace.append({"flops": trace[-1]["flops"], "error": err, "accepted": bool(err <= min(tol, accepted_err)),
+                          "estimate": None, "sites": len(seq), "sequential": True})
+            if err <= min(tol, accepted_err):
+                chosen = seq
+    for i, opts in options.items():
+        if i in chosen:
+            r = accepted[i]
+            reasons[i] = f"estimated output error {opts[r].error:.3g} alone"
+            continue
+        safest = min(opts, key=lambda o: o.error)
+        if i in backed:
+            reasons[i] = (f"--tolerance {tol:g}: backed off after the whole choice measured {backed[i]:.3g}; "
+                          f"its safest split ({safest.plan.label}) alone is estimated at {safest.error:.3g}")
+        else:
+            reasons[i] = (f"--tolerance {tol:g}: its safest split ({safest.plan.label}) would add an estimated "
+                          f"output error of {safest.error:.3g}; the budget went to sites that save more per error")
+    return chosen, reasons, trace
 
 
-def _summary(plan, stopped) -> str:
+def _gains(ctx: _Context, ladders: dict, speed) -> dict[int, list[float]]:
+    """Per site, what each rung saves: measured milliseconds (summed over the tuner's points) with
+    ``speed``, 0 where the tuner kept the site dense; else multiply-adds per row."""
+    flops = {i: [(1 - p.flops) * p.macs_dense() for p in ladder] for i, ladder in ladders.items()}
+    if speed is None:
+        return flops
+    pairs = [(i, p) for i in ctx.candidates for p in ladders[i]]
+    results = speed([(Chain([ctx.sites[i]], []), p) for i, p in pairs]) if pairs else []
+    ms, per_mac = {}, []
+    for (i, p), r in zip(pairs, results):
+        dense = r.times_ms.get("dense", {})
+        if r.choice == "dense":
+            ms[id(p)] = 0.0
+        elif dense and r.choice in r.times_ms:
+            ms[id(p)] = sum(dense[pt] - r.times_ms[r.choice][pt] for pt in dense)
+            per_mac.append(sum(dense.values()) / max(p.macs_dense(), 1))
+    scale = float(np.median(per_mac)) if per_mac else 1.0
+    return {i: [ms.get(id(p), (1 - p.flops) * p.macs_dense() * scale) for p in ladder]
+            for i, ladder in ladders.items()}
+
+
+def _summary(plan, extra: str | None) -> str:
     kept = f"keeps {percent(plan.retained)} of its {plan.score} significance at " if plan.retained is not None else ""
-    text = f"{plan.label}: {kept}{plan.flops:.1%} of the dense FLOPs"
-    if stopped is not None:
-        text += f"; {stopped[0].label} would raise the output error to {stopped[1]:.3g}{_with_others(stopped)}"
-    return text
+    fit = ", refitted" if getattr(plan, "refitted", False) else ""
+    text = f"{plan.label}{fit}: {kept}{plan.flops:.1%} of the dense FLOPs"
+    return text + (f"; {extra}" if extra else "")
 
 
-def _why_dense(planner, config: SplitConfig, stopped) -> str:
+def _why_dense(planner, config: SplitConfig) -> str:
     if config.tolerance is None:
         return refusal(planner, config)
-    if stopped is not None:
-        return (f"--tolerance {config.tolerance:g}: {stopped[0].label} would raise the output error to "
-                f"{stopped[1]:.3g}{_with_others(stopped)}")
     return "too small to split" if not planner.ladder() else "--tolerance: not reached by the search"
 
 
 def _calibration(model, config: SplitConfig, *, required: bool, wanted: bool,
                  purpose: str = "--score activation") -> Calibration | None:
     if config.calibration is not None:
-        return load_calibration(config.calibration, model, holdout=config.holdout, seed=config.seed)
+        return load_calibration(config.calibration, model, holdout=config.holdout, seed=config.seed,
+                                batch_size=config.calibration_batch)
     if not (required or wanted):
         return None
     try:
         return random_calibration(model, config.input_shapes, holdout=config.holdout, seed=config.seed,
-                                  purpose=purpose)
+                                  purpose=purpose, batch_size=config.calibration_batch)
     except InputError:
         if required:
             raise
         return None
 
 
-def _planners(model, sites, candidates, config: SplitConfig, calibration, progress) -> dict:
+def _planners(ctx: _Context) -> dict:
     norms = {}
-    if config.resolved_score == "activation" and candidates:
-        progress("significance", 0, 1)
-        found = feature_norms(model, [sites[i] for i in candidates], calibration.search, config.threads)
-        norms = {candidates[j]: v for j, v in found.items()}
-    scores, used = site_scores(sites, candidates, config.resolved_score, norms)
-    cost = cost_rule(config.layout)  # auto: the parts' blocks
+    if ctx.config.resolved_score == "activation":
+        for i in ctx.candidates:
+            m = ctx.moments.get(fitting._key(ctx.sites[i]))
+            if m is not None:
+                norms[i] = m.norms
+    scores, used = site_scores(ctx.sites, ctx.candidates, ctx.config.resolved_score, norms)
+    cost = cost_rule(ctx.config.layout)  # auto: the parts' blocks
     planners = {}
-    for n, i in enumerate(candidates):
-        progress("partition", n, len(candidates))
-        planners[i] = make_planner(scores[i], config, cost, used[i])
+    for n, i in enumerate(ctx.candidates):
+        ctx.progress("partition", n, len(ctx.candidates))
+        planners[i] = make_planner(scores[i], ctx.config, cost, used[i])
+    ctx.progress("partition", len(ctx.candidates), len(ctx.candidates))
     return planners
 
 
@@ -178,29 +362,60 @@ class SurveyRow:
     shape: list[int] | None
     reason: str | None  # why the site is not a candidate
     score: str | None = None
-    levels: list[dict] = field(default_factory=list)  # {"level", "label", "retained", "flops", "error"}
+    levels: list[dict] = field(default_factory=list)
+    """{"level", "label", "retained", "flops", "error", "layer_error"}: with calibration data,
+    ``layer_error`` is the site's own output error (refitted unless --no-refit) and ``error`` the
+    estimated model output error of splitting this site alone (one measured run per site scales
+    the layer errors)."""
 
 
 def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> list[SurveyRow]:
     """Retained significance and FLOPs at 2/4/8/16 parts (tiles: 1/2 .. 1/16 of them) per site; with
-    a calibration file, also the relative output error of splitting that site alone (search samples)."""
-    candidates = [i for i, s in enumerate(sites) if s.reason is None]
-    calibration = _calibration(model, config, required=config.resolved_score == "activation", wanted=False)
-    planners = _planners(model, sites, candidates, config, calibration, progress or (lambda *a: None))
-    evaluator = None
-    if config.calibration is not None and candidates:
-        evaluator = Evaluator(model, sites, candidates, config.threads)
+    a calibration file, also each level's layer error and estimated output error."""
+    progress = progress or (lambda *a: None)
+    ctx = _Context(model, sites, [i for i, s in enumerate(sites) if s.reason is None], config, progress)
+    ctx.calibration = _calibration(model, config, required=config.resolved_score == "activation", wanted=False)
+    if config.calibration is not None:
+        _measure(ctx, [])
+    elif ctx.calibration is not None and ctx.candidates:  # --score activation on random inputs: norms only
+        names = tuple(sites[i].activation for i in ctx.candidates if fitting.refittable(sites[i]))
+        ctx.evaluator = Evaluator(model, sites, ctx.candidates, config.threads, capture=names)
+        ctx.moments = fitting.collect(ctx.evaluator, sites, ctx.candidates, ctx.calibration.batches("search"),
+                                      lambda d, t: progress("calibrate", d, t))
+    planners = _planners(ctx)
+    measured = config.calibration is not None and ctx.evaluator is not None
     rows = []
-    for i, site in enumerate(sites):
+    for n, (i, site) in enumerate(enumerate(sites)):
         row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None, site.reason)
         if i in planners:
             row.score = planners[i].score
-            for level in LEVELS:
-                plan = planners[i].step(level)
-                if plan is not None:
-                    error = None if evaluator is None else evaluator.error(
-                        calibration.search, {i: plan.effective_weight(0, site.weight)})
-                    row.levels.append({"level": level, "label": plan.label, "retained": plan.retained,
-                                       "flops": plan.flops, "error": error})
+            steps = [(level, planners[i].step(level)) for level in LEVELS]
+            steps = [(level, plan) for level, plan in steps if plan is not None]
+            if measured:
+                progress("estimate", ctx.candidates.index(i), len(ctx.candidates))
+            gram = ctx.gram(i) if measured else None
+            fitted = [fitting.fit(site, plan, gram) if gram is not None and config.refit else plan for _, plan in steps]
+            local = [fitting.layer_error(site, plan, gram) if gram is not None else None for plan in fitted]
+            errors = [None] * len(steps)
+            if measured and steps:
+                errors = _estimates(ctx, i, fitted, local)
+            for (level, plan), err, loc in zip(steps, errors, local):
+                row.levels.append({"level": level, "label": plan.label, "retained": plan.retained,
+                                   "flops": plan.flops, "error": err, "layer_error": loc})
         rows.append(row)
+    if measured:
+        progress("estimate", len(ctx.candidates), len(ctx.candidates))
     return rows
+
+
+def _estimates(ctx: _Context, i: int, fitted: list, local: list) -> list[float]:
+    """The estimated output error of each plan of site ``i`` alone: one measured run (the plan of
+    median layer error) scales the layer errors; measured per plan where they are unknown."""
+    if any(loc is None for loc in local):
+        return [ctx.search_error({i: plan}) for plan in fitted]
+    probe = sorted(range(len(local)), key=lambda r: local[r])[len(local) // 2]
+    out = ctx.search_error({i: fitted[probe]})
+    factor = out / local[probe] if local[probe] > 0 else 0.0
+    errors = [factor * loc for loc in local]
+    errors[probe] = out
+    return errors

@@ -64,8 +64,14 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     sites = find_sites(model, min_elements=config.min_elements)
     notes: list[str] = []
 
+    providers, points, inputs = [], [], []                 # where to measure
+    if config.verify or config.bench or config.layout == AUTO:
+        providers, more = providers_for(config)
+        notes += more
+        points, inputs = measuring_points(original, config)
+
     if config.lossy:                                       # plan: what each site would become
-        lossy = plan_lossy(model, sites, config, progress)
+        lossy = plan_lossy(model, sites, config, progress, speed=_speed(original, config, points, providers, progress))
         decisions, units = lossy.decisions, lossy_units(sites, lossy.decisions)
         notes += lossy.notes
     else:
@@ -73,25 +79,24 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         decisions = plan_exact(sites, config, progress)
         units = exact_units(sites, decisions, config)
 
-    providers, points, inputs = [], [], []                 # where to measure
-    if config.verify or config.bench or config.layout == AUTO:
-        providers, more = providers_for(config)
-        notes += more
-        points, inputs = measuring_points(original, config)
-
     forms, tuning = _forms(original, units, config, points, providers, notes, progress)   # which form
     decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
 
     written, refused = _rewrite(model, units, forms, config)                              # rewrite
     decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
 
-    approximated = {i: units[u].plan.effective_weight(layer, sites[i].weight)    # what the rewrite multiplies by
-                    for u in written if units[u].plan.approximates for layer, i in enumerate(units[u].sites)}
+    approximated, biases = {}, {}                          # what the rewrite multiplies by (and adds)
+    for u in written:
+        if units[u].plan.approximates:
+            for layer, i in enumerate(units[u].sites):
+                approximated[i] = units[u].plan.effective_weight(layer, sites[i].weight)
+                if sites[i].bias_value is not None:
+                    biases[i] = units[u].plan.effective_bias(layer, sites[i].bias_value)
     error = None
     if lossy is not None:                                  # what that costs at the outputs
-        error, more = lossy.error(approximated, config.tolerance)
+        error, more = lossy.error(approximated, config.tolerance, biases)
         notes += [n for n in more if n not in notes]
-    reference = reference_model(original, sites, approximated) if approximated else original
+    reference = reference_model(original, sites, approximated, biases) if approximated else original
     n_split = sum(isinstance(d, Split) for d in decisions.values())
     _set_metadata(model, metadata_entries(config, n_split, len(sites), error))
 
@@ -153,6 +158,20 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def _speed(original, config: SplitConfig, points, providers, progress):
+    """``--tolerance`` with ``--layout auto``: the tuner's measurements of candidate plans, so the
+    search spends its error budget only on splits measured faster (None: the search counts FLOPs)."""
+    if config.tolerance is None or config.layout != AUTO or not config.bench or not points:
+        return None
+    if loads_in_ort(original) != "yes":
+        return None
+
+    def speed(pairs):
+        return tune_chains(original, pairs, points, providers=providers, seconds=config.tune_seconds,
+                           threads=config.threads, margin=config.min_speedup, progress=progress)
+    return speed
 
 
 def _forms(original, units, config: SplitConfig, points, providers, notes: list[str], progress):

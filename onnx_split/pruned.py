@@ -32,20 +32,38 @@ def relative_error(reference: list, got: list) -> float:
     same one (NaN against NaN, inf against inf); a non-finite value on one side only, or in the
     difference, makes the error inf.
     """
-    num = den = 0.0
-    for r, g in zip(reference, got):
-        if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
-            continue
-        r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
-        finite = np.isfinite(r)
-        same = (g == r) | (np.isnan(r) & np.isnan(g))
-        if not (same | finite).all() or not np.isfinite(g[finite]).all():
+    return ErrorSum().add(reference, got).value
+
+
+class ErrorSum:
+    """:func:`relative_error` accumulated over batches: the squared norms are summed, so the
+    result over all batches equals the error over all samples at once."""
+
+    def __init__(self):
+        self.num = self.den = 0.0
+        self.infinite = False
+
+    def add(self, reference: list, got: list) -> "ErrorSum":
+        for r, g in zip(reference, got):
+            if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
+                continue
+            r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
+            finite = np.isfinite(r)
+            same = (g == r) | (np.isnan(r) & np.isnan(g))
+            if not (same | finite).all() or not np.isfinite(g[finite]).all():
+                self.infinite = True
+                continue
+            self.num += float(np.square(g[finite] - r[finite]).sum())
+            self.den += float(np.square(r[finite]).sum())
+        return self
+
+    @property
+    def value(self) -> float:
+        if self.infinite:
             return float("inf")
-        num += float(np.square(g[finite] - r[finite]).sum())
-        den += float(np.square(r[finite]).sum())
-    if den == 0:
-        return 0.0 if num == 0 else float("inf")
-    return float(np.sqrt(num / den))
+        if self.den == 0:
+            return 0.0 if self.num == 0 else float("inf")
+        return float(np.sqrt(self.num / self.den))
 
 
 def _stored(site: Site, weight: np.ndarray) -> np.ndarray:
@@ -53,14 +71,16 @@ def _stored(site: Site, weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.T if site.trans_b else weight)
 
 
-def reference_model(model: onnx.ModelProto, sites: list[Site], weights: dict[int, np.ndarray]) -> onnx.ModelProto:
+def reference_model(model: onnx.ModelProto, sites: list[Site], weights: dict[int, np.ndarray],
+                    biases: dict[int, np.ndarray] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` (the original, or an unchanged copy) whose sites ``weights`` read the
-    given [K, N] weights (x @ W orientation).
+    given [K, N] weights (x @ W orientation), and whose Gemm sites ``biases`` read the given C (as
+    stored: the site's ``bias_value`` shape).
 
-    Each weight is a new initializer of the site's own graph, so the rest of the model, including
-    other readers of the original weight, is unchanged.
+    Each value is a new initializer of the site's own graph, so the rest of the model, including
+    other readers of the original tensors, is unchanged.
     """
-    return _with_weights(model, sites, weights, as_inputs=False)
+    return _with_weights(model, sites, weights, biases or {}, as_inputs=False)
 
 
 def pruned_model(model: onnx.ModelProto, sites: list[Site], masks: dict[int, np.ndarray]) -> onnx.ModelProto:
@@ -72,25 +92,38 @@ def masked(weight: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, weight, np.zeros((), dtype=weight.dtype)).astype(weight.dtype)
 
 
+def has_constant_bias(site: Site) -> bool:
+    """A Gemm site whose C is a constant (a refit may change it)."""
+    return site.bias is not None and site.bias_value is not None
+
+
 def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, np.ndarray | None],
-                  as_inputs: bool) -> onnx.ModelProto:
-    """Copy of ``model`` (the original, or an unchanged copy of it) whose sites ``weights`` read a
-    new tensor: an initializer of the site's graph holding the value, or (``as_inputs``) a
-    main-graph input to be fed (values None). Sites are found by scope and node position."""
+                  biases: dict[int, np.ndarray | None], as_inputs: bool,
+                  outputs: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """Copy of ``model`` (the original, or an unchanged copy of it) whose sites ``weights`` (and
+    ``biases``) read a new tensor: an initializer of the site's graph holding the value, or
+    (``as_inputs``) a main-graph input to be fed (values None). ``outputs``: main-graph tensors
+    made graph outputs as well. Sites are found by scope and node position."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graphs = graphs_by_scope(copy)
-    for i, value in weights.items():
-        site = sites[i]
-        name = f"onnx_split.weight.{i}"
-        graph = graphs[site.scope]
-        graph.node[site.index].input[1] = name
-        if as_inputs:
-            elem = onnx.helper.np_dtype_to_tensor_dtype(site.weight.dtype)
-            shape = list(_stored(site, site.weight).shape)
-            copy.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, shape))
-        else:
-            graph.initializer.append(numpy_helper.from_array(_stored(site, value), name))
+    for kind, position, values in (("weight", 1, weights), ("bias", 2, biases)):
+        for i, value in values.items():
+            site = sites[i]
+            name = f"onnx_split.{kind}.{i}"
+            graph = graphs[site.scope]
+            graph.node[site.index].input[position] = name
+            like = _stored(site, site.weight) if kind == "weight" else np.asarray(site.bias_value)
+            if as_inputs:
+                elem = onnx.helper.np_dtype_to_tensor_dtype(like.dtype)
+                copy.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, list(like.shape)))
+            else:
+                stored = _stored(site, value) if kind == "weight" else np.asarray(value, like.dtype).reshape(like.shape)
+                graph.initializer.append(numpy_helper.from_array(stored, name))
+    known = {o.name for o in copy.graph.output}
+    for name in outputs:
+        if name not in known:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return copy
 
 
@@ -112,11 +145,20 @@ class ErrorReport:
 
 
 class Evaluator:
-    """Runs the model with the weights of ``indices`` replaced by other values, in one CPU session."""
+    """Runs the model with the weights (and constant Gemm biases) of ``indices`` replaced by other
+    values, in one CPU session; ``capture`` names main-graph tensors (site activations) it can
+    return as well. Feeds are given as lists of batches (:meth:`Calibration.batches`), so no run
+    holds more than one batch of samples."""
 
-    def __init__(self, model: onnx.ModelProto, sites: list[Site], indices: list[int], threads: int = 1):
+    def __init__(self, model: onnx.ModelProto, sites: list[Site], indices: list[int], threads: int = 1,
+                 capture: tuple[str, ...] = ()):
         self.sites, self.indices = sites, list(indices)
-        probe = _with_weights(model, sites, {i: None for i in self.indices}, as_inputs=True)
+        self.bias_indices = [i for i in self.indices if has_constant_bias(sites[i])]
+        inputs = {v.name for v in model.graph.input} | {t.name for t in model.graph.initializer}
+        self.capture = tuple(n for n in dict.fromkeys(capture) if n not in inputs)
+        self.runs = 0
+        probe = _with_weights(model, sites, {i: None for i in self.indices}, {i: None for i in self.bias_indices},
+                              as_inputs=True, outputs=self.capture)
         crash = crash_reason(probe, "the model with its weights as inputs", levels=("enabled",))
         if crash is not None:  # opened in a child first: a crash of ORT must not end the run
             raise InputError(f"measuring the output error needs the model to run in onnxruntime: {crash}")
@@ -126,22 +168,48 @@ class Evaluator:
         except Exception as exc:  # ORT raises its own types
             raise InputError(f"measuring the output error needs the model to run in onnxruntime: "
                              f"{ort_error(exc)}") from None
-        self._reference: dict[int, tuple[dict, list[np.ndarray]]] = {}
+        self.outputs = [o.name for o in model.graph.output]
+        self._reference: dict[int, tuple[list, list[list[np.ndarray]]]] = {}
 
-    def run(self, feeds: dict[str, np.ndarray], weights: dict[int, np.ndarray]) -> list[np.ndarray]:
-        """The outputs on ``feeds`` with the sites of ``weights`` reading those [K, N] weights."""
+    def _feeds(self, feeds: dict[str, np.ndarray], weights: dict, biases: dict) -> dict[str, np.ndarray]:
         all_feeds = dict(feeds)
         for i in self.indices:
             site = self.sites[i]
             all_feeds[f"onnx_split.weight.{i}"] = _stored(site, weights.get(i, site.weight))
+        for i in self.bias_indices:
+            site = self.sites[i]
+            value = biases.get(i, site.bias_value)
+            all_feeds[f"onnx_split.bias.{i}"] = np.asarray(value, site.bias_value.dtype).reshape(site.bias_value.shape)
+        return all_feeds
+
+    def _run(self, names: list[str], feeds, weights, biases) -> list[np.ndarray]:
+        self.runs += 1
         try:
-            return self.session.run(None, all_feeds)
+            return self.session.run(names, self._feeds(feeds, weights, biases or {}))
         except Exception as exc:
             raise InputError(f"measuring the output error failed in onnxruntime: {ort_error(exc)}") from None
 
-    def error(self, feeds: dict[str, np.ndarray], weights: dict[int, np.ndarray]) -> float:
-        """Relative output error of the model with ``weights`` against the original on ``feeds``."""
-        key = id(feeds)  # the feeds are kept with their reference, so the id stays theirs
+    def run(self, feeds: dict[str, np.ndarray], weights: dict[int, np.ndarray],
+            biases: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
+        """The model outputs on one batch of ``feeds`` with the sites of ``weights`` (``biases``)
+        reading those [K, N] weights (stored C values)."""
+        return self._run(self.outputs, feeds, weights, biases)
+
+    def activations(self, feeds: dict[str, np.ndarray], weights: dict, biases: dict | None,
+                    names: list[str]) -> dict[str, np.ndarray]:
+        """The captured tensors ``names`` on one batch (graph inputs are taken from ``feeds``)."""
+        wanted = [n for n in names if n not in feeds]
+        values = dict(zip(wanted, self._run(wanted, feeds, weights, biases))) if wanted else {}
+        return {n: feeds[n] if n in feeds else values[n] for n in names}
+
+    def error(self, batches: list[dict[str, np.ndarray]], weights: dict[int, np.ndarray],
+              biases: dict[int, np.ndarray] | None = None) -> float:
+        """Relative output error of the model with ``weights`` against the original over all
+        ``batches`` (a list of feeds, kept with its reference outputs)."""
+        key = id(batches)  # the batches are kept with their reference, so the id stays theirs
         if key not in self._reference:
-            self._reference[key] = (feeds, self.run(feeds, {}))
-        return relative_error(self._reference[key][1], self.run(feeds, weights))
+            self._reference[key] = (batches, [self.run(b, {}) for b in batches])
+        total = ErrorSum()
+        for feeds, reference in zip(batches, self._reference[key][1]):
+            total.add(reference, self.run(feeds, weights, biases))
+        return total.value

@@ -142,7 +142,8 @@ class SplitReport:
         if self.error is not None:
             lines.append(_error_line(self.error))
         if self.verification:
-            against = " against the pruned original (dropped weights zeroed)" if self.error is not None else ""
+            what = "dropped weights zeroed, kept blocks refitted" if self.config.get("refit") else "dropped weights zeroed"
+            against = f" against the original with the plans' weights ({what})" if self.error is not None else ""
             lines.append(f"verification{against} (" + "; ".join(self.inputs) + "):")
             for v in self.verification:
                 worst = max(v.outputs, key=lambda o: o.max_rel, default=None)

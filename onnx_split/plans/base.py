@@ -39,6 +39,10 @@ class WeightPlan(Protocol):
     def effective_weight(self, layer: int, weight: np.ndarray) -> np.ndarray:
         """What the rewritten node of ``layer`` multiplies by, given the original ``weight``."""
 
+    def effective_bias(self, layer: int, bias):
+        """The Gemm's C (as stored) the rewritten node of ``layer`` adds, given the original one
+        (the original, unless the plan refits it)."""
+
     def summary(self, layer: int) -> dict:
         """Report fields of one layer (parts, part shapes, components, retained, ...)."""
 

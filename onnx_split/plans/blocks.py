@@ -7,6 +7,7 @@ Either way the rewritten nodes multiply by :meth:`BlockPlan.effective_weight`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +29,10 @@ class BlockPlan:
     score: str | None = None
     flops: float = 1.0
     """Fraction of the dense multiply-adds in the form the budget counted (lossy plans)."""
+    fitted: tuple | None = None
+    """Refitted lossy plans: per layer, (weight, C) the rewrite multiplies by instead of the
+    original's kept entries: the weight [K, N] (zero outside the blocks) and the Gemm's C as stored
+    (None: C unchanged). See refit.py."""
 
     @property
     def n_layers(self) -> int:
@@ -49,6 +54,8 @@ class BlockPlan:
     def effective_weight(self, layer: int, weight: np.ndarray) -> np.ndarray:
         """The weight with every entry outside the plan's blocks zeroed (the weight itself when that
         changes nothing: exact components at threshold 0 have only zeros there)."""
+        if self.fitted is not None:
+            return self.fitted[layer][0].astype(weight.dtype)
         if self.masks is not None:
             mask = self.masks[layer]
         elif self.partition.threshold == 0:
@@ -57,13 +64,28 @@ class BlockPlan:
             mask = coverage(self.partition, layer)
         return np.where(mask, weight, np.zeros((), dtype=weight.dtype)).astype(weight.dtype)
 
+    def effective_bias(self, layer: int, bias):
+        """The Gemm's C the rewritten node of ``layer`` adds, given the original one."""
+        if self.fitted is not None and self.fitted[layer][1] is not None:
+            return np.asarray(self.fitted[layer][1]).astype(np.asarray(bias).dtype).reshape(np.shape(bias))
+        return bias
+
+    @property
+    def refitted(self) -> bool:
+        return self.fitted is not None
+
     def summary(self, layer: int) -> dict:
         return {"parts": len(self.partition.parts),
                 "part_shapes": [list(p.layer_shape(layer)) for p in self.partition.parts],
                 "retained": self.retained}
 
     def with_cost(self, flops: float) -> "BlockPlan":
-        return BlockPlan(self.partition, self.masks, self.approximates, self.label, self.retained, self.score, flops)
+        return dataclasses.replace(self, flops=flops)
+
+    def with_fit(self, fitted: tuple | None) -> "BlockPlan":
+        """The same blocks, multiplying by ``fitted`` (per layer (weight, C or None)), or by the
+        masked original weights again (None)."""
+        return dataclasses.replace(self, fitted=fitted)
 
 
 def coverage(partition: ChainPlan, layer: int) -> np.ndarray:

@@ -1,0 +1,164 @@
+"""Calibration moments of the candidate sites, and the refit of their lossy plans (refit.py) in the
+sites' own terms: Gemm's alpha, beta and C, the weight as stored.
+
+- :func:`collect`: one streamed pass over the calibration batches, the activations entering every
+  main-graph candidate site summed into :class:`~onnx_split.stats.Moments` (never all samples'
+  activations at once).
+- :func:`fit`: a plan's kept blocks refitted to the layer's original output.
+- :func:`sequential`: the chosen plans refitted in dependency order, each site on the activations
+  the already-refitted sites before it produce (so errors do not compound), one streamed pass per
+  level of the sites' dependency graph.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+
+from .chains import feature_vector
+from .pruned import Evaluator, has_constant_bias
+from .refit import local_error, refit
+from .sites import Site
+from .stats import Moments, rows
+
+
+def _key(site: Site) -> tuple[str, bool]:
+    return site.activation, site.trans_a
+
+
+def refittable(site: Site) -> bool:
+    """A main-graph site whose activation can be captured and whose alpha is not 0."""
+    return site.scope == "main" and site.alpha != 0.0
+
+
+def collect(evaluator: Evaluator, sites: list[Site], indices: list[int], batches: list[dict],
+            progress=None, weights: dict | None = None, biases: dict | None = None,
+            original: bool = False) -> dict[tuple[str, bool], Moments | tuple[Moments, Moments]]:
+    """{(activation, trans_a): Moments} over ``batches`` for the main-graph sites of ``indices``.
+
+    With ``weights``/``biases`` (sites already refitted) and ``original``, each entry is the pair
+    (moments of the new activation X', cross moments [X',1]^T[X,1] with the original's X)."""
+    progress = progress or (lambda *a: None)
+    keyed = {}
+    for i in indices:
+        if refittable(sites[i]):
+            keyed.setdefault(_key(sites[i]), sites[i])
+    names = list(dict.fromkeys(k[0] for k in keyed))
+    found: dict = {}
+    for n, batch in enumerate(batches):
+        progress(n, len(batches))
+        new = evaluator.activations(batch, weights or {}, biases or {}, names)
+        old = evaluator.activations(batch, {}, {}, names) if original else None
+        for key, site in keyed.items():
+            x_new = rows(site, new[key[0]])
+            if key not in found:
+                k = x_new.shape[1]
+                found[key] = (Moments(k), Moments(k)) if original else Moments(k)
+            if original:
+                found[key][0].add(x_new)
+                found[key][1].add(rows(site, old[key[0]]), x_new)
+            else:
+                found[key].add(x_new)
+    progress(len(batches), len(batches))
+    return found
+
+
+def params(site: Site) -> tuple[np.ndarray, np.ndarray | None]:
+    """(alpha * W, beta * C as one value per output) in ``y = x @ W + b`` form; the bias is None
+    where the site has no constant per-feature C (a refit then leaves the bias alone)."""
+    weight = site.weight.astype(np.float64) * site.alpha
+    bias = None
+    if has_constant_bias(site) and site.beta != 0.0 and np.size(site.bias_value) == weight.shape[1]:
+        vector = feature_vector(site.bias_value, weight.shape[1], None)
+        if vector is not None and vector.ndim == 1:
+            bias = vector.astype(np.float64) * site.beta
+    return weight, bias
+
+
+def fit(site: Site, plan, gram: np.ndarray, cross: np.ndarray | None = None):
+    """``plan`` with its kept blocks refitted on the moments (a single-layer block plan); ``plan``
+    itself where the refit does not lower the layer's error on those rows (the masked weight of
+    exact blocks is already exact, and damping would only move it)."""
+    weight, bias = params(site)
+    new_w, new_b = refit(plan.masks[0], weight, bias, gram, cross)
+    stored_c = None
+    if new_b is not None:
+        stored_c = (new_b / site.beta).astype(site.bias_value.dtype).reshape(np.shape(site.bias_value))
+    fitted = plan.with_fit((((new_w / site.alpha).astype(site.weight.dtype), stored_c),))
+    own = gram if cross is None else None  # with a cross moment, the fit target is the original output
+    if own is not None and layer_error(site, fitted, own) >= layer_error(site, plan.with_fit(None), own):
+        return plan.with_fit(None)
+    return fitted
+
+
+def layer_error(site: Site, plan, gram: np.ndarray) -> float:
+    """The relative error of the site's own output on the calibration rows of ``gram`` with
+    ``plan``'s effective weight (and C) in place of the original."""
+    weight, bias = params(site)
+    new_w = plan.effective_weight(0, site.weight).astype(np.float64) * site.alpha
+    new_b = None
+    if bias is not None:
+        new_b = np.asarray(plan.effective_bias(0, site.bias_value), np.float64).reshape(-1) * site.beta
+    return local_error(weight, bias, new_w, new_b, gram)
+
+
+def values(sites: list[Site], plans: dict) -> tuple[dict, dict]:
+    """({site: effective weight}, {site: effective C}) of ``plans`` (C only where it changed)."""
+    weights = {i: plan.effective_weight(0, sites[i].weight) for i, plan in plans.items()}
+    biases = {i: plan.effective_bias(0, sites[i].bias_value) for i, plan in plans.items()
+              if getattr(plan, "refitted", False) and has_constant_bias(sites[i])}
+    return weights, biases
+
+
+def upstream(model: onnx.ModelProto, sites: list[Site], indices: list[int]) -> dict[int, set[int]]:
+    """{site: the sites of ``indices`` whose outputs it depends on} (main graph)."""
+    by_node = {sites[i].index: i for i in indices if sites[i].scope == "main"}
+    depends: dict[str, frozenset] = {}
+    found = {}
+    for n, node in enumerate(model.graph.node):
+        before = frozenset().union(*(depends.get(x, frozenset()) for x in node.input if x))
+        if n in by_node:
+            i = by_node[n]
+            found[i] = set(depends.get(sites[i].activation, frozenset()))
+            before = before | {i}
+        for out in node.output:
+            depends[out] = before
+    return {i: found.get(i, set()) for i in indices}
+
+
+def levels(chosen: list[int], ups: dict[int, set[int]]) -> dict[int, int]:
+    """Each chosen site's level: 0 if no chosen site is upstream of it, else one more than theirs."""
+    level: dict[int, int] = {}
+    remaining = set(chosen)
+    while remaining:
+        ready = [i for i in remaining if all(j in level for j in ups.get(i, set()) & set(chosen))]
+        if not ready:  # a cycle cannot happen in a valid graph; keep the rest at one level
+            ready = list(remaining)
+        for i in ready:
+            level[i] = 1 + max((level[j] for j in ups.get(i, set()) & set(chosen) if j in level), default=-1)
+        remaining -= set(ready)
+    return level
+
+
+def sequential(evaluator: Evaluator, sites: list[Site], plans: dict, first: dict, ups: dict[int, set[int]],
+               batches: list[dict], deadline: float | None = None, progress=None) -> tuple[dict, bool]:
+    """``plans`` (site -> unfitted plan) refitted level by level; ``first`` holds the plans already
+    fitted on the original activations (used as they are for level 0). Returns (plans, finished);
+    unfinished when ``deadline`` passed (the remaining sites keep their ``first`` fit)."""
+    progress = progress or (lambda *a: None)
+    fitted = dict(first)
+    level = levels([i for i in plans if refittable(sites[i])], ups)
+    top = max(level.values(), default=0)
+    for lvl in range(1, top + 1):
+        if deadline is not None and time.monotonic() > deadline:
+            return fitted, False
+        progress(lvl - 1, top)
+        here = [i for i in plans if level.get(i) == lvl]
+        weights, biases = values(sites, {j: fitted[j] for j in fitted if level.get(j, top + 1) < lvl})
+        found = collect(evaluator, sites, here, batches, weights=weights, biases=biases, original=True)
+        for i in here:
+            gram, cross = found[_key(sites[i])]
+            fitted[i] = fit(sites[i], plans[i], gram.sum, cross.sum)
+    progress(top, top)
+    return fitted, True

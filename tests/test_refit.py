@@ -1,0 +1,304 @@
+"""The refit of lossy plans (refit.py, fitting.py), streamed calibration moments (stats.py), the
+batched output error (pruned.ErrorSum) and the linear-time ``--tolerance`` search (lossy.py).
+
+Every expected value is computed here independently in numpy (least squares by np.linalg.lstsq,
+outputs by matrix products) and compared with what the pass wrote and ONNX Runtime ran."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnx_split import SplitConfig, split_model
+from onnx_split.cli import main
+from onnx_split.pruned import ErrorSum, relative_error
+from onnx_split.refit import column_groups, local_error, refit
+from onnx_split.stats import Moments
+
+from builders import ort_run
+
+
+def _mlp(rng, k=48, h=64, n=32, alpha=1.0, beta=1.0):
+    """x[batch, k] -> Gemm(W1^T, transB=1, alpha, beta, C1[h]) -> Relu -> Gemm(W2, C2[n]) -> y."""
+    w1 = (rng.standard_normal((k, h)) / np.sqrt(k)).astype(np.float32)
+    w2 = (rng.standard_normal((h, n)) / np.sqrt(h)).astype(np.float32)
+    c1 = (0.1 * rng.standard_normal(h)).astype(np.float32)
+    c2 = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "W1", "C1"], ["h"], name="fc1", transB=1, alpha=alpha, beta=beta),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Gemm", ["r", "W2", "C2"], ["y"], name="fc2")]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w1.T), "W1"), numpy_helper.from_array(c1, "C1"),
+             numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(c2, "C2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model, (w1, c1, w2, c2)
+
+
+def _inputs(rng, n, k=48, rank=6):
+    """Correlated inputs (a few latent factors plus noise), as trained activations are; the factors
+    mix the same way in every call, so calibration and test inputs share one distribution."""
+    z = rng.standard_normal((n, rank))
+    mix = np.random.default_rng(1000 + k).standard_normal((rank, k))
+    return (z @ mix + 0.3 * rng.standard_normal((n, k)) + 0.5).astype(np.float32)
+
+
+def _lstsq(x, target, mask, bias: bool):
+    """Per column, least squares of ``target`` on the kept rows of ``x`` (with an intercept)."""
+    k, n = mask.shape
+    w, b = np.zeros((k, n)), np.zeros(n)
+    for j in range(n):
+        rows = np.flatnonzero(mask[:, j])
+        a = x[:, rows]
+        if bias:
+            a = np.hstack([a, np.ones((x.shape[0], 1))])
+        sol = np.linalg.lstsq(a, target[:, j], rcond=None)[0]
+        w[rows, j] = sol[:rows.size]
+        b[j] = sol[rows.size] if bias else 0.0
+    return w, b
+
+
+def _block_mask(k, n, parts, rng):
+    rows = np.array_split(rng.permutation(k), parts)
+    cols = np.array_split(rng.permutation(n), parts)
+    mask = np.zeros((k, n), bool)
+    for r, c in zip(rows, cols):
+        mask[np.ix_(r, c)] = True
+    return mask
+
+
+# ---------------------------------------------------------------- refit.py on its own
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_refit_is_least_squares_on_the_kept_rows(bias):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 24)) @ rng.standard_normal((24, 24)) + 1.0
+    w, b = rng.standard_normal((24, 16)), rng.standard_normal(16)
+    mask = _block_mask(24, 16, 4, rng)
+    m = Moments(24)
+    m.add(x)
+    got_w, got_b = refit(mask, w, b if bias else None, m.sum, damping=0.0)
+    want_w, want_b = _lstsq(x, x @ w + (b if bias else 0.0), mask, bias)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-6, atol=1e-8)
+    assert (got_w[~mask] == 0).all()
+    if bias:
+        np.testing.assert_allclose(got_b, want_b, rtol=1e-6, atol=1e-8)
+    else:
+        assert got_b is None
+    # it is never worse than dropping, measured directly
+    err = lambda ww, bb: np.linalg.norm(x @ ww + bb - (x @ w + b)) / np.linalg.norm(x @ w + b)  # noqa: E731
+    fitted = err(got_w, got_b if bias else b)
+    assert fitted < err(np.where(mask, w, 0), b)
+    assert local_error(w, b if bias else None, got_w, got_b, m.sum) == pytest.approx(
+        fitted if bias else np.linalg.norm(x @ got_w - x @ w) / np.linalg.norm(x @ w), rel=1e-6)
+
+
+def test_a_cross_moment_refits_to_the_original_output_from_shifted_inputs():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 12)) + 0.2
+    shifted = x + 0.1 * rng.standard_normal(x.shape)  # what the already-rewritten layers hand on
+    w, b = rng.standard_normal((12, 8)), rng.standard_normal(8)
+    mask = _block_mask(12, 8, 2, rng)
+    gram, cross = Moments(12), Moments(12)
+    for part in np.array_split(np.arange(300), 7):  # streamed: the sums do not care how rows are batched
+        gram.add(shifted[part])
+        cross.add(x[part], shifted[part])
+    got_w, got_b = refit(mask, w, b, gram.sum, cross.sum, damping=0.0)
+    want_w, want_b = _lstsq(shifted, x @ w + b, mask, True)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-6, atol=1e-8)
+
+
+def test_moments_skip_rows_that_are_not_finite_and_sum_like_one_batch():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((50, 5))
+    x[3, 1] = np.nan
+    whole, parts = Moments(5), Moments(5)
+    whole.add(x)
+    for part in np.array_split(x, 4):
+        parts.add(part)
+    finite = np.delete(x, 3, axis=0)
+    aug = np.hstack([finite, np.ones((49, 1))])
+    np.testing.assert_allclose(whole.sum, aug.T @ aug)
+    np.testing.assert_allclose(parts.sum, whole.sum)
+    assert whole.count == 49
+    np.testing.assert_allclose(whole.norms, np.linalg.norm(finite, axis=0))
+
+
+def test_column_groups_gather_the_columns_that_keep_the_same_rows():
+    mask = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], bool)
+    groups = {tuple(c): tuple(r) for r, c in column_groups(mask)}
+    assert groups == {(0, 2): (0, 2), (1,): (1,)}
+
+
+def test_the_batched_error_equals_the_error_over_all_samples_at_once():
+    rng = np.random.default_rng(3)
+    ref, got = rng.standard_normal((20, 4)), rng.standard_normal((20, 4))
+    total = ErrorSum()
+    for a, b in zip(np.array_split(ref, 3), np.array_split(got, 3)):
+        total.add([a], [b])
+    assert total.value == pytest.approx(relative_error([ref], [got]), rel=1e-12)
+
+
+# ---------------------------------------------------------------- through split_model and the CLI
+
+def _calibration(tmp_path, rng, n=400):
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=_inputs(rng, n))
+    return path
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0)])
+def test_a_refitted_split_computes_the_refitted_weights_and_beats_dropping(tmp_path, alpha, beta):
+    rng = np.random.default_rng(4)
+    model, (w1, c1, w2, c2) = _mlp(rng, alpha=alpha, beta=beta)
+    cal = _calibration(tmp_path, rng)
+    base = dict(parts=4, calibration=str(cal), bench=False, layout="batched", min_elements=0, providers=("cpu",))
+    fitted = split_model(model, SplitConfig(**base)).report
+    dropped = split_model(model, SplitConfig(**base, refit=False)).report
+    assert fitted.verification_passed and dropped.verification_passed
+    assert {v.optimization for v in fitted.verification} == {"disabled", "enabled"}
+    assert all(s.decision == "split" for s in fitted.sites)
+    assert "refitted" in fitted.sites[0].reason and "refitted" not in dropped.sites[0].reason
+    assert fitted.error.held_out < 0.5 * dropped.error.held_out
+    assert "kept blocks refitted" in fitted.to_text()
+
+
+def test_the_written_model_is_what_numpy_computes_from_the_plans_weights(tmp_path):
+    from onnx_split.decisions import Planned
+    from onnx_split.lossy import plan_lossy
+    from onnx_split.sites import find_sites
+    rng = np.random.default_rng(5)
+    model, (w1, c1, w2, c2) = _mlp(rng, alpha=0.5, beta=2.0)
+    cal = _calibration(tmp_path, rng)
+    config = SplitConfig(parts=2, calibration=str(cal), bench=False, layout="parallel", min_elements=0,
+                         providers=("cpu",))
+    written = split_model(model, config).model
+    sites = find_sites(model, min_elements=0)
+    plans = {i: d.plan for i, d in plan_lossy(model, sites, config).decisions.items() if isinstance(d, Planned)}
+    e1, b1 = plans[0].effective_weight(0, sites[0].weight), plans[0].effective_bias(0, sites[0].bias_value)
+    e2, b2 = plans[1].effective_weight(0, sites[1].weight), plans[1].effective_bias(0, sites[1].bias_value)
+    assert not np.array_equal(b1, c1) and not np.array_equal(b2, c2)  # the refit moved the biases too
+    x = _inputs(rng, 9)
+    want = np.maximum(0.5 * (x @ e1) + 2.0 * b1, 0) @ e2 + b2
+    for level in ("disabled", "enabled"):
+        (y,) = ort_run(written, {"x": x}, level)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+        (y0,) = ort_run(model, {"x": x}, level)
+        assert 1e-4 < relative_error([y0], [y]) < 0.5  # near the original, not equal to it
+
+
+def test_sequential_refit_fits_the_second_layer_on_the_first_layers_new_output(tmp_path):
+    from onnx_split import fitting
+    from onnx_split.lossy import plan_lossy
+    from onnx_split.sites import find_sites
+    from onnx_split.decisions import Planned
+    rng = np.random.default_rng(6)
+    model, (w1, c1, w2, c2) = _mlp(rng)
+    cal = _calibration(tmp_path, rng)
+    config = SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0, holdout=0.25)
+    sites = find_sites(model, min_elements=0)
+    lossy = plan_lossy(model, sites, config)
+    plans = {i: d.plan for i, d in lossy.decisions.items() if isinstance(d, Planned)}
+    assert set(plans) == {0, 1} and all(p.refitted for p in plans.values())
+    x = lossy.calibration.search["x"].astype(np.float64)
+    # layer 1 refitted on the original input, layer 2 on what the refitted layer 1 hands on
+    e1, b1 = plans[0].effective_weight(0, sites[0].weight), plans[0].effective_bias(0, sites[0].bias_value)
+    h_new = np.maximum(x @ e1 + b1, 0)
+    h_old = np.maximum(x @ w1 + c1, 0)
+    mask = plans[1].masks[0]
+    want_w, want_b = _lstsq(h_new, h_old @ w2 + c2, mask, True)
+    got_w = plans[1].effective_weight(0, sites[1].weight).astype(np.float64)
+    got_b = np.asarray(plans[1].effective_bias(0, sites[1].bias_value), np.float64)
+    y = h_old @ w2 + c2
+    # damping is small: the fit is the least-squares one up to a small fraction of the output
+    assert np.linalg.norm(h_new @ got_w + got_b - (h_new @ want_w + want_b)) < 0.05 * np.linalg.norm(y)
+    assert np.linalg.norm(h_new @ got_w + got_b - y) < 1.05 * np.linalg.norm(h_new @ want_w + want_b - y)
+    assert fitting.levels([0, 1], fitting.upstream(model, sites, [0, 1])) == {0: 0, 1: 1}
+
+
+def test_exact_blocks_are_not_moved_by_the_refit():
+    from builders import matmul_model, planted
+    w, _ = planted(np.random.default_rng(7), 64, 64, 4)
+    model = matmul_model(w, ["batch", 64])
+    result = split_model(model, SplitConfig(parts=4, bench=False, min_elements=0, layout="batched"))
+    assert result.report.sites[0].decision == "split"
+    assert "refitted" not in result.report.sites[0].reason  # the masked weight is exact: nothing to fit
+    x = np.random.default_rng(8).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(result.model, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_batch_size_changes_nothing_but_memory(tmp_path):
+    rng = np.random.default_rng(9)
+    model, _ = _mlp(rng)
+    cal = _calibration(tmp_path, rng)
+    reports = [split_model(model, SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0,
+                                              calibration_batch=size, providers=("cpu",))).report
+               for size in (7, 1000)]
+    assert reports[0].error.held_out == pytest.approx(reports[1].error.held_out, rel=1e-5)
+    assert [s.retained for s in reports[0].sites] == pytest.approx([s.retained for s in reports[1].sites])
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "x"])
+def test_a_bad_calibration_batch_is_one_line_and_exit_2(tmp_path, capsys, bad):
+    rng = np.random.default_rng(10)
+    model, _ = _mlp(rng)
+    onnx.save_model(model, tmp_path / "m.onnx")
+    code = main([str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--parts", "2", "--calibration-batch", bad])
+    err = capsys.readouterr().err
+    assert code == 2 and "--calibration-batch" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+# ---------------------------------------------------------------- the --tolerance search
+
+def _deep(rng, layers=6, width=48):
+    """x -> (MatMul + Add + Relu) x layers -> y, dense trained-like weights."""
+    from builders import chain_model, feature_wise
+    weights = [(rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32) for _ in range(layers)]
+    return chain_model(weights, [[feature_wise("Relu", rng)] for _ in range(layers - 1)], ["batch", width])
+
+
+def test_the_tolerance_search_holds_on_held_out_data_in_runs_linear_in_the_sites(tmp_path):
+    rng = np.random.default_rng(11)
+    model = _deep(rng)
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=_inputs(rng, 400, k=48))
+    result = split_model(model, SplitConfig(tolerance=0.05, calibration=str(path), bench=False, min_elements=0,
+                                            layout="batched", providers=("cpu",)))
+    report = result.report
+    assert report.error.met is True and report.error.held_out <= 0.05
+    split = [s for s in report.sites if s.decision == "split"]
+    assert split, [s.reason for s in report.sites]
+    assert report.verification_passed
+    # one sensitivity run per site, a few confirmations, one refit pass per dependency level
+    assert report.error.evaluations <= 3 * len(report.sites) + 8
+    kept = [s for s in report.sites if s.decision == "kept"]
+    assert all("--tolerance 0.05" in s.reason for s in kept)
+
+
+def test_search_seconds_ends_with_what_was_measured_within_the_tolerance(tmp_path):
+    rng = np.random.default_rng(12)
+    model = _deep(rng)
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=_inputs(rng, 200, k=48))
+    report = split_model(model, SplitConfig(tolerance=0.05, calibration=str(path), bench=False, min_elements=0,
+                                            search_seconds=1e-9, providers=("cpu",))).report
+    assert report.n_split == 0
+    assert all("--search-seconds" in s.reason for s in report.sites if s.decision == "kept")
+    assert report.error is None or report.error.met is not False
+
+
+def test_no_refit_is_recorded_in_the_options(tmp_path):
+    rng = np.random.default_rng(13)
+    model, _ = _mlp(rng)
+    onnx.save_model(model, tmp_path / "m.onnx")
+    cal = _calibration(tmp_path, rng)
+    code = main([str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--parts", "2", "--min-elements", "0",
+                 "--calibration", str(cal), "--no-refit", "--no-bench", "--layout", "batched"])
+    assert code == 0
+    written = onnx.load(str(tmp_path / "o.onnx"))
+    import json
+    options = json.loads({p.key: p.value for p in written.metadata_props}["onnx_split.options"])
+    assert options["refit"] is False
