@@ -33,16 +33,18 @@ class Calibration:
     batch_size: int = 64
     """Samples per run when the calibration is streamed (``--calibration-batch``)."""
 
-    def batches(self, part: str) -> list[dict[str, np.ndarray]]:
-        """``search`` or ``held_out`` as feeds of at most ``batch_size`` samples each (views, not
-        copies); the same list object every time, so evaluators can keep its reference outputs."""
+    def batches(self, part: str, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+        """``search`` or ``held_out`` (its first ``limit`` samples) as feeds of at most
+        ``batch_size`` samples each (views, not copies); the same list object every time, so
+        evaluators can keep its reference outputs."""
         cache = self.__dict__.setdefault("_batches", {})
-        if part not in cache:
+        if (part, limit) not in cache:
             feeds = getattr(self, part)
             n, size = _count(feeds), max(1, self.batch_size)
-            cache[part] = [{k: (v[start:start + size] if k in self.batched else v) for k, v in feeds.items()}
-                           for start in range(0, max(n, 1), size)]
-        return cache[part]
+            n = n if limit is None else min(n, limit)
+            cache[part, limit] = [{k: (v[start:min(start + size, n)] if k in self.batched else v)
+                                   for k, v in feeds.items()} for start in range(0, max(n, 1), size)]
+        return cache[part, limit]
 
     @property
     def n_search(self) -> int:

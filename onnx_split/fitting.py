@@ -158,7 +158,8 @@ def sequential(evaluator: Evaluator, sites: list[Site], plans: dict, first: dict
         weights, biases = values(sites, {j: fitted[j] for j in fitted if level.get(j, top + 1) < lvl})
         found = collect(evaluator, sites, here, batches, weights=weights, biases=biases, original=True)
         for i in here:
-            gram, cross = found[_key(sites[i])]
-            fitted[i] = fit(sites[i], plans[i], gram.sum, cross.sum)
+            gram, cross = found.get(_key(sites[i]), (None, None))
+            if gram is not None and gram.k == sites[i].weight.shape[0] and gram.count:
+                fitted[i] = fit(sites[i], plans[i], gram.sum, cross.sum)
     progress(top, top)
     return fitted, True

@@ -34,6 +34,10 @@ from .text import percent
 
 log = logging.getLogger(__name__)
 
+SENSITIVITY_SAMPLES = 32
+"""How many search samples the one propagation run per site uses (it scales layer errors to an
+estimate; the choice is then confirmed on every search sample)."""
+
 
 @dataclass
 class Lossy:
@@ -81,15 +85,18 @@ class _Context:
     deadline: float | None = None
 
     def gram(self, i: int):
+        """The calibration moments of site ``i``'s input, None where none were captured (or the
+        captured activation does not have the weight's K features)."""
         m = self.moments.get(fitting._key(self.sites[i]))
-        return None if m is None else m.sum
+        return None if m is None or m.k != self.sites[i].weight.shape[0] or m.count == 0 else m.sum
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
-    def search_error(self, plans: dict) -> float:
+    def search_error(self, plans: dict, limit: int | None = None) -> float:
+        """The output error of ``plans`` on the search samples (the first ``limit`` of them)."""
         weights, biases = fitting.values(self.sites, plans)
-        return self.evaluator.error(self.calibration.batches("search"), weights, biases)
+        return self.evaluator.error(self.calibration.batches("search", limit), weights, biases)
 
 
 def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None, speed=None) -> Lossy:
@@ -217,7 +224,7 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
         opts = raw[i]
         if all(o[3] is not None for o in opts):
             probe = min(opts, key=lambda o: abs(math.log(max(o[3], 1e-12) / max(tol, 1e-12))))
-            out = ctx.search_error({i: probe[1]})
+            out = ctx.search_error({i: probe[1]}, SENSITIVITY_SAMPLES)
             factor = out / probe[3] if probe[3] > 0 else (0.0 if out == 0 else math.inf)
             errors = [factor * o[3] if o[3] > 0 else 0.0 for o in opts]
             errors[opts.index(probe)] = out
@@ -341,7 +348,7 @@ def _planners(ctx: _Context) -> dict:
     if ctx.config.resolved_score == "activation":
         for i in ctx.candidates:
             m = ctx.moments.get(fitting._key(ctx.sites[i]))
-            if m is not None:
+            if m is not None and ctx.gram(i) is not None:
                 norms[i] = m.norms
     scores, used = site_scores(ctx.sites, ctx.candidates, ctx.config.resolved_score, norms)
     cost = cost_rule(ctx.config.layout)  # auto: the parts' blocks
@@ -414,7 +421,7 @@ def _estimates(ctx: _Context, i: int, fitted: list, local: list) -> list[float]:
     if any(loc is None for loc in local):
         return [ctx.search_error({i: plan}) for plan in fitted]
     probe = sorted(range(len(local)), key=lambda r: local[r])[len(local) // 2]
-    out = ctx.search_error({i: fitted[probe]})
+    out = ctx.search_error({i: fitted[probe]}, SENSITIVITY_SAMPLES)
     factor = out / local[probe] if local[probe] > 0 else 0.0
     errors = [factor * loc for loc in local]
     errors[probe] = out

@@ -246,6 +246,10 @@ def rebalance(labels: np.ndarray, gain: np.ndarray) -> np.ndarray:
     return labels
 
 
+ROUND_GAIN = 3e-3
+"""refine stops once a round raises the retained significance by less than this fraction."""
+
+
 def refine(scores: np.ndarray, row_part: np.ndarray, col_part: np.ndarray, parts: int,
            rounds: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """Alternating capacity-constrained improvement of a labelling (see the module docstring).
@@ -270,7 +274,9 @@ def refine(scores: np.ndarray, row_part: np.ndarray, col_part: np.ndarray, parts
             if value > best:
                 row_part, col_part, best = rows, cols, value
             break
-        row_part, col_part, best = rows, cols, value
+        gained, (row_part, col_part, best) = value - best, (rows, cols, value)
+        if gained < ROUND_GAIN * best:  # another round would gain next to nothing
+            break
     return row_part, col_part
 
 
