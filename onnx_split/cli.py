@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .version import __version__
@@ -199,7 +200,9 @@ def _run(args, written: list[Path]) -> int:
         raise OnnxSplitError("give the output path (or --dry-run)")
     require_providers(config.providers, force=args.force)  # --providers cuda where CUDA does not run: exit 2
     in_path, out_path = Path(args.input), Path(args.output)
+    started = time.perf_counter()
     model, external_files = read_model(in_path)
+    load_seconds = time.perf_counter() - started
     protect = (in_path, *external_files)
     npz = tuple(Path(f) for f in (args.inputs, args.calibration) if f is not None)
     dest = plan_destinations(out_path, report=args.report, inputs=protect + npz)
@@ -212,6 +215,10 @@ def _run(args, written: list[Path]) -> int:
         bar.close()
     report = result.report
     report.input, report.output = str(in_path), str(out_path)
+    seconds = report.stage_seconds
+    seconds["load"] = seconds.get("load", 0.0) + load_seconds  # reading the file, then the pipeline's copy
+    report.stage_seconds = {"load": seconds.pop("load"), **seconds}
+    started = time.perf_counter()
     passed = report.verification_passed
     ok = passed is True or (passed is None and not config.verify)  # asked to verify and nothing ran: not ok
     staged = []
@@ -221,11 +228,13 @@ def _run(args, written: list[Path]) -> int:
             staged.append(stage_model(result.model, out_path, external_data=external, protect=protect + npz))
             report.written = True
         if report_path is not None:
+            report.stage_seconds["write"] = time.perf_counter() - started  # the report is the last file
             staged.append(stage_bytes(report_path, report.to_json().encode()))
         _publish(staged, written)
     finally:
         for s in staged:
             s.discard()  # what was not published (an error or an interrupt before it)
+    report.stage_seconds["write"] = time.perf_counter() - started
     if not args.quiet:
         print(report.to_text())
     _summary(report, out_path, ok, args.force)
@@ -261,14 +270,15 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
     measured = [e for e in report.latency if e.status == "measured"]
     speed = [f"{e.provider.replace('ExecutionProvider', '')} {e.speedup:.2f}x"
              + (f" ({e.inputs})" if len(measured) > 1 else "") for e in measured]
+    error = report.error
     if ok and report.reverted:
         print(f"wrote {out_path}: the original model, unchanged (the rewrite was not measured faster)")
     elif ok:
-        what = "verified" if report.verification_passed else "not verified"
+        what = f"verified against {report.verified_against}" if report.verification_passed else "not verified"
         print(f"wrote {out_path}: {report.n_split} of {len(report.sites)} sites split, {what}"
-              + (f", speedup {', '.join(speed)}" if speed else ""))
+              + (f"; {_output_error(error)}" if error is not None else "")
+              + (f"; speedup {', '.join(speed)}" if speed else ""))
     else:
-        error = report.error
         if error is not None and error.met is False:
             what = (f"--tolerance {error.tolerance:g} NOT MET on held-out data (relative output error "
                     f"{error.held_out:.4g} > {error.tolerance:g})")
@@ -282,6 +292,16 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
             print(f"{what}; wrote {out_path} anyway (--force)", file=sys.stderr)
         else:
             print(f"{what}; nothing written (use --force to write anyway)", file=sys.stderr)
+
+
+def _output_error(error) -> str:
+    """A lossy run's cost at the outputs, for the last line: the held-out error and the tolerance."""
+    if error.held_out is None:
+        return "relative output error not measured"
+    text = f"relative output error {error.held_out:.4g} on {error.held_out_samples} held-out samples"
+    if error.tolerance is not None:
+        return text + f" (--tolerance {error.tolerance:g})"
+    return text + " (no --tolerance: nothing bounds it)"
 
 
 class _ProgressBar:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +31,7 @@ from .pruned import reference_model
 from .report import SplitReport, Written, build_report, metadata_entries
 from .rewrite import AUTO, LAYOUTS, Job, rewrite_model
 from .sites import find_sites
+from .stats import model_stats
 from .tune import static_choice, tune_chains, whole_model_verdict
 from .runtime import provider_status
 from .verify import check, crash_entry, crashed, loads_in_ort, screen_sessions, verify_models
@@ -59,8 +61,10 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if config.lossy and config.budget is None:
         raise InputError(f"--partitioner {config.partitioner} drops weights: give a budget "
                          f"(--parts, --keep, --flops or --tolerance), or --dry-run to see what each would keep")
+    clock = _Clock()
     source, original = _load(model_or_path, "split_model")
     model = _copy(original)
+    clock.lap("load")
     sites = find_sites(model, min_elements=config.min_elements)
     notes: list[str] = []
 
@@ -78,20 +82,26 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         providers, more = providers_for(config)
         notes += more
         points, inputs = measuring_points(original, config)
+    clock.lap("analyse")
 
     forms, tuning = _forms(original, units, config, points, providers, notes, progress)   # which form
     decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
+    if config.layout == AUTO:
+        clock.lap("tune")
 
     written, refused = _rewrite(model, units, forms, config)                              # rewrite
     decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
 
     approximated = {i: units[u].plan.effective_weight(layer, sites[i].weight)    # what the rewrite multiplies by
                     for u in written if units[u].plan.approximates for layer, i in enumerate(units[u].sites)}
+    clock.lap("rewrite")
     error = None
     if lossy is not None:                                  # what that costs at the outputs
         error, more = lossy.error(approximated, config.tolerance)
         notes += [n for n in more if n not in notes]
+        clock.lap("error")
     reference = reference_model(original, sites, approximated) if approximated else original
+    against = PRUNED if approximated else "the original"
     n_split = sum(isinstance(d, Split) for d in decisions.values())
     _set_metadata(model, metadata_entries(config, n_split, len(sites), error))
 
@@ -103,7 +113,9 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
             verification = [crash_entry(loads)]
     if points and not verification:
         verification, latency = _verify_and_time(original, model, reference, config, points, providers,
-                                                 n_split > 0, notes, inputs, progress)
+                                                 n_split > 0, notes, inputs, progress, clock)
+    else:
+        clock.lap("verify")
     why = None
     if config.layout == AUTO and config.bench and points and n_split:   # the whole model must pay too
         why = whole_model_verdict(latency, config.min_speedup)
@@ -112,12 +124,32 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if why is not None:
         notes.append(why)
         model, decisions, error = _undo(original, decisions, error, why)
+        against = "the original"  # the original is written; what was verified was the rewrite
 
     report = build_report(config=json.loads(config.to_json()), source=source, sites=sites, decisions=decisions,
-                          units=units, written=written, tuning=list(tuning.values()), checker=checker,
-                          verification=verification, latency=latency, inputs=inputs, notes=notes, error=error,
-                          reverted=why is not None)
+                          units=units, written=written, before=model_stats(original), after=model_stats(model),
+                          tuning=list(tuning.values()), checker=checker, verification=verification,
+                          latency=latency, inputs=inputs, notes=notes, error=error, reverted=why is not None,
+                          verified_against=against if any(v.passed is not None for v in verification) else None,
+                          stage_seconds=clock.seconds)
     return SplitResult(model, report)
+
+
+PRUNED = "the pruned original (dropped weights zeroed)"
+"""The reference a lossy split is verified against: the original with the plans' effective weights."""
+
+
+class _Clock:
+    """Wall time per stage: each ``lap`` charges the time since the last one to a stage."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + (now - self._last)
+        self._last = now
 
 
 def survey_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: SplitConfig | None = None, *,
@@ -185,7 +217,7 @@ def _rewrite(model, units, forms: dict[int, str], config: SplitConfig):
 
 
 def _verify_and_time(original, model, reference, config: SplitConfig, points, providers, modified: bool,
-                     notes: list[str], inputs: list[str], progress):
+                     notes: list[str], inputs: list[str], progress, clock: _Clock):
     """Verification against ``reference`` (the original, or the model with the approximating plans'
     effective weights) on the first point's inputs and more seeded sets like them (``inputs``, how
     they were made, is updated); timing against the original at every point."""
@@ -197,6 +229,7 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
                                 levels=levels, feeds_list=[f for _, f in points] if config.bench else [feeds],
                                 threads=config.threads)
         if crash is not None:
+            clock.lap("verify")
             return [crash_entry(crash)], []
     if config.verify:
         progress("verify", 0, 1)
@@ -204,6 +237,7 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
         verification = verify_models(reference, model, sets, providers=providers, rtol=config.rtol,
                                      atol=config.atol, threads=config.threads)
         progress("verify", 1, 1)
+    clock.lap("verify")
     if config.bench and modified:
         for n, (label, feeds) in enumerate(points):
             progress("bench", n, len(points))
@@ -211,6 +245,7 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
                                           seconds=config.bench_seconds, threads=config.threads):
                 latency.append(dataclasses.replace(entry, inputs=label))
         progress("bench", len(points), len(points))
+        clock.lap("bench")
     elif config.bench:
         notes.append("nothing was split: latency not measured")
     elif config.layout == AUTO and modified:

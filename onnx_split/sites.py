@@ -270,6 +270,35 @@ def walk_graphs(graph: onnx.GraphProto, scope_name: str = "main", parent: str | 
         yield from walk_graphs(sub, sub_name, scope_name, with_parent=with_parent)
 
 
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+"""The node metadata key where torch.onnx's dynamo exporter records the module hierarchy: the repr
+of a list of cumulative module paths (``['', 'encoder', 'encoder.layer.0', ...]``), the last entry
+usually the node's own FX name (``linear_3``)."""
+
+
+def module_path(node: onnx.NodeProto) -> str | None:
+    """The innermost module path of ``node``'s name-scope metadata (``encoder.layer.0.attention.self.query``),
+    or None when there is none or it cannot be read. A last entry that does not extend the path
+    before it (the FX node name) is not a module."""
+    text = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+    if not text:
+        return None
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = [part.strip().strip("'\"") for part in text.strip().strip("[]()").split(",")]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return None
+    scopes = [str(v).strip() for v in value if isinstance(v, str) and str(v).strip()]
+    if len(scopes) > 1 and not scopes[-1].startswith(scopes[-2] + "."):
+        scopes = scopes[:-1]
+    return scopes[-1] if scopes else None
+
+
 def written_by_onnx_split(node: onnx.NodeProto) -> bool:
     """A node this pass wrote (its provenance doc string or metadata): never split again."""
     return node.doc_string.startswith("onnx_split ") or any(p.key == "onnx_split.site" for p in node.metadata_props)
