@@ -49,9 +49,9 @@ class SearchResult:
     choice: dict[int, WeightPlan]  # site -> its plan (sites left dense are absent)
     error: float  # of the choice, on the search samples
     evaluations: int
-    stopped: dict[int, tuple[WeightPlan, float, bool]]
-    """site -> the next step that broke the budget, its error, and whether other sites' plans were in
-    that trial"""
+    stopped: dict[int, tuple[WeightPlan, float, tuple[int, ...]]]
+    """site -> the next step that broke the budget, its error, and the other sites whose plans were
+    in that trial (empty when the step was tried alone)"""
 
 
 def search(ladders: dict[int, list[WeightPlan]], error: Callable[[dict[int, WeightPlan]], float], tolerance: float
@@ -60,7 +60,7 @@ def search(ladders: dict[int, list[WeightPlan]], error: Callable[[dict[int, Weig
     take the move with the most FLOPs saved per unit of added error among those that keep the
     error within ``tolerance``; a site whose next rung breaks the budget stops there."""
     choice: dict[int, WeightPlan] = {}
-    stopped: dict[int, tuple[WeightPlan, float, bool]] = {}
+    stopped: dict[int, tuple[WeightPlan, float, tuple[int, ...]]] = {}
     rung = {i: 0 for i in ladders if ladders[i]}
     now, evaluations = 0.0, 0
     while rung:
@@ -71,7 +71,7 @@ def search(ladders: dict[int, list[WeightPlan]], error: Callable[[dict[int, Weig
             err = error(trial)
             evaluations += 1
             if not err <= tolerance:  # NaN breaks the budget too
-                stopped[i] = (option, err, any(j != i for j in choice))
+                stopped[i] = (option, err, tuple(sorted(j for j in choice if j != i)))
                 del rung[i]
                 continue
             before = choice[i].flops if i in choice else 1.0

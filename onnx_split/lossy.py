@@ -119,7 +119,12 @@ def lossy_units(sites: list[Site], decisions: dict[int, Decision]) -> list[Unit]
 
 
 def _with_others(stopped) -> str:
-    return " (with the other sites' chosen splits)" if stopped[2] else ""
+    """How the failing step was measured: alone, or with the plans other sites held at that point of
+    the search (the trial's, whatever became of those sites later)."""
+    others = len(stopped[2])
+    if not others:
+        return ""
+    return f" (measured with the splits then chosen for {others} other site{'s' if others != 1 else ''})"
 
 
 def _summary(plan, stopped) -> str:

@@ -804,7 +804,18 @@ def test_search_takes_the_cheapest_error_first_and_stops_at_the_budget():
     assert {i: o.flops for i, o in found.choice.items()} == {1: 0.25}
     assert found.error == pytest.approx(0.02)
     assert found.stopped[0][0].flops == 0.5 and found.stopped[0][1] == pytest.approx(0.06)
+    assert found.stopped[0][2] == (1,)  # that trial held site 1's plan
     assert found.evaluations == 5
+
+
+def test_a_stopped_step_names_other_sites_only_when_their_plans_were_in_the_trial():
+    from onnx_split.budget import search
+    from onnx_split.lossy import _with_others
+    ladders = {0: [_fake_option(0.5)], 1: [_fake_option(0.5)]}
+    found = search(ladders, lambda choice: 1.0, tolerance=0.1)  # every first step breaks the budget alone
+    assert found.choice == {} and found.stopped[0][2] == found.stopped[1][2] == ()
+    assert _with_others(found.stopped[0]) == ""
+    assert _with_others((ladders[0][0], 0.2, (1, 2))) == " (measured with the splits then chosen for 2 other sites)"
 
 
 def test_search_respects_the_budget_and_records_where_each_site_stopped():
