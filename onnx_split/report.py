@@ -328,8 +328,8 @@ def _not_candidates(sites: list[SiteReport]) -> list[str]:
             lines.append(f"  {_display(members[0])} ({members[0].op_type}): kept: {reason}")
             continue
         ops = sorted({m.op_type for m in members})
-        names = ", ".join(_display(m) for m in members[:3]) + (f", ... {len(members) - 3:,} more"
-                                                              if len(members) > 3 else "")
+        where = list(dict.fromkeys(_display(m) for m in members))  # two attention MatMuls share a module
+        names = ", ".join(where[:3]) + (f", ... {len(where) - 3:,} more" if len(where) > 3 else "")
         lines.append(f"  {len(members):,} {'/'.join(ops)} sites: kept: {reason} ({names})")
     return lines
 

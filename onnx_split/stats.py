@@ -47,9 +47,26 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     for tensor in tensors:
         stats.parameters += int(np.prod(tensor.dims, dtype=np.int64))
         stats.weight_bytes += tensor_bytes(tensor)
-    # the model without the main graph's initializers, plus their data: no 2 GB serialization needed
-    stats.bytes = without_weights(model).ByteSize() + sum(tensor_bytes(t) for t in model.graph.initializer)
+    stats.bytes = serialized_bytes(model)
     return stats
+
+
+def serialized_bytes(model: onnx.ModelProto) -> int:
+    """The size of ``model`` serialized, its external data included, summed field by field so that a
+    model above protobuf's 2 GB limit is measured too (it is written with external data)."""
+    header = without_weights(model)
+    graph = header.graph.ByteSize()
+    for tensor in model.graph.initializer:  # repeated field 5 of GraphProto: a tag byte, a length, the tensor
+        size = tensor.ByteSize()
+        graph += 1 + _varint(size) + size
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            graph += tensor_bytes(tensor)
+    header.ClearField("graph")
+    return header.ByteSize() + 1 + _varint(graph) + graph  # ModelProto.graph is field 7: one tag byte
+
+
+def _varint(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:

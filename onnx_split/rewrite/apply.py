@@ -33,7 +33,8 @@ def emit_chain(chain: Chain, plan, form: str, *, opset: int, taken: set[str], ir
     why = refusal(form, chain, plan)
     if why is not None:
         raise Unsupported(why)
-    em = Emitter(chain.first.name, opset, taken, wrapper.name if wrapper is not None else form, ir_version)
+    em = Emitter(chain.first.name, opset, taken, wrapper.name if wrapper is not None else form, ir_version,
+                 source=chain.first.node)
     y = FORMS[form].emit(em, chain, plan)
     em.rename_output(y, chain.last.output)
     em.gathers = sum(n.op_type == "Gather" for n in em.nodes)
