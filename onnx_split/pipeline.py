@@ -28,7 +28,7 @@ from .model_io import load_model
 from .planning import exact_units, plan_exact
 from .points import measuring_points, providers_for
 from .pruned import reference_model
-from .report import SplitReport, Written, build_report, metadata_entries
+from .report import SplitReport, Written, build_report, metadata_entries, size
 from .rewrite import AUTO, LAYOUTS, Job, rewrite_model
 from .sites import find_sites
 from .stats import model_stats
@@ -124,7 +124,8 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if why is not None:
         notes.append(why)
         model, decisions, error = _undo(original, decisions, error, why)
-        against = "the original"  # the original is written; what was verified was the rewrite
+    else:
+        notes += shared_weight_notes(sites, decisions, units, written)
 
     report = build_report(config=json.loads(config.to_json()), source=source, sites=sites, decisions=decisions,
                           units=units, written=written, before=model_stats(original), after=model_stats(model),
@@ -133,6 +134,37 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
                           verified_against=against if any(v.passed is not None for v in verification) else None,
                           stage_seconds=clock.seconds)
     return SplitResult(model, report)
+
+
+def shared_weight_notes(sites, decisions: dict, units, written: dict[int, Written]) -> list[str]:
+    """What a stored weight read by several sites cost once some of them were split: parts shared
+    between sites whose plans agree, parts stored per site where they differ, and the weight itself
+    kept beside the parts where a reader stays dense."""
+    readers: dict[tuple[str, str], list[int]] = {}
+    for i, site in enumerate(sites):
+        if site.reason is None:
+            readers.setdefault((site.scope, site.weight_name), []).append(i)
+    notes = []
+    for (_, name), group in readers.items():
+        split_units = list(dict.fromkeys(decisions[i].unit for i in group if isinstance(decisions[i], Split)))
+        if len(group) < 2 or not split_units:
+            continue
+        kept = sum(not isinstance(decisions[i], Split) for i in group)
+        n_split = len(group) - kept
+        if len(split_units) > 1:
+            shared = sum(written[u].shared_bytes for u in split_units)
+            extra = sum(written[u].stored_bytes for u in split_units[1:])
+            if extra == 0:
+                notes.append(f"weight '{name}' is read by {n_split} split sites whose plans agree: their parts are "
+                             f"stored once ({size(shared)} shared)")
+            else:
+                notes.append(f"weight '{name}' is read by {n_split} split sites whose splits differ: each stores "
+                             f"its own parts, {size(extra)} more than one copy" +
+                             (f" ({size(shared)} of equal tensors shared)" if shared else ""))
+        if kept:
+            notes.append(f"weight '{name}' is also read by {kept} site{'s' if kept != 1 else ''} kept dense, so it stays "
+                         f"in the model beside the split's parts ({size(written[split_units[0]].stored_bytes)} more)")
+    return notes
 
 
 PRUNED = "the pruned original (dropped weights zeroed)"
@@ -210,9 +242,10 @@ def _rewrite(model, units, forms: dict[int, str], config: SplitConfig):
     layout = LAYOUTS.get(config.layout)
     wrapper = layout if layout is not None and layout.wrap is not None else None
     jobs = [Job(units[u].chain, units[u].plan, forms[u], wrapper) for u in chosen]
-    refused_jobs, gathers = rewrite_model(model, jobs)
-    written = {u: Written(forms[u], wrapper.name if wrapper else forms[u], gathers[j]) for j, u in enumerate(chosen)
-               if j not in refused_jobs}
+    stored: dict[int, tuple[int, int]] = {}
+    refused_jobs, gathers = rewrite_model(model, jobs, stored=stored)
+    written = {u: Written(forms[u], wrapper.name if wrapper else forms[u], gathers[j], *stored[j])
+               for j, u in enumerate(chosen) if j not in refused_jobs}
     return written, {chosen[j]: why for j, why in refused_jobs.items()}
 
 

@@ -354,6 +354,10 @@ class Written:
     form: str
     layout: str
     gathers: int
+    stored_bytes: int = 0
+    """bytes of the new tensors it wrote"""
+    shared_bytes: int = 0
+    """bytes of new tensors it reads from an earlier unit instead (equal values: one weight, one plan)"""
 
 
 def site_report(site, decision, units: list[Unit]) -> SiteReport:

@@ -113,3 +113,38 @@ def test_a_lossy_split_reports_no_components_and_a_kept_site_its_dense_cost():
     (site,) = result.report.sites
     assert site.decision == "split" and site.components is None and site.unused_inputs is None
     assert result.report.verified_against == "the pruned original (dropped weights zeroed)"
+
+
+def _two_readers(w, second="MatMul"):
+    from onnx import TensorProto, helper, numpy_helper
+    f = TensorProto.FLOAT
+    k, n = w.shape
+    b = helper.make_node("MatMul", ["x", "W"], ["y2"], name="b") if second == "MatMul" else \
+        helper.make_node("Gemm", ["x", "W"], ["y2"], name="b", transB=1)  # reads W transposed: another plan
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y1"], name="a"), b]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [2, k])],
+                              [helper.make_tensor_value_info(y, f, [2, n]) for y in ("y1", "y2")],
+                              [numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("layout", ["parallel", "batched", "function"])
+def test_a_weight_read_by_two_sites_with_one_plan_stores_its_parts_once(layout):
+    w, _ = planted(np.random.default_rng(9), 64, 64, 4)
+    config = SplitConfig(layout=layout, min_elements=0, bench=False)
+    two = split_model(_two_readers(w), config)
+    one = split_model(matmul_model(w, [2, 64], name="a"), config)
+    assert [s.decision for s in two.report.sites] == ["split", "split"] and two.report.verification_passed
+    weights = lambda m: sorted(int(np.prod(t.dims)) for t in m.graph.initializer if np.prod(t.dims) > 1)
+    assert weights(two.model) == weights(one.model)  # the second site reads the first one's parts
+    (note,) = [n for n in two.report.notes if "weight 'W'" in n]
+    assert "read by 2 split sites whose plans agree: their parts are stored once" in note
+
+
+def test_a_weight_read_by_two_sites_with_different_plans_says_what_it_cost():
+    w, _ = planted(np.random.default_rng(9), 64, 64, 4)
+    w = np.ascontiguousarray(w[:, ::-1])  # W and W^T split into different blocks
+    result = split_model(_two_readers(w, "Gemm"), SplitConfig(layout="parallel", min_elements=0, bench=False))
+    assert [s.decision for s in result.report.sites] == ["split", "split"] and result.report.verification_passed
+    (note,) = [n for n in result.report.notes if "weight 'W'" in n]
+    assert "read by 2 split sites whose splits differ: each stores its own parts" in note and "B more" in note
