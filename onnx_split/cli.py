@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     g.add_argument("--bench-seconds", type=float, default=D["bench_seconds"],
                    help=f"timing budget per provider ({D['bench_seconds']:g})")
-    g.add_argument("--threads", type=int, default=D["threads"],
-                   help=f"ORT intra-op threads for verification and timing ({D['threads']})")
+    g.add_argument("--threads", default=None, metavar="N1,N2,..",
+                   help=f"ORT intra-op threads ({D['threads']}); a list (1,8) tunes and times at each count, "
+                        f"verification runs at the first")
     g.add_argument("--force", action="store_true", help="write the output even if verification fails")
     g = p.add_argument_group("output")
     g.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")
@@ -173,7 +174,8 @@ def entry() -> None:
 def _run(args, written: list[Path]) -> int:
     config = SplitConfig(
         threshold=args.threshold, max_parts=args.max_parts, min_elements=args.min_elements, layout=args.layout,
-        verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds, threads=args.threads,
+        verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds,
+        threads=_threads(args.threads),
         providers=tuple(p for p in args.providers.split(",") if p.strip()) if args.providers else None,
         rtol=args.rtol, atol=args.atol, input_shapes=dict(parse_input_shape(s) for s in args.input_shape),
         inputs_path=args.inputs, seed=args.seed, chains=not args.no_chains, batches=_batches(args.batch),
@@ -254,6 +256,18 @@ def _publish(staged: list, written: list[Path]) -> None:
             mask(signal.SIG_SETMASK, previous)
 
 
+def _threads(text: str | None):
+    if text is None:
+        return D["threads"]
+    try:
+        counts = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        counts = ()
+    if not counts:
+        raise OnnxSplitError(f"--threads wants whole numbers like 1 or 1,8, got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def _batches(text: str | None) -> tuple[int, ...]:
     if text is None:
         return ()
@@ -268,8 +282,10 @@ def _batches(text: str | None) -> tuple[int, ...]:
 
 def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
     measured = [e for e in report.latency if e.status == "measured"]
+    several = len({e.threads for e in measured}) > 1
     speed = [f"{e.provider.replace('ExecutionProvider', '')} {e.speedup:.2f}x"
-             + (f" ({e.inputs})" if len(measured) > 1 else "") for e in measured]
+             + (f" ({e.inputs}{f', {e.threads} thread' + ('s' if e.threads != 1 else '') if several else ''})" if len(measured) > 1 else "")
+             for e in measured]
     error = report.error
     if ok and report.reverted:
         print(f"wrote {out_path}: the original model, unchanged (the rewrite was not measured faster)")

@@ -69,7 +69,7 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
     result = Lossy(site_decisions(sites), calibration, None)
     if calibration is not None and candidates:
         try:
-            result.evaluator = Evaluator(model, sites, candidates, config.threads)
+            result.evaluator = Evaluator(model, sites, candidates, config.base_threads)
         except InputError as exc:
             if config.tolerance is not None:
                 raise
@@ -163,7 +163,7 @@ def _planners(model, sites, candidates, config: SplitConfig, calibration, progre
     norms = {}
     if config.resolved_score == "activation" and candidates:
         progress("significance", 0, 1)
-        found = feature_norms(model, [sites[i] for i in candidates], calibration.search, config.threads)
+        found = feature_norms(model, [sites[i] for i in candidates], calibration.search, config.base_threads)
         norms = {candidates[j]: v for j, v in found.items()}
     scores, used = site_scores(sites, candidates, config.resolved_score, norms)
     cost = cost_rule(config.layout)  # auto: the parts' blocks
@@ -194,7 +194,7 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
     planners = _planners(model, sites, candidates, config, calibration, progress or (lambda *a: None))
     evaluator = None
     if config.calibration is not None and candidates:
-        evaluator = Evaluator(model, sites, candidates, config.threads)
+        evaluator = Evaluator(model, sites, candidates, config.base_threads)
     rows = []
     for i, site in enumerate(sites):
         row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None, site.reason)

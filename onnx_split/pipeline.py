@@ -260,7 +260,7 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
         levels = ("disabled", "enabled") if config.verify else ("enabled",)
         crash = screen_sessions(reference, model, providers=[p for p in providers if not provider_status(p)],
                                 levels=levels, feeds_list=[f for _, f in points] if config.bench else [feeds],
-                                threads=config.threads)
+                                threads=config.base_threads)
         if crash is not None:
             clock.lap("verify")
             return [crash_entry(crash)], []
@@ -268,15 +268,16 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
         progress("verify", 0, 1)
         sets, inputs[:] = verification_sets(original, feeds, config.inputs_path, config.seed, inputs)
         verification = verify_models(reference, model, sets, providers=providers, rtol=config.rtol,
-                                     atol=config.atol, threads=config.threads)
+                                     atol=config.atol, threads=config.base_threads)
         progress("verify", 1, 1)
     clock.lap("verify")
     if config.bench and modified:
         for n, (label, feeds) in enumerate(points):
             progress("bench", n, len(points))
-            for entry in benchmark_models(original, model, feeds, providers=providers,
-                                          seconds=config.bench_seconds, threads=config.threads):
-                latency.append(dataclasses.replace(entry, inputs=label))
+            for count in config.thread_counts:
+                for entry in benchmark_models(original, model, feeds, providers=providers,
+                                              seconds=config.bench_seconds, threads=count):
+                    latency.append(dataclasses.replace(entry, inputs=label))
         progress("bench", len(points), len(points))
         clock.lap("bench")
     elif config.bench:

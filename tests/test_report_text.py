@@ -148,3 +148,23 @@ def test_a_weight_read_by_two_sites_with_different_plans_says_what_it_cost():
     assert [s.decision for s in result.report.sites] == ["split", "split"] and result.report.verification_passed
     (note,) = [n for n in result.report.notes if "weight 'W'" in n]
     assert "read by 2 split sites whose splits differ: each stores its own parts" in note and "B more" in note
+
+
+def test_threads_take_a_list_tuned_and_timed_at_each_count_verified_at_the_first(tmp_path, capsys):
+    assert SplitConfig().threads == 1 and SplitConfig(threads=1).thread_counts == (1,)
+    config = SplitConfig(threads=[1, 2], min_elements=0, tune_seconds=0.5, bench_seconds=0.05)
+    assert config.threads == (1, 2) and config.base_threads == 1
+    w, _ = planted(np.random.default_rng(5), 128, 128, 8)
+    result = split_model(matmul_model(w, [16, 128]), config)
+    (tuned,) = result.report.tuning
+    for times in tuned.times_ms.values():  # every candidate timed at both counts
+        assert {key.rsplit(", ", 1)[-1] for key in times} == {"1 thread", "2 threads"}
+    measured = [e for e in result.report.latency if e.status == "measured"]
+    if result.report.n_split or result.report.reverted:
+        assert sorted(e.threads for e in measured) == [1, 2]
+    src = tmp_path / "m.onnx"
+    onnx.save_model(matmul_model(w, [16, 128]), str(src))
+    for bad, match in (("1,x", "--threads wants whole numbers"), ("0", "--threads must be >= 1")):
+        code = main([str(src), str(tmp_path / "o.onnx"), "--threads", bad])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err and len(err.strip().splitlines()) == 1
