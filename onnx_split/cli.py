@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .version import __version__
@@ -112,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     g.add_argument("--bench-seconds", type=float, default=D["bench_seconds"],
                    help=f"timing budget per provider ({D['bench_seconds']:g})")
-    g.add_argument("--threads", type=int, default=D["threads"],
-                   help=f"ORT intra-op threads for verification and timing ({D['threads']})")
+    g.add_argument("--threads", default=None, metavar="N1,N2,..",
+                   help=f"ORT intra-op threads ({D['threads']}); a list (1,8) tunes and times at each count, "
+                        f"verification runs at the first")
     g.add_argument("--force", action="store_true", help="write the output even if verification fails")
     g = p.add_argument_group("output")
     g.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")
@@ -181,7 +183,8 @@ def entry() -> None:
 def _run(args, written: list[Path]) -> int:
     config = SplitConfig(
         threshold=args.threshold, max_parts=args.max_parts, min_elements=args.min_elements, layout=args.layout,
-        verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds, threads=args.threads,
+        verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds,
+        threads=_threads(args.threads),
         providers=tuple(p for p in args.providers.split(",") if p.strip()) if args.providers else None,
         rtol=args.rtol, atol=args.atol, input_shapes=dict(parse_input_shape(s) for s in args.input_shape),
         inputs_path=args.inputs, seed=args.seed, chains=not args.no_chains, batches=_batches(args.batch),
@@ -209,7 +212,9 @@ def _run(args, written: list[Path]) -> int:
         raise OnnxSplitError("give the output path (or --dry-run)")
     require_providers(config.providers, force=args.force)  # --providers cuda where CUDA does not run: exit 2
     in_path, out_path = Path(args.input), Path(args.output)
+    started = time.perf_counter()
     model, external_files = read_model(in_path)
+    load_seconds = time.perf_counter() - started
     protect = (in_path, *external_files)
     npz = tuple(Path(f) for f in (args.inputs, args.calibration) if f is not None)
     dest = plan_destinations(out_path, report=args.report, inputs=protect + npz)
@@ -222,6 +227,10 @@ def _run(args, written: list[Path]) -> int:
         bar.close()
     report = result.report
     report.input, report.output = str(in_path), str(out_path)
+    seconds = report.stage_seconds
+    seconds["load"] = seconds.get("load", 0.0) + load_seconds  # reading the file, then the pipeline's copy
+    report.stage_seconds = {"load": seconds.pop("load"), **seconds}
+    started = time.perf_counter()
     passed = report.verification_passed
     ok = passed is True or (passed is None and not config.verify)  # asked to verify and nothing ran: not ok
     staged = []
@@ -231,11 +240,13 @@ def _run(args, written: list[Path]) -> int:
             staged.append(stage_model(result.model, out_path, external_data=external, protect=protect + npz))
             report.written = True
         if report_path is not None:
+            report.stage_seconds["write"] = time.perf_counter() - started  # the report is the last file
             staged.append(stage_bytes(report_path, report.to_json().encode()))
         _publish(staged, written)
     finally:
         for s in staged:
             s.discard()  # what was not published (an error or an interrupt before it)
+    report.stage_seconds["write"] = time.perf_counter() - started
     if not args.quiet:
         print(report.to_text())
     _summary(report, out_path, ok, args.force)
@@ -255,6 +266,18 @@ def _publish(staged: list, written: list[Path]) -> None:
             mask(signal.SIG_SETMASK, previous)
 
 
+def _threads(text: str | None):
+    if text is None:
+        return D["threads"]
+    try:
+        counts = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        counts = ()
+    if not counts:
+        raise OnnxSplitError(f"--threads wants whole numbers like 1 or 1,8, got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def _batches(text: str | None) -> tuple[int, ...]:
     if text is None:
         return ()
@@ -269,16 +292,19 @@ def _batches(text: str | None) -> tuple[int, ...]:
 
 def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
     measured = [e for e in report.latency if e.status == "measured"]
+    several = len({e.threads for e in measured}) > 1
     speed = [f"{e.provider.replace('ExecutionProvider', '')} {e.speedup:.2f}x"
-             + (f" ({e.inputs})" if len(measured) > 1 else "") for e in measured]
+             + (f" ({e.inputs}{f', {e.threads} thread' + ('s' if e.threads != 1 else '') if several else ''})" if len(measured) > 1 else "")
+             for e in measured]
+    error = report.error
     if ok and report.reverted:
         print(f"wrote {out_path}: the original model, unchanged (the rewrite was not measured faster)")
     elif ok:
-        what = "verified" if report.verification_passed else "not verified"
+        what = f"verified against {report.verified_against}" if report.verification_passed else "not verified"
         print(f"wrote {out_path}: {report.n_split} of {len(report.sites)} sites split, {what}"
-              + (f", speedup {', '.join(speed)}" if speed else ""))
+              + (f"; {_output_error(error)}" if error is not None else "")
+              + (f"; speedup {', '.join(speed)}" if speed else ""))
     else:
-        error = report.error
         if error is not None and error.met is False:
             what = (f"--tolerance {error.tolerance:g} NOT MET on held-out data (relative output error "
                     f"{error.held_out:.4g} > {error.tolerance:g})")
@@ -292,6 +318,16 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
             print(f"{what}; wrote {out_path} anyway (--force)", file=sys.stderr)
         else:
             print(f"{what}; nothing written (use --force to write anyway)", file=sys.stderr)
+
+
+def _output_error(error) -> str:
+    """A lossy run's cost at the outputs, for the last line: the held-out error and the tolerance."""
+    if error.held_out is None:
+        return "relative output error not measured"
+    text = f"relative output error {error.held_out:.4g} on {error.held_out_samples} held-out samples"
+    if error.tolerance is not None:
+        return text + f" (--tolerance {error.tolerance:g})"
+    return text + " (no --tolerance: nothing bounds it)"
 
 
 class _ProgressBar:

@@ -66,8 +66,10 @@ class SplitConfig:
     bench: bool = True
     bench_seconds: float = 1.0
     """Time budget per provider for the latency measurement (after warm-up)."""
-    threads: int = 1
-    """intra_op_num_threads for verification and timing sessions (fixed, for stable ratios)."""
+    threads: int | tuple[int, ...] = 1
+    """intra_op_num_threads of the sessions (fixed, for stable ratios): one count, or several (``(1, 8)``),
+    each of which ``--layout auto`` tunes at and the latency is timed at; verification, calibration
+    and the output error run at the first (``base_threads``)."""
     partitioner: str = "components"
     """``components``: exact connected components (lossless). ``metis``/``spectral``: balanced
     block-diagonal partitions into G parts under row/column permutations, maximizing retained
@@ -131,10 +133,16 @@ class SplitConfig:
         if any(b < 1 for b in batches):
             raise InputError(f"--batch sizes must be >= 1, got {list(batches)}")
         object.__setattr__(self, "batches", batches)
-        if self.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {self.threads}")
-        if self.threads > MAX_THREADS:
-            raise InputError(f"--threads {self.threads} is more than {MAX_THREADS} (4 per core of this machine)")
+        counts = (self.threads,) if isinstance(self.threads, numbers.Integral) else tuple(self.threads)
+        if not counts or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts):
+            raise InputError(f"--threads wants whole numbers like 1 or 1,8, got {self.threads!r}")
+        for count in counts:
+            if count < 1:
+                raise InputError(f"--threads must be >= 1, got {count}")
+            if count > MAX_THREADS:
+                raise InputError(f"--threads {count} is more than {MAX_THREADS} (4 per core of this machine)")
+        counts = tuple(dict.fromkeys(int(c) for c in counts))
+        object.__setattr__(self, "threads", counts[0] if len(counts) == 1 else counts)
         if self.seed < 0:
             raise InputError(f"--seed must be >= 0, got {self.seed}")
         if self.providers is not None and not [p for p in self.providers if str(p).strip()]:
@@ -191,6 +199,16 @@ class SplitConfig:
             if getattr(self, name) is not None:
                 return f"--{name} {getattr(self, name):g}"
         return None
+
+    @property
+    def thread_counts(self) -> tuple[int, ...]:
+        """Every thread count to tune and time at."""
+        return (self.threads,) if isinstance(self.threads, int) else tuple(self.threads)
+
+    @property
+    def base_threads(self) -> int:
+        """The thread count verification, calibration and the output error run at: the first."""
+        return self.thread_counts[0]
 
     @property
     def lossy(self) -> bool:

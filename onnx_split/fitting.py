@@ -2,7 +2,7 @@
 sites' own terms: Gemm's alpha, beta and C, the weight as stored.
 
 - :func:`collect`: one streamed pass over the calibration batches, the activations entering every
-  main-graph candidate site summed into :class:`~onnx_split.stats.Moments` (never all samples'
+  main-graph candidate site summed into :class:`~onnx_split.moments.Moments` (never all samples'
   activations at once).
 - :func:`fit`: a plan's kept blocks refitted to the layer's original output.
 - :func:`sequential`: the chosen plans refitted in dependency order, each site on the activations
@@ -20,7 +20,7 @@ from .chains import feature_vector
 from .pruned import Evaluator, has_constant_bias
 from .refit import local_error, refit
 from .sites import Site
-from .stats import Moments, rows
+from .moments import Moments, rows
 
 
 def _key(site: Site) -> tuple[str, bool]:

@@ -149,7 +149,7 @@ def _measure(ctx: _Context, notes: list[str]) -> None:
         return
     names = tuple(ctx.sites[i].activation for i in ctx.candidates if fitting.refittable(ctx.sites[i]))
     try:
-        ctx.evaluator = Evaluator(ctx.model, ctx.sites, ctx.candidates, ctx.config.threads, capture=names)
+        ctx.evaluator = Evaluator(ctx.model, ctx.sites, ctx.candidates, ctx.config.base_threads, capture=names)
         ctx.moments = fitting.collect(ctx.evaluator, ctx.sites, ctx.candidates, ctx.calibration.batches("search"),
                                       lambda d, t: ctx.progress("calibrate", d, t))
     except InputError as exc:
@@ -386,7 +386,7 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
         _measure(ctx, [])
     elif ctx.calibration is not None and ctx.candidates:  # --score activation on random inputs: norms only
         names = tuple(sites[i].activation for i in ctx.candidates if fitting.refittable(sites[i]))
-        ctx.evaluator = Evaluator(model, sites, ctx.candidates, config.threads, capture=names)
+        ctx.evaluator = Evaluator(model, sites, ctx.candidates, config.base_threads, capture=names)
         ctx.moments = fitting.collect(ctx.evaluator, sites, ctx.candidates, ctx.calibration.batches("search"),
                                       lambda d, t: progress("calibrate", d, t))
     planners = _planners(ctx)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,9 +28,10 @@ from .model_io import load_model
 from .planning import exact_units, plan_exact
 from .points import measuring_points, providers_for
 from .pruned import reference_model
-from .report import SplitReport, Written, build_report, metadata_entries
+from .report import SplitReport, Written, build_report, metadata_entries, size
 from .rewrite import AUTO, LAYOUTS, Job, rewrite_model
 from .sites import find_sites
+from .stats import model_stats
 from .tune import static_choice, tune_chains, whole_model_verdict
 from .runtime import provider_status
 from .verify import check, crash_entry, crashed, loads_in_ort, screen_sessions, verify_models
@@ -59,8 +61,10 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if config.lossy and config.budget is None:
         raise InputError(f"--partitioner {config.partitioner} drops weights: give a budget "
                          f"(--parts, --keep, --flops or --tolerance), or --dry-run to see what each would keep")
+    clock = _Clock()
     source, original = _load(model_or_path, "split_model")
     model = _copy(original)
+    clock.lap("load")
     sites = find_sites(model, min_elements=config.min_elements)
     notes: list[str] = []
 
@@ -79,8 +83,12 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         decisions = plan_exact(sites, config, progress)
         units = exact_units(sites, decisions, config)
 
+    clock.lap("analyse")
+
     forms, tuning = _forms(original, units, config, points, providers, notes, progress)   # which form
     decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
+    if config.layout == AUTO:
+        clock.lap("tune")
 
     written, refused = _rewrite(model, units, forms, config)                              # rewrite
     decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
@@ -92,11 +100,15 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
                 approximated[i] = units[u].plan.effective_weight(layer, sites[i].weight)
                 if sites[i].bias_value is not None:
                     biases[i] = units[u].plan.effective_bias(layer, sites[i].bias_value)
+    clock.lap("rewrite")
     error = None
     if lossy is not None:                                  # what that costs at the outputs
         error, more = lossy.error(approximated, config.tolerance, biases)
         notes += [n for n in more if n not in notes]
+        clock.lap("error")
     reference = reference_model(original, sites, approximated, biases) if approximated else original
+    against = (REFITTED if any(getattr(units[u].plan, "refitted", False) for u in written) else PRUNED) \
+        if approximated else "the original"
     n_split = sum(isinstance(d, Split) for d in decisions.values())
     _set_metadata(model, metadata_entries(config, n_split, len(sites), error))
 
@@ -108,7 +120,9 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
             verification = [crash_entry(loads)]
     if points and not verification:
         verification, latency = _verify_and_time(original, model, reference, config, points, providers,
-                                                 n_split > 0, notes, inputs, progress)
+                                                 n_split > 0, notes, inputs, progress, clock)
+    else:
+        clock.lap("verify")
     why = None
     if config.layout == AUTO and config.bench and points and n_split:   # the whole model must pay too
         why = whole_model_verdict(latency, config.min_speedup)
@@ -117,12 +131,66 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if why is not None:
         notes.append(why)
         model, decisions, error = _undo(original, decisions, error, why)
+    else:
+        notes += shared_weight_notes(sites, decisions, units, written)
 
     report = build_report(config=json.loads(config.to_json()), source=source, sites=sites, decisions=decisions,
-                          units=units, written=written, tuning=list(tuning.values()), checker=checker,
-                          verification=verification, latency=latency, inputs=inputs, notes=notes, error=error,
-                          reverted=why is not None)
+                          units=units, written=written, before=model_stats(original), after=model_stats(model),
+                          tuning=list(tuning.values()), checker=checker, verification=verification,
+                          latency=latency, inputs=inputs, notes=notes, error=error, reverted=why is not None,
+                          verified_against=against if any(v.passed is not None for v in verification) else None,
+                          stage_seconds=clock.seconds)
     return SplitResult(model, report)
+
+
+def shared_weight_notes(sites, decisions: dict, units, written: dict[int, Written]) -> list[str]:
+    """What a stored weight read by several sites cost once some of them were split: parts shared
+    between sites whose plans agree, parts stored per site where they differ, and the weight itself
+    kept beside the parts where a reader stays dense."""
+    readers: dict[tuple[str, str], list[int]] = {}
+    for i, site in enumerate(sites):
+        if site.reason is None:
+            readers.setdefault((site.scope, site.weight_name), []).append(i)
+    notes = []
+    for (_, name), group in readers.items():
+        split_units = list(dict.fromkeys(decisions[i].unit for i in group if isinstance(decisions[i], Split)))
+        if len(group) < 2 or not split_units:
+            continue
+        kept = sum(not isinstance(decisions[i], Split) for i in group)
+        n_split = len(group) - kept
+        if len(split_units) > 1:
+            shared = sum(written[u].shared_bytes for u in split_units)
+            extra = sum(written[u].stored_bytes for u in split_units[1:])
+            if extra == 0:
+                notes.append(f"weight '{name}' is read by {n_split} split sites whose plans agree: their parts are "
+                             f"stored once ({size(shared)} shared)")
+            else:
+                notes.append(f"weight '{name}' is read by {n_split} split sites whose splits differ: each stores "
+                             f"its own parts, {size(extra)} more than one copy" +
+                             (f" ({size(shared)} of equal tensors shared)" if shared else ""))
+        if kept:
+            notes.append(f"weight '{name}' is also read by {kept} site{'s' if kept != 1 else ''} kept dense, so it stays "
+                         f"in the model beside the split's parts ({size(written[split_units[0]].stored_bytes)} more)")
+    return notes
+
+
+PRUNED = "the pruned original (dropped weights zeroed)"
+"""The reference a lossy split is verified against: the original with the plans' effective weights."""
+REFITTED = "the refitted original (dropped weights zeroed, kept blocks refitted)"
+"""The same, where a plan's kept weights were refitted (refit.py)."""
+
+
+class _Clock:
+    """Wall time per stage: each ``lap`` charges the time since the last one to a stage."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + (now - self._last)
+        self._last = now
 
 
 def survey_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: SplitConfig | None = None, *,
@@ -197,14 +265,15 @@ def _rewrite(model, units, forms: dict[int, str], config: SplitConfig):
     layout = LAYOUTS.get(config.layout)
     wrapper = layout if layout is not None and layout.wrap is not None else None
     jobs = [Job(units[u].chain, units[u].plan, forms[u], wrapper) for u in chosen]
-    refused_jobs, gathers = rewrite_model(model, jobs)
-    written = {u: Written(forms[u], wrapper.name if wrapper else forms[u], gathers[j]) for j, u in enumerate(chosen)
-               if j not in refused_jobs}
+    stored: dict[int, tuple[int, int]] = {}
+    refused_jobs, gathers = rewrite_model(model, jobs, stored=stored)
+    written = {u: Written(forms[u], wrapper.name if wrapper else forms[u], gathers[j], *stored[j])
+               for j, u in enumerate(chosen) if j not in refused_jobs}
     return written, {chosen[j]: why for j, why in refused_jobs.items()}
 
 
 def _verify_and_time(original, model, reference, config: SplitConfig, points, providers, modified: bool,
-                     notes: list[str], inputs: list[str], progress):
+                     notes: list[str], inputs: list[str], progress, clock: _Clock):
     """Verification against ``reference`` (the original, or the model with the approximating plans'
     effective weights) on the first point's inputs and more seeded sets like them (``inputs``, how
     they were made, is updated); timing against the original at every point."""
@@ -214,22 +283,26 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
         levels = ("disabled", "enabled") if config.verify else ("enabled",)
         crash = screen_sessions(reference, model, providers=[p for p in providers if not provider_status(p)],
                                 levels=levels, feeds_list=[f for _, f in points] if config.bench else [feeds],
-                                threads=config.threads)
+                                threads=config.base_threads)
         if crash is not None:
+            clock.lap("verify")
             return [crash_entry(crash)], []
     if config.verify:
         progress("verify", 0, 1)
         sets, inputs[:] = verification_sets(original, feeds, config.inputs_path, config.seed, inputs)
         verification = verify_models(reference, model, sets, providers=providers, rtol=config.rtol,
-                                     atol=config.atol, threads=config.threads)
+                                     atol=config.atol, threads=config.base_threads)
         progress("verify", 1, 1)
+    clock.lap("verify")
     if config.bench and modified:
         for n, (label, feeds) in enumerate(points):
             progress("bench", n, len(points))
-            for entry in benchmark_models(original, model, feeds, providers=providers,
-                                          seconds=config.bench_seconds, threads=config.threads):
-                latency.append(dataclasses.replace(entry, inputs=label))
+            for count in config.thread_counts:
+                for entry in benchmark_models(original, model, feeds, providers=providers,
+                                              seconds=config.bench_seconds, threads=count):
+                    latency.append(dataclasses.replace(entry, inputs=label))
         progress("bench", len(points), len(points))
+        clock.lap("bench")
     elif config.bench:
         notes.append("nothing was split: latency not measured")
     elif config.layout == AUTO and modified:

@@ -2,7 +2,7 @@
 
 A block plan keeps, for each output column j, the weights of a set S_j of input rows (the rows of
 its part) and drops the rest. Dropping alone (the masked weight) loses what the other rows
-contributed. Given the calibration moments (stats.py) the best kept weights, in least squares over
+contributed. Given the calibration moments (moments.py) the best kept weights, in least squares over
 every calibration row, are per part
 
     [w_S; b] = (H'_SS + lambda I)^-1  C_S,:  [W; b]          C = [X', 1]^T [X, 1],  H' = [X', 1]^T [X', 1]

@@ -18,6 +18,8 @@ from .plans import PLANNERS
 from .plans.base import LEVELS
 from .pruned import ErrorReport
 from .rewrite import FORMS
+from .sites import module_path
+from .stats import ModelStats
 from .text import chain_label, columns, percent, plural
 from .verify import VerificationEntry
 
@@ -31,15 +33,27 @@ class SiteReport:
     dtype: str | None
     decision: str  # "split" | "kept"
     reason: str  # why kept, or a summary of the split
-    parts: int = 0
+    module: str | None = None
+    """the node's readable scope: the innermost module path the PyTorch exporter recorded in its
+    ``pkg.torch.onnx.name_scopes`` metadata (``encoder.layer.0.attention.self.query``), else None"""
+    candidate: bool = True
+    """False for a site onnx_split cannot split at all (no constant right operand, an unsupported
+    weight, ...): kept by the first step, with ``reason``"""
+    parts: int | None = None
+    """parts of the split written (or, for a split undone, that would have been written); None if none"""
     part_shapes: list[list[int]] = field(default_factory=list)
-    components: int = 0
-    unused_inputs: int = 0
-    dead_outputs: int = 0
-    flops_before: int = 0
-    """2*K*N: FLOPs per row of the activation (batch 1) of the original node"""
-    flops_after: int = 0
-    """FLOPs per activation row of the layout actually written (padding included)"""
+    components: int | None = None
+    """connected components of the weight at --threshold (lossless runs); None where they were not
+    computed (lossy runs, non-candidates)"""
+    unused_inputs: int | None = None
+    """inputs no output uses, and outputs no input feeds (lossless runs); None where not computed"""
+    dead_outputs: int | None = None
+    flops_before: int | None = None
+    """2*K*N: FLOPs per row of the activation (batch 1) of the original node; None when the weight's
+    shape is unknown"""
+    flops_after: int | None = None
+    """FLOPs per activation row of what the written model computes for this site: the layout written
+    (padding included) for a split site, ``flops_before`` for a kept one (it still computes densely)"""
     layout: str | None = None
     chain: str | None = None
     """the chain of layers this site was split with (``a -> b -> c``), if more than itself"""
@@ -48,7 +62,8 @@ class SiteReport:
     score: str | None = None
     retained: float | None = None
     details: dict = field(default_factory=dict)
-    """what a plan kind reports beyond the fields above (its ``summary``)"""
+    """what a plan kind reports beyond the fields above (its ``summary``); ``flops_if_split`` for a
+    split the whole-model check undid"""
 
 
 @dataclass
@@ -85,6 +100,16 @@ class SplitReport:
     reverted: bool = False
     """``--layout auto`` measured the rewrite slower than the margin and the original was written"""
     error: ErrorReport | None = None
+    verified_against: str | None = None
+    """what the rewritten model was compared with: "the original", or for a lossy split "the pruned
+    original (dropped weights zeroed)"; None when nothing was verified"""
+    model: dict = field(default_factory=dict)
+    """``before`` and ``after`` (the model written: the original when ``reverted``): op counts by
+    type, nodes, parameters, weight and model bytes (stats.ModelStats), and ``flops_per_row``, the
+    FLOPs per activation row of the MatMul/Gemm sites with a known weight shape"""
+    stage_seconds: dict = field(default_factory=dict)
+    """wall time of each stage of the run: load, analyse, tune, rewrite, error, verify, bench (the
+    CLI adds write)"""
 
     @property
     def n_split(self) -> int:
@@ -125,14 +150,17 @@ class SplitReport:
         split_after = sum(s.flops_after for s in self.sites if s.decision == "split")
         lines.append(f"{self.n_split} of {len(self.sites)} MatMul/Gemm sites split"
                      + (f"; their FLOPs per row {split_before:,} -> {split_after:,}" if self.n_split else ""))
+        lines += _model_lines(self.model)
+        names = {s.node: _display(s) for s in self.sites}
         chains = []
         for c in self.chains:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
                     else f"split into {c.parts} part{'s' if c.parts != 1 else ''}")
-            chains.append(f"{chain_label(c.sites)}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
+            chains.append(f"{chain_label([names.get(n, n) for n in c.sites])}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
                           f"{'s' if c.boundary_gathers != 1 else ''} on activations")
         lines += _capped(chains, "rewrite")
-        lines += _capped([f"autotune {chain_label(t.chain)}: {t.reason}" for t in self.tuning], "tuned unit",
+        lines += _capped([f"autotune {chain_label([names.get(n, n) for n in t.chain])}: {t.reason}"
+                          for t in self.tuning], "tuned unit",
                          [t.choice for t in self.tuning])
         if self.checker:
             lines.append("onnx checker (full): " + ("passed" if self.checker.get("passed") else
@@ -142,8 +170,7 @@ class SplitReport:
         if self.error is not None:
             lines.append(_error_line(self.error))
         if self.verification:
-            what = "dropped weights zeroed, kept blocks refitted" if self.config.get("refit") else "dropped weights zeroed"
-            against = f" against the original with the plans' weights ({what})" if self.error is not None else ""
+            against = f" against {self.verified_against}" if self.verified_against else ""
             lines.append(f"verification{against} (" + "; ".join(self.inputs) + "):")
             for v in self.verification:
                 worst = max(v.outputs, key=lambda o: o.max_rel, default=None)
@@ -163,7 +190,52 @@ class SplitReport:
                                  f"(p90 {e.original_p90_ms:.4f} / {e.rewritten_p90_ms:.4f} ms, {e.runs} runs, "
                                  f"{e.threads} thread{'s' if e.threads > 1 else ''})")
         lines.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(lines)
+        if self.stage_seconds:
+            total = sum(self.stage_seconds.values())
+            lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.stage_seconds.items())
+                         + f" (total {total:.2f} s)")
+        return "\n".join(clip(line) for line in "\n".join(lines).split("\n"))
+
+
+LINE_WIDTH = 200
+"""No line of the text report is longer (the JSON report has every word)."""
+
+
+def clip(line: str, width: int = LINE_WIDTH) -> str:
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def size(n: int) -> str:
+    """Bytes as B, kB, MB or GB (powers of 1000, as file managers show them)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _model_lines(model: dict) -> list[str]:
+    """The before -> after summary: parameters, bytes, FLOPs per row, then the op counts that changed."""
+    before, after = model.get("before"), model.get("after")
+    if not before or not after:
+        return []
+    lines = [f"model: parameters {before['parameters']:,} -> {after['parameters']:,}, size {size(before['bytes'])} -> "
+             f"{size(after['bytes'])}, MatMul/Gemm FLOPs per row {before['flops_per_row']:,} -> "
+             f"{after['flops_per_row']:,}, nodes {before['nodes']:,} -> {after['nodes']:,}"]
+    ops = sorted(set(before["ops"]) | set(after["ops"]))
+    changed = [(op, before["ops"].get(op, 0), after["ops"].get(op, 0)) for op in ops]
+    changed = sorted([c for c in changed if c[1] != c[2]], key=lambda c: (-abs(c[2] - c[1]), c[0]))
+    if changed:
+        cells = [f"{op} {a:,} -> {b:,}" for op, a, b in changed]
+        line, shown = "ops changed: ", 0
+        for cell in cells:
+            if len(line) + len(cell) + 40 > LINE_WIDTH and shown:
+                break
+            line += ("" if not shown else ", ") + cell
+            shown += 1
+        if shown < len(cells):
+            line += f", and {plural(len(cells) - shown, 'more op type')} (in the JSON report)"
+        lines.append(line)
+    return lines
 
 
 def _error_line(e: ErrorReport) -> str:
@@ -201,34 +273,65 @@ def _capped(lines: list[str], what: str, kinds: list[str] | None = None) -> list
 
 
 TABLE_ROWS = 60
-"""The text table shows at most this many sites (split ones first); the JSON report has all."""
+"""The text table shows at most this many candidate sites (split ones first); the JSON report has all."""
+NAME_WIDTH = 48
+"""A node column entry longer than this is shortened from the left (its end is the specific part)."""
+
+
+def _display(s: SiteReport) -> str:
+    """The site as the table names it: its module path when the exporter recorded one, else the
+    node's name; under its subgraph's scope; at most NAME_WIDTH characters."""
+    name = s.module or s.node
+    if s.scope != "main":
+        name = f"{s.scope}/{name}"
+    return name if len(name) <= NAME_WIDTH else "..." + name[-(NAME_WIDTH - 3):]
 
 
 def _sites_table(sites: list[SiteReport]) -> str:
+    if not sites:
+        return "no MatMul or Gemm nodes found"
     header = ("node", "op", "shape", "parts", "FLOPs/row before -> after", "decision")
-    rows = []
-    keep = set(range(len(sites)))
-    if len(sites) > TABLE_ROWS:
+    candidates = [i for i, s in enumerate(sites) if s.candidate]
+    keep = set(candidates)
+    if len(candidates) > TABLE_ROWS:
         keep = set(sorted(keep, key=lambda i: (sites[i].decision != "split", i))[:TABLE_ROWS])
-    shown = [s for i, s in enumerate(sites) if i in keep]
-    for s in shown:
+    rows = []
+    for i in sorted(keep):
+        s = sites[i]
         shape = "x".join(map(str, s.shape)) if s.shape else "-"
         flops = f"{s.flops_before:,} -> {s.flops_after:,}" if s.decision == "split" else (
             f"{s.flops_before:,}" if s.flops_before else "-")
         decision = f"split ({s.layout})" if s.decision == "split" else f"kept: {s.reason}"
         if s.decision == "split" and s.retained is not None:
             decision += f", keeps {percent(s.retained)} of {s.score} significance"
-        node = s.node if s.scope == "main" else f"{s.scope}/{s.node}"
-        rows.append((node, s.op_type, shape, str(s.parts or "-"), flops, decision))
-    if not rows:
-        return "no MatMul or Gemm nodes found"
-    lines = columns([header] + rows)
-    if len(shown) < len(sites):
-        rest = [s for i, s in enumerate(sites) if i not in keep]
+        rows.append((_display(s), s.op_type, shape, str(s.parts or "-"), flops, decision))
+    lines = columns([header] + rows) if rows else []
+    if len(keep) < len(candidates):
+        rest = [sites[i] for i in candidates if i not in keep]
         split = sum(s.decision == "split" for s in rest)
         lines.append(f"... and {plural(len(rest), 'more site')} ({split:,} split, {len(rest) - split:,} kept): "
                      f"every site is in the JSON report (--report)")
+    lines += _not_candidates([s for s in sites if not s.candidate])
     return "\n".join(lines)
+
+
+def _not_candidates(sites: list[SiteReport]) -> list[str]:
+    """One line per reason: the sites onnx_split cannot split, counted, with the first few names."""
+    if not sites:
+        return []
+    groups: dict[str, list[SiteReport]] = {}
+    for s in sites:
+        groups.setdefault(s.reason, []).append(s)
+    lines = ["not candidates (kept as they are):"]
+    for reason, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        if len(members) == 1:
+            lines.append(f"  {_display(members[0])} ({members[0].op_type}): kept: {reason}")
+            continue
+        ops = sorted({m.op_type for m in members})
+        where = list(dict.fromkeys(_display(m) for m in members))  # two attention MatMuls share a module
+        names = ", ".join(where[:3]) + (f", ... {len(where) - 3:,} more" if len(where) > 3 else "")
+        lines.append(f"  {len(members):,} {'/'.join(ops)} sites: kept: {reason} ({names})")
+    return lines
 
 
 def _finite(value):
@@ -251,6 +354,10 @@ class Written:
     form: str
     layout: str
     gathers: int
+    stored_bytes: int = 0
+    """bytes of the new tensors it wrote"""
+    shared_bytes: int = 0
+    """bytes of new tensors it reads from an earlier unit instead (equal values: one weight, one plan)"""
 
 
 def site_report(site, decision, units: list[Unit]) -> SiteReport:
@@ -258,9 +365,10 @@ def site_report(site, decision, units: list[Unit]) -> SiteReport:
     rep = SiteReport(node=site.name, op_type=site.op_type, scope=site.scope,
                      shape=list(site.shape) if site.shape else None,
                      dtype=str(site.weight.dtype) if site.weight is not None else None,
-                     decision="kept", reason=decision.reason)
+                     decision="kept", reason=decision.reason, module=module_path(site.node),
+                     candidate=site.reason is None)
     if site.shape is not None and len(site.shape) == 2:
-        rep.flops_before = 2 * site.shape[0] * site.shape[1]
+        rep.flops_before = rep.flops_after = 2 * site.shape[0] * site.shape[1]
     for key, value in decision.facts.items():
         setattr(rep, key, value)
     split = decision if isinstance(decision, Split) else getattr(decision, "undone", None)
@@ -271,13 +379,14 @@ def site_report(site, decision, units: list[Unit]) -> SiteReport:
                 setattr(rep, key, value)
             else:
                 rep.details[key] = value
-        rep.flops_after = 2 * FORMS[split.form].cost(unit.plan, split.layer)
+        flops = 2 * FORMS[split.form].cost(unit.plan, split.layer)
         if len(unit.sites) > 1:
             rep.chain = unit.chain.name
         if split is decision:
-            rep.decision, rep.layout = "split", split.layout
+            rep.decision, rep.layout, rep.flops_after = "split", split.layout, flops
         else:  # undone: what it was stays visible, but nothing of it was written
             rep.retained = None
+            rep.details["flops_if_split"] = flops
     return rep
 
 
@@ -292,13 +401,21 @@ def chain_report(unit: Unit, written: Written) -> ChainReport:
 
 
 def build_report(*, config: dict, source: str | None, sites: list, decisions: dict, units: list[Unit],
-                 written: dict[int, Written], **fields) -> SplitReport:
-    """The report of a run from every site's last decision and the written units; ``fields`` are
-    the remaining SplitReport fields (tuning, checker, verification, latency, inputs, notes, error,
-    reverted)."""
+                 written: dict[int, Written], before: ModelStats | None = None, after: ModelStats | None = None,
+                 **fields) -> SplitReport:
+    """The report of a run from every site's last decision and the written units; ``before`` and
+    ``after`` describe the input and the model written; ``fields`` are the remaining SplitReport
+    fields (tuning, checker, verification, latency, inputs, notes, error, reverted, verified_against,
+    stage_seconds)."""
     report = SplitReport(version=__version__, config=config, input=source, **fields)
     report.sites = [site_report(site, decisions[i], units) for i, site in enumerate(sites)]
     report.chains = [chain_report(units[u], w) for u, w in sorted(written.items())]
+    if before is not None and after is not None:
+        known = [s for s in report.sites if s.flops_before is not None]
+        report.model = {
+            "before": {**dataclasses.asdict(before), "flops_per_row": sum(s.flops_before for s in known)},
+            "after": {**dataclasses.asdict(after), "flops_per_row": sum(s.flops_after for s in known)},
+        }
     return report
 
 

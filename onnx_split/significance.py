@@ -6,7 +6,7 @@ Two scores, both K x N for a weight used as ``y = x @ W``:
 - ``activation``: |w_ij| * ||x_i||_2, with ||x_i|| the norm of input feature i of that very node
   over the calibration samples (all axes but the feature axis). A large weight on a feature that is
   always near zero moves the output little; this score sees that. The feature norms are the root
-  of the diagonal of the calibration moments (stats.py), summed batch by batch.
+  of the diagonal of the calibration moments (moments.py), summed batch by batch.
 
 Scores are float64 and finite: a NaN or infinite weight is the most significant one there is, so it
 is scored above every finite weight and is never dropped by choice.

@@ -31,6 +31,10 @@ _LOW_BIT_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto
 _MAX_FOLD_DEPTH = 16
 _NOT_CONSTANT = " is not constant: "
 _TOO_DEEP = "producer chain deeper than"
+BETWEEN_ACTIVATIONS = "between two activations (attention-style): not a candidate"
+"""The reason of a MatMul/Gemm whose right operand is computed at run time from the graph's inputs
+(attention's Q @ K^T and P @ V): one short reason, the same for every such site, so the report can
+count them on one line."""
 
 
 @dataclass
@@ -266,6 +270,35 @@ def walk_graphs(graph: onnx.GraphProto, scope_name: str = "main", parent: str | 
         yield from walk_graphs(sub, sub_name, scope_name, with_parent=with_parent)
 
 
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+"""The node metadata key where torch.onnx's dynamo exporter records the module hierarchy: the repr
+of a list of cumulative module paths (``['', 'encoder', 'encoder.layer.0', ...]``), the last entry
+usually the node's own FX name (``linear_3``)."""
+
+
+def module_path(node: onnx.NodeProto) -> str | None:
+    """The innermost module path of ``node``'s name-scope metadata (``encoder.layer.0.attention.self.query``),
+    or None when there is none or it cannot be read. A last entry that does not extend the path
+    before it (the FX node name) is not a module."""
+    text = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+    if not text:
+        return None
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = [part.strip().strip("'\"") for part in text.strip().strip("[]()").split(",")]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return None
+    scopes = [str(v).strip() for v in value if isinstance(v, str) and str(v).strip()]
+    if len(scopes) > 1 and not scopes[-1].startswith(scopes[-2] + "."):
+        scopes = scopes[:-1]
+    return scopes[-1] if scopes else None
+
+
 def written_by_onnx_split(node: onnx.NodeProto) -> bool:
     """A node this pass wrote (its provenance doc string or metadata): never split again."""
     return node.doc_string.startswith("onnx_split ") or any(p.key == "onnx_split.site" for p in node.metadata_props)
@@ -278,6 +311,29 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def runtime_tensors(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> set[str]:
+    """The tensors of ``graph`` computed from a graph input (or, in a subgraph, from its own inputs
+    or an outer tensor in ``outer``): values that can change at run time, so never constants.
+    A node with a subgraph counts as reading every outer tensor its subgraphs name."""
+    live = set(outer) | {i.name for i in graph.input}
+    for node in graph.node:
+        reads = [n for n in node.input if n]
+        for _, _, _, sub in node_graphs(node):
+            reads += _names_read(sub)
+        if any(n in live for n in reads):
+            live.update(o for o in node.output if o)
+    return live
+
+
+def _names_read(graph: onnx.GraphProto) -> list[str]:
+    names = []
+    for node in graph.node:
+        names += [n for n in node.input if n]
+        for _, _, _, sub in node_graphs(node):
+            names += _names_read(sub)
+    return names
+
+
 def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
     """Every MatMul/Gemm of the model, in graph order (subgraphs after their parent node)."""
     resolver = _Resolver(model)
@@ -285,19 +341,22 @@ def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
     opset = default_opset(model)
     sites: list[Site] = []
     visible: dict[str, list[_Scope]] = {}  # scope -> its own scope, then the enclosing ones
+    live: dict[str, set[str]] = {}  # scope -> tensors that can change at run time
     for scope_name, graph, parent in walk_graphs(model.graph, with_parent=True):
         scopes = visible[scope_name] = [_Scope.of(scope_name, graph)] + (visible[parent] if parent else [])
+        live[scope_name] = runtime_tensors(graph, frozenset(live[parent]) if parent else frozenset())
         for index, node in enumerate(graph.node):
             if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
                 site = Site(node=node, graph=graph, scope=scope_name, index=index,
                             name=node.name or node.output[0], op_type=node.op_type)
                 site.constant = lambda name, scopes=scopes: resolver.value(name, scopes)[0]
-                _describe(site, scopes, resolver, shapes, opset, min_elements)
+                _describe(site, scopes, resolver, shapes, opset, min_elements, live[scope_name])
                 sites.append(site)
     return sites
 
 
-def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_elements: int) -> None:
+def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_elements: int,
+              live: set[str] = frozenset()) -> None:
     node = site.node
     if written_by_onnx_split(node):
         site.reason = "written by onnx_split (a part of an earlier split)"
@@ -309,6 +368,10 @@ def _describe(site: Site, scopes, resolver: _Resolver, shapes, opset: int, min_e
         site.reason = f"{node.op_type} has fewer than two inputs"
         return
     a_name, b_name = node.input[0], node.input[1]
+    produced = not any(b_name in sc.inputs for sc in scopes)  # a graph input has its own reason
+    if a_name in live and b_name in live and produced:  # no folding: it could never be a constant
+        site.reason = f"{node.op_type} {BETWEEN_ACTIVATIONS}"
+        return
     a_val, _, _ = resolver.value(a_name, scopes)
     b_val, b_reason, chain = resolver.value(b_name, scopes)
     if a_val is not None and b_val is not None:

@@ -1,50 +1,85 @@
-"""Second-moment statistics of the activations entering each site, accumulated batch by batch.
+"""What a model holds, for the before/after summary: op counts by type, parameters and bytes.
 
-For a site ``y = x @ W + b`` the refit (refit.py) and the local error of a candidate weight need only
-
-    H = [X, 1]^T [X, 1]            (K+1) x (K+1), over every activation row of the calibration samples
-
-(and, for a sequential refit, the cross moment ``[X', 1]^T [X, 1]`` between the activations the
-already-rewritten model produces, X', and the original's, X). Both are sums over rows, so they are
-accumulated one batch at a time and the activations themselves are never held for all samples.
-The feature norms of the activation-aware significance are ``sqrt(diag(H))`` of the same sums.
+Counted over the main graph, every subgraph (If/Loop/Scan bodies) and every model-local function
+body, so a rewrite that moves nodes into a function (``--layout function``) is counted the same
+way as one that does not.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+import onnx
 
-from .sites import Site
-
-
-def rows(site: Site, value: np.ndarray) -> np.ndarray:
-    """The activation entering ``site`` as [rows, K] float64 (all axes but the feature axis merged)."""
-    x = np.asarray(value, dtype=np.float64)
-    axis = 0 if site.trans_a else x.ndim - 1
-    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+from .protos import without_weights
+from .sites import walk_graphs
 
 
-def _augmented(x: np.ndarray) -> np.ndarray:
-    return np.hstack([x, np.ones((x.shape[0], 1))])
+@dataclass
+class ModelStats:
+    ops: dict[str, int] = field(default_factory=dict)
+    """node count per op type (``domain:op`` outside the default domain), every graph and function body"""
+    nodes: int = 0
+    parameters: int = 0
+    """elements of every initializer and Constant node value"""
+    weight_bytes: int = 0
+    """bytes of those tensors' data"""
+    bytes: int = 0
+    """the serialized model, external data included (what the written files hold, give or take the
+    external data's alignment)"""
 
 
-class Moments:
-    """Running ``[X', 1]^T [X, 1]`` for one activation (``X' = X`` unless a second one is given)."""
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    stats = ModelStats()
+    graphs = [g for _, g in walk_graphs(model.graph)]
+    bodies = [list(f.node) for f in model.functions]
+    tensors: list[onnx.TensorProto] = []
+    for graph in graphs:
+        tensors += list(graph.initializer)
+        bodies.append(list(graph.node))
+    for nodes in bodies:
+        for node in nodes:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+            stats.ops[key] = stats.ops.get(key, 0) + 1
+            stats.nodes += 1
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for tensor in tensors:
+        stats.parameters += int(np.prod(tensor.dims, dtype=np.int64))
+        stats.weight_bytes += tensor_bytes(tensor)
+    stats.bytes = serialized_bytes(model)
+    return stats
 
-    def __init__(self, k: int):
-        self.k = k
-        self.sum = np.zeros((k + 1, k + 1))
-        self.count = 0
 
-    def add(self, x: np.ndarray, x_new: np.ndarray | None = None) -> None:
-        finite = np.isfinite(x).all(axis=1)
-        if x_new is not None:
-            finite &= np.isfinite(x_new).all(axis=1)
-        x = x[finite]
-        left = x if x_new is None else x_new[finite]
-        self.sum += _augmented(left).T @ _augmented(x)
-        self.count += int(x.shape[0])
+def serialized_bytes(model: onnx.ModelProto) -> int:
+    """The size of ``model`` serialized, its external data included, summed field by field so that a
+    model above protobuf's 2 GB limit is measured too (it is written with external data)."""
+    header = without_weights(model)
+    graph = header.graph.ByteSize()
+    for tensor in model.graph.initializer:  # repeated field 5 of GraphProto: a tag byte, a length, the tensor
+        size = tensor.ByteSize()
+        graph += 1 + _varint(size) + size
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            graph += tensor_bytes(tensor)
+    header.ClearField("graph")
+    return header.ByteSize() + 1 + _varint(graph) + graph  # ModelProto.graph is field 7: one tag byte
 
-    @property
-    def norms(self) -> np.ndarray:
-        """||x_i||_2 per input feature over every row added (of X' for a cross moment)."""
-        return np.sqrt(np.maximum(np.diag(self.sum)[:-1], 0.0))
+
+def _varint(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes of a tensor's data, wherever it is stored (raw, typed fields or external)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        for entry in tensor.external_data:
+            if entry.key == "length":
+                return int(entry.value)
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    elements = int(np.prod(tensor.dims, dtype=np.int64))
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1
+    return elements * itemsize

@@ -49,8 +49,12 @@ def static_choice(chain: Chain, plan) -> str:
 
 def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],
                 points: list[tuple[str, dict[str, np.ndarray]]], *, providers: list[str], seconds: float,
-                threads: int, margin: float, progress=None, timer: Timer | None = None) -> list[TuneResult]:
-    """Measure every layout of every chain; return each chain's choice with all the times."""
+                threads: int | tuple[int, ...], margin: float, progress=None, timer: Timer | None = None
+                ) -> list[TuneResult]:
+    """Measure every layout of every chain at every thread count of ``threads``; return each
+    chain's choice with all the times (the best worst case over batches, providers and counts)."""
+    counts = (threads,) if isinstance(threads, int) else tuple(threads)
+    threads = counts[0]  # capturing activations and screening for crashes: once, at the first count
     timer = timer or measure
     progress = progress or (lambda stage, done, total: None)
     usable = [p for p in providers if provider_status(p) is None]
@@ -69,7 +73,7 @@ def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],
         for i in tunable:
             results[i].reason = f"not measured (the original failed to run: {ort_error(exc)}): static rule"
         return results
-    budget = seconds / (len(tunable) * len(usable) * len(points))
+    budget = seconds / (len(tunable) * len(usable) * len(points) * len(counts))
     done = 0
     for batch in _batches(original, chains, tunable, activations[points[0][0]]):
         crashed = _screen(batch, chains, activations, points, usable, threads)
@@ -77,7 +81,7 @@ def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],
             progress("tune", done, len(tunable))
             done += 1
             chain, plan = chains[i]
-            results[i] = _tune_one(chain, models, crashed.get(i, {}), activations, points, usable, budget, threads,
+            results[i] = _tune_one(chain, models, crashed.get(i, {}), activations, points, usable, budget, counts,
                                    timer, margin, results[i])
             log.info("%s: %s (%s)", chain.name, results[i].choice, results[i].reason)
     progress("tune", len(tunable), len(tunable))
@@ -85,7 +89,7 @@ def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],
 
 
 def _tune_one(chain: Chain, models: dict, crashed: dict[str, str], activations, points, providers, budget: float,
-              threads: int, timer: Timer, margin: float, static: TuneResult) -> TuneResult:
+              threads: tuple[int, ...], timer: Timer, margin: float, static: TuneResult) -> TuneResult:
     """One unit's choice: candidates that crash ORT are left out, the rest timed against dense."""
     if "dense" in crashed:
         return TuneResult(static.chain, static.choice, f"not measured ({crashed['dense']}): static rule")
@@ -137,19 +141,24 @@ def _screen(batch, chains, activations, points, providers, threads: int) -> dict
     return crashed
 
 
-def _time_candidates(models, activations, points, providers, budget: float, threads: int, timer: Timer):
-    """({candidate: {point: ms}}, None), or (None, why) when a run failed."""
+def _time_candidates(models, activations, points, providers, budget: float, threads: tuple[int, ...],
+                     timer: Timer):
+    """({candidate: {point: ms}}, None), or (None, why) when a run failed. A point is a provider and
+    a batch, and the thread count when more than one is timed."""
     times: dict[str, dict[str, float]] = {name: {} for name in models}
     for provider in providers:
         for label, _ in points:
             feeds = {name: activations[label][name] for name in _inputs(models["dense"])}
-            where = f"{provider.replace('ExecutionProvider', '')}, {label}"
-            try:
-                measured = timer(models, feeds, provider, budget, threads)
-            except Exception as exc:  # ORT raises its own types
-                return None, f"{where}: {ort_error(exc)}"
-            for name, ms in measured.items():
-                times[name][where] = ms
+            for count in threads:
+                where = f"{provider.replace('ExecutionProvider', '')}, {label}"
+                if len(threads) > 1:
+                    where += f", {count} thread{'s' if count != 1 else ''}"
+                try:
+                    measured = timer(models, feeds, provider, budget, count)
+                except Exception as exc:  # ORT raises its own types
+                    return None, f"{where}: {ort_error(exc)}"
+                for name, ms in measured.items():
+                    times[name][where] = ms
     return times, None
 
 

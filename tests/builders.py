@@ -185,3 +185,72 @@ def two_input_model(w1: np.ndarray, w2: np.ndarray, batch="batch") -> onnx.Model
                               [helper.make_tensor_value_info("y", f, [batch, n])],
                               [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def encoder_model(rng: np.random.Generator, *, layers: int = 2, hidden: int = 256, heads: int = 4, seq: int = 8,
+                  ffn: int = 512, ffn_blocks: int = 4, scopes: bool = True) -> onnx.ModelProto:
+    """A BERT-style encoder as torch.onnx's dynamo exporter writes one: per layer, Q/K/V/output
+    projections (MatMul + bias, dense weights), attention's two MatMuls between activations, and
+    a feed-forward pair whose weights are ``ffn_blocks`` exact blocks (so they split). Nodes are
+    named ``node_MatMul_<n>`` and, with ``scopes``, carry ``pkg.torch.onnx.name_scopes`` metadata:
+    the repr of the cumulative module paths, then the node's FX name."""
+    f = TensorProto.FLOAT
+    d = hidden // heads
+    nodes, inits = [], []
+    count = {}
+
+    def node(op, inputs, outputs, module, fx, **attrs):
+        count[op] = count.get(op, -1) + 1
+        n = helper.make_node(op, inputs, outputs, name=f"node_{op}_{len(nodes)}", **attrs)
+        if scopes:
+            parts = module.split(".")
+            paths = [""] + [".".join(parts[:i + 1]) for i in range(len(parts))]
+            n.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(paths + [f"{fx}_{count[op]}"]))
+        nodes.append(n)
+        return outputs[0]
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def linear(h, module, w):
+        y = node("MatMul", [h, const(f"{module}.weight", w)], [f"{module}.mm"], module, "linear")
+        b = const(f"{module}.bias", (0.1 * rng.standard_normal(w.shape[1])).astype(np.float32))
+        return node("Add", [y, b], [f"{module}.out"], module, "add")
+
+    heads_shape = const("heads_shape", np.array([0, 0, heads, d], np.int64))
+    flat_shape = const("flat_shape", np.array([0, 0, hidden], np.int64))
+    scale = const("scale", np.asarray(np.sqrt(d), np.float32))
+    h = "x"
+    for i in range(layers):
+        att = f"encoder.layer.{i}.attention"
+        dense = lambda: (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+        q, k, v = (linear(h, f"{att}.self.{name}", dense()) for name in ("query", "key", "value"))
+        q, k, v = (node("Reshape", [t, heads_shape], [f"{t}.heads"], f"{att}.self", "view") for t in (q, k, v))
+        q = node("Transpose", [q], [f"{q}.t"], f"{att}.self", "permute", perm=[0, 2, 1, 3])
+        v = node("Transpose", [v], [f"{v}.t"], f"{att}.self", "permute", perm=[0, 2, 1, 3])
+        k = node("Transpose", [k], [f"{k}.t"], f"{att}.self", "permute", perm=[0, 2, 3, 1])
+        s = node("MatMul", [q, k], [f"{att}.scores"], f"{att}.self", "matmul")
+        s = node("Div", [s, scale], [f"{att}.scaled"], f"{att}.self", "div")
+        p = node("Softmax", [s], [f"{att}.probs"], f"{att}.self", "softmax", axis=-1)
+        c = node("MatMul", [p, v], [f"{att}.context"], f"{att}.self", "matmul")
+        c = node("Transpose", [c], [f"{c}.t"], f"{att}.self", "permute", perm=[0, 2, 1, 3])
+        c = node("Reshape", [c, flat_shape], [f"{c}.flat"], f"{att}.self", "view")
+        o = linear(c, f"{att}.output.dense", dense())
+        o = node("Add", [o, h], [f"{att}.residual"], f"{att}.output", "add")
+        gamma, beta = const(f"{att}.ln.weight", np.ones(hidden, np.float32)), const(f"{att}.ln.bias", np.zeros(hidden, np.float32))
+        h = node("LayerNormalization", [o, gamma, beta], [f"{att}.ln"], f"{att}.output.LayerNorm", "layer_norm", axis=-1)
+        w1, _ = planted(rng, hidden, ffn, ffn_blocks)
+        w2, _ = planted(rng, ffn, hidden, ffn_blocks)
+        m = linear(h, f"encoder.layer.{i}.intermediate.dense", w1)
+        m = node("Relu", [m], [f"{m}.relu"], f"encoder.layer.{i}.intermediate", "relu")
+        m = linear(m, f"encoder.layer.{i}.output.dense", w2)
+        m = node("Add", [m, h], [f"encoder.layer.{i}.residual"], f"encoder.layer.{i}.output", "add")
+        gamma = const(f"encoder.layer.{i}.ln.weight", np.ones(hidden, np.float32))
+        beta = const(f"encoder.layer.{i}.ln.bias", np.zeros(hidden, np.float32))
+        h = node("LayerNormalization", [m, gamma, beta], [f"encoder.layer.{i}.out"],
+                 f"encoder.layer.{i}.output.LayerNorm", "layer_norm", axis=-1)
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "encoder", [helper.make_tensor_value_info("x", f, ["batch", seq, hidden])],
+                              [helper.make_tensor_value_info("y", f, ["batch", seq, hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)

@@ -67,7 +67,7 @@ def test_layout_option_and_progress_free_quiet_mode(tmp_path, block_model, capsy
     code, stdout, err = _run(capsys, block_model, out, "--min-elements", "0", "--layout", layout, "--no-bench",
                              "--quiet")
     assert code == 0 and err == ""
-    assert stdout.strip().splitlines() == [f"wrote {out}: 1 of 1 sites split, verified"]
+    assert stdout.strip().splitlines() == [f"wrote {out}: 1 of 1 sites split, verified against the original"]
     matmuls = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMul"]
     assert len(matmuls) == (4 if layout == "parallel" else 1)
 

@@ -14,7 +14,7 @@ from onnx_split import SplitConfig, split_model
 from onnx_split.cli import main
 from onnx_split.pruned import ErrorSum, relative_error
 from onnx_split.refit import column_groups, local_error, refit
-from onnx_split.stats import Moments
+from onnx_split.moments import Moments
 
 from builders import ort_run
 

@@ -33,7 +33,8 @@ def emit_chain(chain: Chain, plan, form: str, *, opset: int, taken: set[str], ir
     why = refusal(form, chain, plan)
     if why is not None:
         raise Unsupported(why)
-    em = Emitter(chain.first.name, opset, taken, wrapper.name if wrapper is not None else form, ir_version)
+    em = Emitter(chain.first.name, opset, taken, wrapper.name if wrapper is not None else form, ir_version,
+                 source=chain.first.node)
     y = FORMS[form].emit(em, chain, plan)
     em.rename_output(y, chain.last.output)
     em.gathers = sum(n.op_type == "Gather" for n in em.nodes)
@@ -44,10 +45,15 @@ def emit_chain(chain: Chain, plan, form: str, *, opset: int, taken: set[str], ir
     return em, func
 
 
-def rewrite_model(model: onnx.ModelProto, jobs: list[Job]) -> tuple[dict[int, str], dict[int, int]]:
+def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, tuple[int, int]] | None = None
+                  ) -> tuple[dict[int, str], dict[int, int]]:
     """Rewrite ``model`` in place. ``jobs`` are chains found in this very model. Returns
     ``{job index: reason}`` for the chains that could not be written (left untouched), and
-    ``{job index: Gather nodes written}`` for the others."""
+    ``{job index: Gather nodes written}`` for the others.
+
+    A new tensor equal (type, shape and bytes) to one an earlier job wrote in the same graph is not
+    written twice: the job reads that one (two sites reading one weight with the same plan share
+    their parts). ``stored``, if given, gets ``{job index: (bytes written, bytes shared)}``."""
     opset = default_opset(model)
     taken = _all_names(model.graph)
     refused: dict[int, str] = {}
@@ -56,6 +62,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job]) -> tuple[dict[int, st
     functions: list[onnx.FunctionProto] = []
     gathers: dict[int, int] = {}
     overloads: set[str] = set()
+    written: dict[str, dict[tuple, str]] = {}  # graph scope -> {(type, dims, bytes): tensor name}
     for j, job in enumerate(jobs):
         chain, site = job.chain, job.chain.last
         if model.ir_version < 4 and site.scope != "main":
@@ -68,6 +75,9 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job]) -> tuple[dict[int, st
             refused[j] = str(exc)
             continue
         gathers[j] = em.gathers
+        sizes = _share(em, written.setdefault(site.scope, {}))
+        if stored is not None:
+            stored[j] = sizes
         if func is not None:
             functions.append(func)
         graph, replacements = by_graph.setdefault(site.scope, (site.graph, {}))
@@ -98,6 +108,29 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job]) -> tuple[dict[int, st
     add_functions(model, functions)
     _drop_unused(model.graph, dropped)
     return refused, gathers
+
+
+def _share(em: Emitter, seen: dict[tuple, str]) -> tuple[int, int]:
+    """Drop ``em``'s initializers that equal one already written in its graph (``seen``, updated)
+    and read that one instead. Returns (bytes kept, bytes shared)."""
+    kept, renamed, sizes = [], {}, [0, 0]
+    for t in em.initializers:
+        key = (t.data_type, tuple(t.dims), t.raw_data) if t.HasField("raw_data") else None
+        if key is not None and key in seen:
+            renamed[t.name] = seen[key]
+            sizes[1] += len(t.raw_data)
+            continue
+        if key is not None:
+            seen[key] = t.name
+        sizes[0] += t.ByteSize()
+        kept.append(t)
+    if renamed:
+        em.initializers = kept
+        for node in em.nodes:
+            for i, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[i] = renamed[name]
+    return sizes[0], sizes[1]
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:

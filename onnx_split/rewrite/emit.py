@@ -13,6 +13,18 @@ def is_run(index: np.ndarray) -> bool:
     return bool(index.size) and np.array_equal(index, np.arange(index[0], index[0] + index.size))
 
 
+def tag(node: onnx.NodeProto, source: onnx.NodeProto | None, ir_version: int, own) -> None:
+    """``source``'s metadata on a node that replaces it (its own ``onnx_split.*`` keys excepted),
+    then onnx_split's ``own`` (key, value) tags and version where node metadata exists (IR >= 10)."""
+    if source is not None:
+        for prop in source.metadata_props:
+            if not prop.key.startswith("onnx_split."):
+                node.metadata_props.add(key=prop.key, value=prop.value)
+    if ir_version >= 10:  # node metadata exists from IR 10 on; Netron shows it
+        for key, value in (*own, ("onnx_split.version", __version__)):
+            node.metadata_props.add(key=key, value=value)
+
+
 class Unsupported(Exception):
     """A layout cannot express this site; the message is the reason it is kept."""
 
@@ -21,11 +33,15 @@ class Emitter:
     """Collects the nodes and initializers that replace one site.
 
     Every name is ``<site>/split/<local>``, made unique against ``taken`` (all names in the model).
+    Every node carries the metadata of the original node it replaces (``source``: the exporter's
+    name scopes, ...), then onnx_split's own provenance tags.
     """
 
-    def __init__(self, base: str, opset: int, taken: set[str], layout: str, ir_version: int = 0):
+    def __init__(self, base: str, opset: int, taken: set[str], layout: str, ir_version: int = 0,
+                 source: onnx.NodeProto | None = None):
         self.site = base
         self.base = f"{base}/split"
+        self.source = source
         self.opset = opset
         self.ir_version = ir_version
         self.taken = taken
@@ -34,10 +50,12 @@ class Emitter:
         self.initializers: list[onnx.TensorProto] = []
         self.gathers = 0  # Gather nodes on activations (set when the layout is complete)
 
-    def at(self, base: str) -> None:
-        """Name what follows under another node (a later layer of a chain, a cloned activation)."""
+    def at(self, base: str, source: onnx.NodeProto | None = None) -> None:
+        """Name what follows under another node (a later layer of a chain, a cloned activation),
+        and give it ``source``'s metadata."""
         self.site = base
         self.base = f"{base}/split"
+        self.source = source
 
     def name(self, local: str) -> str:
         candidate = f"{self.base}/{local}"
@@ -62,10 +80,7 @@ class Emitter:
         node = onnx.helper.make_node(op, inputs, [out], name=node_name, **attrs)
         node.attribute.extend(attributes)
         node.doc_string = f"onnx_split {__version__} ({self.layout} layout): {doc}"
-        if self.ir_version >= 10:  # node metadata exists from IR 10 on; Netron shows it
-            for key, value in (("onnx_split.site", self.site), ("onnx_split.layout", self.layout),
-                               ("onnx_split.version", __version__)):
-                node.metadata_props.add(key=key, value=value)
+        tag(node, self.source, self.ir_version, (("onnx_split.site", self.site), ("onnx_split.layout", self.layout)))
         self.nodes.append(node)
         return out
 

@@ -14,7 +14,7 @@ import onnx
 
 from ..version import __version__
 from ..chains import Chain
-from .emit import Emitter, Unsupported
+from .emit import Emitter, Unsupported, tag
 from .form import Layout
 from .registry import register
 from .parallel import LAYOUT as PARALLEL
@@ -48,7 +48,7 @@ def wrap_function(em: Emitter, chain: Chain, output: str, opset: int, index: int
     func = onnx.helper.make_function(DOMAIN, op_type, inputs, [output], body,
                                      [onnx.helper.make_opsetid("", opset)],
                                      doc_string=f"onnx_split {__version__}: '{chain.name}' as {_parts(em)}")
-    em.at(chain.first.name)
+    em.at(chain.first.name, chain.first.node)
     node = onnx.helper.make_node(op_type, inputs, [output], name=em.name("function"), domain=DOMAIN,
                                  doc_string=func.doc_string)
     if overload:
@@ -58,9 +58,8 @@ def wrap_function(em: Emitter, chain: Chain, output: str, opset: int, index: int
             unique, i = f"{label}#{i}", i + 1
         overloads.add(unique)
         func.overload = node.overload = unique
-        for key, value in (("onnx_split.site", chain.name), ("onnx_split.layout", "function"),
-                           ("onnx_split.version", __version__)):
-            node.metadata_props.add(key=key, value=value)
+    tag(node, chain.first.node, em.ir_version if overload else 0,
+        (("onnx_split.site", chain.name), ("onnx_split.layout", "function")))
     em.nodes = [node]
     em.initializers = large
     return func

@@ -27,7 +27,7 @@ class Lane:
 def run_layers(em: Emitter, chain: Chain, lane: Lane, h: str) -> str:
     """All layers of ``chain`` on ``h``; the last layer's alpha and bias are left to the caller."""
     for layer, site in enumerate(chain.sites):
-        em.at(site.name)
+        em.at(site.name, site.node)
         doc = lane.doc(layer)
         w = em.const(f"{lane.tag}/W" + ("t" if lane.weight_left else ""), lane.weight(layer))
         h = em.node("MatMul", [w, h] if lane.weight_left else [h, w], f"{lane.tag}/MatMul", doc)
@@ -59,7 +59,7 @@ def _region(em: Emitter, link: Link, site, lane: Lane, level: int, h: str) -> st
         if node.op_type in PASS_THROUGH:
             names[node.output[0]] = names[node.input[0]]
             continue
-        em.at(node.name or node.output[0])
+        em.at(node.name or node.output[0], node)
         inputs = []
         for position, name in enumerate(node.input):
             if not name or name in names:

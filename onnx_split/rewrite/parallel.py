@@ -44,17 +44,17 @@ def emit_parallel(em: Emitter, chain: Chain, plan: ChainPlan, rows: bool) -> str
     inputs = [p.levels[0] for p in plan.parts]
     if by_columns and not all(is_run(r) for r in inputs):
         # one Gather of rows of x^T for all parts, then a contiguous Slice per part
-        em.at(first.name)
+        em.at(first.name, first.node)
         x = columns(em, x, np.concatenate(inputs), "inputs", "line up every part's inputs")
         starts = np.cumsum([0] + [r.size for r in inputs])
         inputs = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
     outputs = []
     for i, part in enumerate(plan.parts):
         lane = _lane(chain, plan, i, rows)
-        em.at(first.name)
+        em.at(first.name, first.node)
         h = em.take(x, inputs[i], axis, rank, f"part{i}", lane.doc(0), size=plan.sizes[0])
         outputs.append(run_layers(em, chain, lane, h))
-    em.at(last.name)
+    em.at(last.name, last.node)
     y = outputs[0]
     if len(outputs) > 1:
         y = em.node("Concat", outputs, "Concat", f"join the {len(outputs)} parts of '{chain.name}'",
