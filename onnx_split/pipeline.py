@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import onnx
@@ -30,6 +30,7 @@ from .pruned import reference_model
 from .report import SplitReport, Written, build_report, metadata_entries
 from .rewrite import AUTO, LAYOUTS, Job, rewrite_model
 from .sites import find_sites
+from .structure import SiteStructure, site_structures
 from .tune import static_choice, tune_chains, whole_model_verdict
 from .runtime import provider_status
 from .verify import check, crash_entry, crashed, loads_in_ort, screen_sessions, verify_models
@@ -44,15 +45,19 @@ Progress = Callable[[str, int, int], None]
 class SplitResult:
     model: onnx.ModelProto
     report: SplitReport
+    structures: list[SiteStructure] = field(default_factory=list)
+    """with ``structures=True``: per layer of every planned unit, |W| before and after its parts'
+    permutation, downsampled (structure.py; plots.py draws them)"""
 
 
 def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: SplitConfig | None = None, *,
-                progress: Progress | None = None) -> SplitResult:
+                progress: Progress | None = None, structures: bool = False) -> SplitResult:
     """Split every constant MatMul/Gemm weight of a model along its near-zero structure.
 
     The input is never modified: the result holds a rewritten copy and the report. Verification
     and timing run as ``config`` asks; their outcome is in the report (the caller decides what a
-    failure means).
+    failure means). With ``structures``, the result also holds each planned site's weight before
+    and after its permutation into parts, for pictures (``--plots``, ``--html``).
     """
     config = config or SplitConfig()
     progress = progress or (lambda stage, done, total: None)
@@ -117,7 +122,12 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
                           units=units, written=written, tuning=list(tuning.values()), checker=checker,
                           verification=verification, latency=latency, inputs=inputs, notes=notes, error=error,
                           reverted=why is not None)
-    return SplitResult(model, report)
+    pictures = []
+    if structures:
+        labels = {i: (f"split ({s.layout})" if s.decision == "split" else f"kept: {s.reason}")
+                  for i, s in enumerate(report.sites)}
+        pictures = site_structures(sites, decisions, units, labels)
+    return SplitResult(model, report, pictures)
 
 
 def survey_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: SplitConfig | None = None, *,

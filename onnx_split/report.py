@@ -85,6 +85,10 @@ class SplitReport:
     reverted: bool = False
     """``--layout auto`` measured the rewrite slower than the margin and the original was written"""
     error: ErrorReport | None = None
+    search_trace: list = field(default_factory=list)
+    """``--tolerance``: every point the search evaluated, in order: {"flops": fraction of the dense
+    FLOPs of all candidate sites, "error": relative output error on the search samples, "accepted":
+    whether the search kept it}"""
 
     @property
     def n_split(self) -> int:
@@ -291,11 +295,12 @@ def chain_report(unit: Unit, written: Written) -> ChainReport:
 
 
 def build_report(*, config: dict, source: str | None, sites: list, decisions: dict, units: list[Unit],
-                 written: dict[int, Written], **fields) -> SplitReport:
+                 written: dict[int, Written], search_trace=(), **fields) -> SplitReport:
     """The report of a run from every site's last decision and the written units; ``fields`` are
     the remaining SplitReport fields (tuning, checker, verification, latency, inputs, notes, error,
-    reverted)."""
+    reverted); ``search_trace`` the --tolerance search's points."""
     report = SplitReport(version=__version__, config=config, input=source, **fields)
+    report.search_trace = [dict(point) for point in search_trace]
     report.sites = [site_report(site, decisions[i], units) for i, site in enumerate(sites)]
     report.chains = [chain_report(units[u], w) for u, w in sorted(written.items())]
     return report
