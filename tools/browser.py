@@ -134,12 +134,12 @@ def html_page_check(b, html_path: str | Path, screenshot: str | Path | None = No
         node = column.index("node")
         read = (f"Array.from(document.querySelector('{table}').tBodies[0].rows).map(r => r.cells[{node}].textContent)")
         before = page.evaluate(read)
+        if screenshot is not None:
+            page.screenshot(path=str(screenshot))
         page.locator(f"{table} th").nth(node).click()
         ascending = page.evaluate(read)
         page.locator(f"{table} th").nth(node).click()
         descending = page.evaluate(read)
-        if screenshot is not None:
-            page.screenshot(path=str(screenshot))
         return {"errors": errors, "images": images, "before": before, "ascending": ascending,
                 "descending": descending, "blocked": blocked}
     finally:
@@ -161,7 +161,7 @@ def screenshots(folder: Path) -> list[Path]:
         for layout in ("function", "parallel"):
             out = tmp / f"{layout}.onnx"
             _split(REPO / "models" / "mlp_blocks.onnx", out, layout)
-            with netron_page(b, out, viewport=(1100, 640)) as page:
+            with netron_page(b, out, viewport=(1300, 640)) as page:
                 names = graph_nodes(page)
                 first = next(n for n in names if n.endswith(("/function", "/MatMul")))
                 node_properties(page, first)
@@ -169,9 +169,10 @@ def screenshots(folder: Path) -> list[Path]:
                 page.screenshot(path=str(shot))
                 shots.append(shot)
         report = tmp / "report.html"
-        subprocess.run([sys.executable, "-m", "onnx_split", str(REPO / "models" / "mlp_blocks.onnx"),
-                        str(tmp / "m.onnx"), "--input-shape", "input:32,512", "--html", str(report), "--quiet"],
-                       check=True, cwd=REPO)
+        (tmp / "models").symlink_to(REPO / "models")  # the page names the paths as the README's command does
+        subprocess.run([sys.executable, "-m", "onnx_split", "models/mlp_blocks.onnx", "mlp_blocks.split.onnx",
+                        "--input-shape", "input:32,512", "--html", "report.html", "--quiet"],
+                       check=True, cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)})
         shot = folder / "report.png"
         html_page_check(b, report, screenshot=shot)
         shots.append(shot)
