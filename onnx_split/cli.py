@@ -197,9 +197,8 @@ def _run(args, written: list[Path]) -> int:
         plots.require(" and ".join(o for o, v in (("--html", args.html), ("--plots", args.plots)) if v is not None))
     if args.dry_run:
         if args.output is not None or args.report is not None:
-            raise OnnxSplitError("--dry-run writes no model: give only the input model (no output, no --report; "
-                                 "--html and --plots are allowed; onnx_split.survey_model returns the same figures "
-                                 "as data)")
+            raise OnnxSplitError("--dry-run writes nothing but --html and --plots: give only the input model (no "
+                                 "output, no --report; onnx_split.survey_model returns the same figures as data)")
         if config.budget is not None:
             raise OnnxSplitError(f"--dry-run shows every part count; {config.budget} applies to a real run")
         in_path = Path(args.input)
