@@ -17,9 +17,13 @@ from .version import __version__
 from .config import DEFAULT_LOSSY, LAYOUTS, PARTITIONERS, SCORES, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
-from .model_io import plan_destinations, read_model, stage_model
+from .model_io import check_destination, plan_destinations, read_model, refuse_overwrite, stage_model
 from .writes import stage_bytes
 from .pipeline import split_model, survey_model
+from . import plots
+from .html_report import run_html, survey_html
+from .plans import PLANNERS
+from .plans.base import LEVELS
 from .report import survey_table
 from .rewrite import LAYOUTS as REGISTERED_LAYOUTS
 from .runtime import require_providers
@@ -119,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="write the output even if verification fails")
     g = p.add_argument_group("output")
     g.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")
+    g.add_argument("--html", default=None, metavar="FILE.html",
+                   help="write the report as one self-contained HTML page with the site table, verification, "
+                        "latency charts and the weights' pictures (also with --dry-run; needs the plots extra)")
+    g.add_argument("--plots", default=None, metavar="DIR",
+                   help="write the pictures as PNG files into DIR (created if missing): per planned site |W| before "
+                        "and after its permutation into parts, latency, error against FLOPs (needs the plots extra)")
     g.add_argument("--external-data", action="store_true",
                    help="write weights to OUTPUT.data (automatic above 2 GB or when the input uses external data)")
     g.add_argument("--quiet", action="store_true", help="print only the summary lines")
@@ -196,17 +206,27 @@ def _run(args, written: list[Path]) -> int:
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")
+    if args.html is not None or args.plots is not None:
+        plots.require(" and ".join(o for o, v in (("--html", args.html), ("--plots", args.plots)) if v is not None))
     if args.dry_run:
         if args.output is not None or args.report is not None:
-            raise OnnxSplitError("--dry-run writes nothing: give only the input model (no output, no --report; "
-                                 "onnx_split.survey_model returns the same figures as data)")
+            raise OnnxSplitError("--dry-run writes nothing but --html and --plots: give only the input model (no "
+                                 "output, no --report; onnx_split.survey_model returns the same figures as data)")
         if config.budget is not None:
             raise OnnxSplitError(f"--dry-run shows every part count; {config.budget} applies to a real run")
-        model, _ = read_model(Path(args.input))
+        in_path = Path(args.input)
+        model, external_files = read_model(in_path)
+        pages = _page_destinations(args, (in_path, *external_files, *(Path(f) for f in (args.calibration,) if f)))
         rows = survey_model(model, config)
         partitioner = config.partitioner if config.lossy else DEFAULT_LOSSY
         print(f"dry run of {args.input} ({partitioner} partitioner; nothing written)")
         print(survey_table(rows, partitioner, config.tile, config.layout))
+        if pages:
+            pictures = plots.pictures(survey_rows=rows)
+            levels = [(level, PLANNERS[partitioner].level_name(level)) for level in LEVELS]
+            page = survey_html(rows, args.input, partitioner, levels, pictures)
+            _write_pages(args, page, pictures, written)
+            print(f"wrote {_listed(written)}")
         return EXIT_OK
     if args.output is None:
         raise OnnxSplitError("give the output path (or --dry-run)")
@@ -219,10 +239,11 @@ def _run(args, written: list[Path]) -> int:
     npz = tuple(Path(f) for f in (args.inputs, args.calibration) if f is not None)
     dest = plan_destinations(out_path, report=args.report, inputs=protect + npz)
     report_path = dest.report
+    pages = _page_destinations(args, protect + npz + (out_path,) + ((report_path,) if report_path else ()))
 
     bar = _ProgressBar(disabled=args.quiet)
     try:
-        result = split_model(model, config, progress=bar)
+        result = split_model(model, config, progress=bar, structures=pages)
     finally:
         bar.close()
     report = result.report
@@ -233,7 +254,7 @@ def _run(args, written: list[Path]) -> int:
     started = time.perf_counter()
     passed = report.verification_passed
     ok = passed is True or (passed is None and not config.verify)  # asked to verify and nothing ran: not ok
-    staged = []
+    staged, page_files = [], 0
     try:
         if ok or args.force:
             external = args.external_data or bool(external_files) or None
@@ -242,6 +263,13 @@ def _run(args, written: list[Path]) -> int:
         if report_path is not None:
             report.stage_seconds["write"] = time.perf_counter() - started  # the report is the last file
             staged.append(stage_bytes(report_path, report.to_json().encode()))
+        if pages:
+            chosen, left_out = plots.chosen_structures(result.structures)
+            pictures = plots.pictures(report, chosen)
+            page = run_html(report, pictures, left_out) if args.html is not None else None
+            page_staged = _stage_pages(args, page, pictures)
+            staged += page_staged
+            page_files = len(page_staged)
         _publish(staged, written)
     finally:
         for s in staged:
@@ -249,8 +277,59 @@ def _run(args, written: list[Path]) -> int:
     report.stage_seconds["write"] = time.perf_counter() - started
     if not args.quiet:
         print(report.to_text())
+    if page_files:
+        print(f"wrote {_listed(written[-page_files:])}")
     _summary(report, out_path, ok, args.force)
     return EXIT_OK if ok else EXIT_VERIFY_FAILED
+
+
+def _page_destinations(args, protect: tuple) -> bool:
+    """Check the --html file and the --plots folder before any work (a missing folder is created
+    when the pictures are written, if its parent exists); True if either is asked for."""
+    if args.html is not None:
+        check_destination(Path(args.html), "--html")
+        refuse_overwrite([Path(args.html)], protect)
+    if args.plots is not None:
+        folder = Path(args.plots)
+        if folder.exists() and not folder.is_dir():
+            raise OnnxSplitError(f"--plots {folder} is not a directory")
+        if not folder.exists():
+            check_destination(folder, "--plots")
+    return args.html is not None or args.plots is not None
+
+
+def _stage_pages(args, page: str | None, pictures: list) -> list:
+    staged = []
+    try:
+        if page is not None:
+            staged.append(stage_bytes(Path(args.html), page.encode("utf-8")))
+        if args.plots is not None:
+            folder = Path(args.plots)
+            try:
+                folder.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise OnnxSplitError(f"--plots: cannot create {folder}: {exc.strerror or first_line(exc)}") from None
+            for picture in pictures:
+                staged.append(stage_bytes(Path(args.plots) / picture.name, picture.png))
+    except BaseException:
+        for s in staged:
+            s.discard()
+        raise
+    return staged
+
+
+def _write_pages(args, page: str, pictures: list, written: list[Path]) -> None:
+    staged = _stage_pages(args, page if args.html is not None else None, pictures)
+    try:
+        _publish(staged, written)
+    finally:
+        for s in staged:
+            s.discard()
+
+
+def _listed(paths: list[Path], limit: int = 4) -> str:
+    shown = ", ".join(map(str, paths[:limit]))
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def _publish(staged: list, written: list[Path]) -> None:

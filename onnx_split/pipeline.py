@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import onnx
@@ -32,6 +32,7 @@ from .report import SplitReport, Written, build_report, metadata_entries, size
 from .rewrite import AUTO, LAYOUTS, Job, rewrite_model
 from .sites import find_sites
 from .stats import model_stats
+from .structure import SiteStructure, site_structures
 from .tune import static_choice, tune_chains, whole_model_verdict
 from .runtime import provider_status
 from .verify import check, crash_entry, crashed, loads_in_ort, screen_sessions, verify_models
@@ -46,15 +47,19 @@ Progress = Callable[[str, int, int], None]
 class SplitResult:
     model: onnx.ModelProto
     report: SplitReport
+    structures: list[SiteStructure] = field(default_factory=list)
+    """with ``structures=True``: per layer of every planned unit, |W| before and after its parts'
+    permutation, downsampled (structure.py; plots.py draws them)"""
 
 
 def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: SplitConfig | None = None, *,
-                progress: Progress | None = None) -> SplitResult:
+                progress: Progress | None = None, structures: bool = False) -> SplitResult:
     """Split every constant MatMul/Gemm weight of a model along its near-zero structure.
 
     The input is never modified: the result holds a rewritten copy and the report. Verification
     and timing run as ``config`` asks; their outcome is in the report (the caller decides what a
-    failure means).
+    failure means). With ``structures``, the result also holds each planned site's weight before
+    and after its permutation into parts, for pictures (``--plots``, ``--html``).
     """
     config = config or SplitConfig()
     progress = progress or (lambda stage, done, total: None)
@@ -139,8 +144,13 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
                           tuning=list(tuning.values()), checker=checker, verification=verification,
                           latency=latency, inputs=inputs, notes=notes, error=error, reverted=why is not None,
                           verified_against=against if any(v.passed is not None for v in verification) else None,
-                          stage_seconds=clock.seconds)
-    return SplitResult(model, report)
+                          stage_seconds=clock.seconds, search_trace=lossy.trace if lossy is not None else ())
+    pictures = []
+    if structures:
+        labels = {i: (f"split ({s.layout})" if s.decision == "split" else f"kept: {s.reason}")
+                  for i, s in enumerate(report.sites)}
+        pictures = site_structures(sites, decisions, units, labels)
+    return SplitResult(model, report, pictures)
 
 
 def shared_weight_notes(sites, decisions: dict, units, written: dict[int, Written]) -> list[str]:

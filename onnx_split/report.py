@@ -110,6 +110,10 @@ class SplitReport:
     stage_seconds: dict = field(default_factory=dict)
     """wall time of each stage of the run: load, analyse, tune, rewrite, error, verify, bench (the
     CLI adds write)"""
+    search_trace: list = field(default_factory=list)
+    """``--tolerance``: every point the search evaluated, in order: {"flops": fraction of the dense
+    FLOPs of all candidate sites, "error": relative output error on the search samples, "accepted":
+    whether the search kept it}"""
 
     @property
     def n_split(self) -> int:
@@ -402,12 +406,13 @@ def chain_report(unit: Unit, written: Written) -> ChainReport:
 
 def build_report(*, config: dict, source: str | None, sites: list, decisions: dict, units: list[Unit],
                  written: dict[int, Written], before: ModelStats | None = None, after: ModelStats | None = None,
-                 **fields) -> SplitReport:
+                 search_trace=(), **fields) -> SplitReport:
     """The report of a run from every site's last decision and the written units; ``before`` and
-    ``after`` describe the input and the model written; ``fields`` are the remaining SplitReport
-    fields (tuning, checker, verification, latency, inputs, notes, error, reverted, verified_against,
-    stage_seconds)."""
+    ``after`` describe the input and the model written; ``search_trace`` the --tolerance search's
+    confirmations; ``fields`` are the remaining SplitReport fields (tuning, checker, verification,
+    latency, inputs, notes, error, reverted, verified_against, stage_seconds)."""
     report = SplitReport(version=__version__, config=config, input=source, **fields)
+    report.search_trace = [dict(point) for point in search_trace]
     report.sites = [site_report(site, decisions[i], units) for i, site in enumerate(sites)]
     report.chains = [chain_report(units[u], w) for u, w in sorted(written.items())]
     if before is not None and after is not None:
