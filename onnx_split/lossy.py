@@ -61,12 +61,13 @@ class Lossy:
 def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> Lossy:
     """Choose each candidate site's lossy plan under the configured budget."""
     progress = progress or (lambda stage, done, total: None)
-    candidates = [i for i, s in enumerate(sites) if s.reason is None]
+    decided = site_decisions(sites, config)
+    candidates = [i for i in range(len(sites)) if i not in decided]
     needs_data = config.tolerance is not None or config.resolved_score == "activation"
     purpose = "--tolerance" if config.tolerance is not None else "--score activation"
     calibration = _calibration(model, config, required=needs_data, wanted=config.verify, purpose=purpose)
     planners = _planners(model, sites, candidates, config, calibration, progress)
-    result = Lossy(site_decisions(sites), calibration, None)
+    result = Lossy(decided, calibration, None)
     if calibration is not None and candidates:
         try:
             result.evaluator = Evaluator(model, sites, candidates, config.threads)
@@ -184,7 +185,8 @@ class SurveyRow:
 def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> list[SurveyRow]:
     """Retained significance and FLOPs at 2/4/8/16 parts (tiles: 1/2 .. 1/16 of them) per site; with
     a calibration file, also the relative output error of splitting that site alone (search samples)."""
-    candidates = [i for i, s in enumerate(sites) if s.reason is None]
+    decided = site_decisions(sites, config)
+    candidates = [i for i in range(len(sites)) if i not in decided]
     calibration = _calibration(model, config, required=config.resolved_score == "activation", wanted=False)
     planners = _planners(model, sites, candidates, config, calibration, progress or (lambda *a: None))
     evaluator = None
@@ -192,7 +194,8 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
         evaluator = Evaluator(model, sites, candidates, config.threads)
     rows = []
     for i, site in enumerate(sites):
-        row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None, site.reason)
+        row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None,
+                        decided[i].reason if i in decided else None)
         if i in planners:
             row.score = planners[i].score
             for level in LEVELS:

@@ -32,6 +32,7 @@ from .rewrite import AUTO, LAYOUTS, Job, rewrite_model
 from .sites import find_sites
 from .tune import static_choice, tune_chains, whole_model_verdict
 from .runtime import provider_status
+from .where import unmatched
 from .verify import check, crash_entry, crashed, loads_in_ort, screen_sessions, verify_models
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     source, original = _load(model_or_path, "split_model")
     model = _copy(original)
     sites = find_sites(model, min_elements=config.min_elements)
-    notes: list[str] = []
+    notes: list[str] = unmatched(sites, config.include, config.exclude)  # --include/--exclude apply in the plan step
 
     if config.lossy:                                       # plan: what each site would become
         lossy = plan_lossy(model, sites, config, progress)

@@ -20,6 +20,7 @@ from .pruned import ErrorReport
 from .rewrite import FORMS
 from .text import chain_label, columns, percent, plural
 from .verify import VerificationEntry
+from .where import LEFT_OUT
 
 
 @dataclass
@@ -125,6 +126,9 @@ class SplitReport:
         split_after = sum(s.flops_after for s in self.sites if s.decision == "split")
         lines.append(f"{self.n_split} of {len(self.sites)} MatMul/Gemm sites split"
                      + (f"; their FLOPs per row {split_before:,} -> {split_after:,}" if self.n_split else ""))
+        where = _where_line(self.config, self.sites)
+        if where:
+            lines.append(where)
         chains = []
         for c in self.chains:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
@@ -163,6 +167,15 @@ class SplitReport:
                                  f"{e.threads} thread{'s' if e.threads > 1 else ''})")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _where_line(config: dict, sites: list[SiteReport]) -> str | None:
+    """The --include/--exclude patterns of the run and how many sites they left out, if any were given."""
+    given = [f"--{option} {p!r}" for option in ("include", "exclude") for p in config.get(option) or ()]
+    if not given:
+        return None
+    out = sum(s.reason.startswith(LEFT_OUT) for s in sites if s.decision == "kept")
+    return f"sites chosen by {' '.join(given)}: {plural(out, 'site')} left out (kept, each with its pattern)"
 
 
 def _error_line(e: ErrorReport) -> str:
