@@ -227,6 +227,8 @@ class _Shapes:
         """Record ``node``'s outputs; False if its region inputs come through different Reshapes (their
         shapes would not line up) or it is a Reshape that does not keep the last axis."""
         inputs = [x for x in (node.input[:1] if node.op_type == RESHAPE else node.input) if x in self.region]
+        if not inputs or any(x not in self.segment for x in inputs):  # not in graph order
+            return False
         segments = {self.segment[x] for x in inputs}
         if len(segments) != 1:
             return False
