@@ -106,6 +106,13 @@ def find_links(sites: list[Site], eligible: list[int]) -> list[Link]:
     """Links between the ``eligible`` sites (indices into ``sites``)."""
     by_activation = {(sites[i].scope, sites[i].activation): i for i in eligible}
     readers_of: dict[str, tuple[dict[str, list[int]], set[str]]] = {}
+    producers_of: dict[str, dict[str, int]] = {}
+
+    def producers(site: Site) -> dict[str, int]:  # built once per graph, and only if a Reshape needs it
+        if site.scope not in producers_of:
+            producers_of[site.scope] = {o: i for i, node in enumerate(site.graph.node) for o in node.output if o}
+        return producers_of[site.scope]
+
     links = []
     for a in eligible:
         site = sites[a]
@@ -113,7 +120,7 @@ def find_links(sites: list[Site], eligible: list[int]) -> list[Link]:
             continue
         if site.scope not in readers_of:
             readers_of[site.scope] = _readers(site.graph)
-        link = _region(site, a, *readers_of[site.scope], by_activation, sites)
+        link = _region(site, a, *readers_of[site.scope], by_activation, sites, lambda site=site: producers(site))
         if link is not None:
             links.append(link)
     return links
@@ -155,7 +162,8 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _region(site: Site, a: int, readers, outputs: set[str], by_activation, sites: list[Site]) -> Link | None:
+def _region(site: Site, a: int, readers, outputs: set[str], by_activation, sites: list[Site],
+            producers=lambda: {}) -> Link | None:
     """The link from site A = ``sites[a]``, if its output reaches exactly one eligible site B through
     feature-wise nodes only and nothing else reads the way (but Shape nodes)."""
     graph, n = site.graph, site.weight.shape[1]
@@ -201,7 +209,7 @@ def _region(site: Site, a: int, readers, outputs: set[str], by_activation, sites
                                                if r not in shape_readers] != [b.index]:
         return None
     constants: dict[str, np.ndarray] = {}
-    shapes = _Shapes(site, n, region, rank)
+    shapes = _Shapes(site, n, region, rank, producers)
     for i in sorted(nodes):  # graph order: every region input of a node is known before it
         node = graph.node[i]
         if not shapes.step(i, node) or node.op_type != RESHAPE and not _admit(
@@ -216,10 +224,10 @@ class _Shapes:
     """Walks a region in graph order: the feature-wise Reshapes each tensor passes (its *segment*),
     its rank where known, and whether each Reshape keeps the last axis at the width ``n``."""
 
-    def __init__(self, site: Site, n: int, region: set[str], rank: int | None):
+    def __init__(self, site: Site, n: int, region: set[str], rank: int | None, producers):
         self.site, self.n, self.region = site, n, region
         self.graph = site.graph
-        self.producers = {out: i for i, node in enumerate(self.graph.node) for out in node.output if out}
+        self._producers = producers  # () -> {tensor: index of the node writing it}, shared by a graph's links
         self.segment: dict[str, tuple[int, ...]] = {site.output: ()}
         self.rank_of: dict[str, int | None] = {site.output: rank}
 
@@ -325,7 +333,7 @@ class _Shapes:
         return shape[axis]
 
     def _producer(self, name: str) -> onnx.NodeProto | None:
-        index = self.producers.get(name)
+        index = self._producers().get(name)
         if index is None:
             return None
         node = self.graph.node[index]
