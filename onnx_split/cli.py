@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chains", action="store_true",
                    help="split each layer on its own (default: consecutive split layers joined by feature-wise ops "
                         "become independent sub-networks, with no Concat/Slice between them)")
+    g.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="split only the MatMul/Gemm nodes whose name (or PyTorch module scope) matches PATTERN: a "
+                        "glob matching the whole name ('*mlp*'), or with the prefix re: a regular expression searched "
+                        "in it ('re:^/h\\.[0-5]/'); repeatable (any pattern may match)")
+    g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="never split the nodes matching PATTERN (as --include; wins over it); repeatable")
     g = p.add_argument_group("lossy splitting (drops the weights outside the parts' blocks)")
     g.add_argument("--partitioner", choices=PARTITIONERS, default=None,
                    help=f"components (default without a budget): exact, lossless; {DEFAULT_LOSSY} (default with a "
@@ -202,7 +208,7 @@ def _run(args, written: list[Path]) -> int:
         partitioner=args.partitioner or (DEFAULT_LOSSY if args.dry_run else D["partitioner"]), parts=args.parts,
         keep=args.keep, flops=args.flops, tolerance=args.tolerance, calibration=args.calibration, score=args.score,
         tile=args.tile, holdout=args.holdout, refit=args.refit, calibration_batch=args.calibration_batch,
-        search_seconds=args.search_seconds,
+        search_seconds=args.search_seconds, include=tuple(args.include), exclude=tuple(args.exclude),
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")

@@ -12,6 +12,7 @@ from typing import Mapping
 from .errors import InputError
 from .plans import PLANNERS
 from .rewrite.registry import layout_names
+from .where import compile_patterns
 
 LAYOUTS = layout_names()
 PARTITIONERS = ("components", *PLANNERS)
@@ -103,6 +104,11 @@ class SplitConfig:
     search_seconds: float | None = None
     """Wall-clock limit of the ``--tolerance`` search; when it runs out, the best choice measured
     within the tolerance so far is kept (sites not yet measured stay dense)."""
+    include: tuple[str, ...] = ()
+    """Node-name patterns (globs, or regular expressions with the prefix ``re:``; see where.py): when
+    given, only the sites matching one of them are split."""
+    exclude: tuple[str, ...] = ()
+    """Node-name patterns of sites never split (they win over ``include``)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -151,6 +157,14 @@ class SplitConfig:
             object.__setattr__(self, "providers", tuple(normalize_provider(p) for p in self.providers))
         shapes = {str(k): tuple(int(d) for d in v) for k, v in dict(self.input_shapes).items()}
         object.__setattr__(self, "input_shapes", shapes)
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns or ())
+            try:
+                compile_patterns(f"--{name}", patterns)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+            object.__setattr__(self, name, patterns)
 
     def _check_lossy(self) -> None:
         if self.partitioner not in PARTITIONERS:

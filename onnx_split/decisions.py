@@ -21,7 +21,7 @@ _EMPTY: Mapping = MappingProxyType({})
 
 @dataclass(frozen=True)
 class Kept:
-    stage: str  # sites | plan | budget | tune | rewrite | whole-model
+    stage: str  # sites | where | plan | budget | tune | rewrite | whole-model
     reason: str
     facts: Mapping = field(default_factory=lambda: _EMPTY)
     undone: "Split | None" = None

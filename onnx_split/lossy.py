@@ -106,14 +106,15 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
     with it, a ``--tolerance`` search spends its error budget only on plans measured faster than
     the dense site, and ranks them by the time they save."""
     progress = progress or (lambda stage, done, total: None)
-    ctx = _Context(model, sites, [i for i, s in enumerate(sites) if s.reason is None], config, progress)
+    decided = site_decisions(sites, config)
+    ctx = _Context(model, sites, [i for i in range(len(sites)) if i not in decided], config, progress)
     if config.search_seconds is not None:
         ctx.deadline = time.monotonic() + config.search_seconds
     needs_data = config.tolerance is not None or config.resolved_score == "activation"
     purpose = "--tolerance" if config.tolerance is not None else "--score activation"
     ctx.calibration = _calibration(model, config, required=needs_data, wanted=config.verify or config.refit,
                                    purpose=purpose)
-    result = Lossy(site_decisions(sites), ctx.calibration, None)
+    result = Lossy(decided, ctx.calibration, None)
     _measure(ctx, result.notes)
     result.evaluator = ctx.evaluator
     planners = _planners(ctx)
@@ -380,7 +381,8 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
     """Retained significance and FLOPs at 2/4/8/16 parts (tiles: 1/2 .. 1/16 of them) per site; with
     a calibration file, also each level's layer error and estimated output error."""
     progress = progress or (lambda *a: None)
-    ctx = _Context(model, sites, [i for i, s in enumerate(sites) if s.reason is None], config, progress)
+    decided = site_decisions(sites, config)
+    ctx = _Context(model, sites, [i for i in range(len(sites)) if i not in decided], config, progress)
     ctx.calibration = _calibration(model, config, required=config.resolved_score == "activation", wanted=False)
     if config.calibration is not None:
         _measure(ctx, [])
@@ -393,7 +395,8 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
     measured = config.calibration is not None and ctx.evaluator is not None
     rows = []
     for n, (i, site) in enumerate(enumerate(sites)):
-        row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None, site.reason)
+        row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None,
+                        decided[i].reason if i in decided else None)
         if i in planners:
             row.score = planners[i].score
             steps = [(level, planners[i].step(level)) for level in LEVELS]

@@ -35,6 +35,7 @@ from .stats import model_stats
 from .structure import SiteStructure, site_structures
 from .tune import static_choice, tune_chains, whole_model_verdict
 from .runtime import provider_status
+from .where import unmatched
 from .verify import check, crash_entry, crashed, loads_in_ort, screen_sessions, verify_models
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     model = _copy(original)
     clock.lap("load")
     sites = find_sites(model, min_elements=config.min_elements)
-    notes: list[str] = []
+    notes: list[str] = unmatched(sites, config.include, config.exclude)  # --include/--exclude apply in the plan step
 
     providers, points, inputs = [], [], []                 # where to measure
     if config.verify or config.bench or config.layout == AUTO:

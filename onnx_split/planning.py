@@ -16,6 +16,7 @@ from .partition import ChainPlan, Plan, exact_components, joint_components
 from .plans import exact_plan
 from .rewrite import cost_form
 from .sites import Site
+from .where import left_out
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +29,21 @@ length (1,000 / 2,000 / 4,000 chained layers: 11 / 35 / 105 s for a whole run), 
 keep the pass linear in the number of layers."""
 
 
-def site_decisions(sites: list[Site]) -> dict[int, Decision]:
-    """The sites that are not candidates, kept with the reason sites.py gave."""
-    return {i: Kept("sites", s.reason) for i, s in enumerate(sites) if s.reason is not None}
+def site_decisions(sites: list[Site], config: SplitConfig | None = None) -> dict[int, Decision]:
+    """The sites that are not candidates, kept with the reason sites.py gave, then those that
+    ``--include``/``--exclude`` leave out, kept with the pattern (stage ``where``)."""
+    decisions: dict[int, Decision] = {i: Kept("sites", s.reason) for i, s in enumerate(sites) if s.reason is not None}
+    if config is not None and (config.include or config.exclude):
+        for i, why in left_out(sites, config.include, config.exclude).items():
+            decisions.setdefault(i, Kept("where", why))
+    return decisions
 
 
 def plan_exact(sites: list[Site], config: SplitConfig, progress=None) -> dict[int, Decision]:
     """Exact components of every candidate site: a plan where splitting saves multiply-adds in the
     layout's form, else kept with why."""
     progress = progress or (lambda stage, done, total: None)
-    decisions = site_decisions(sites)
+    decisions = site_decisions(sites, config)
     cache: dict[tuple, Plan] = {}
     form = cost_form(config.layout)
     for i, site in enumerate(sites):

@@ -22,6 +22,7 @@ from .sites import module_path
 from .stats import ModelStats
 from .text import chain_label, columns, percent, plural
 from .verify import VerificationEntry
+from .where import LEFT_OUT
 
 
 @dataclass
@@ -156,6 +157,9 @@ class SplitReport:
                      + (f"; their FLOPs per row {split_before:,} -> {split_after:,}" if self.n_split else ""))
         lines += _model_lines(self.model)
         names = {s.node: _display(s) for s in self.sites}
+        where = _where_line(self.config, self.sites)
+        if where:
+            lines.append(where)
         chains = []
         for c in self.chains:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
@@ -240,6 +244,15 @@ def _model_lines(model: dict) -> list[str]:
             line += f", and {plural(len(cells) - shown, 'more op type')} (in the JSON report)"
         lines.append(line)
     return lines
+
+
+def _where_line(config: dict, sites: list[SiteReport]) -> str | None:
+    """The --include/--exclude patterns of the run and how many sites they left out, if any were given."""
+    given = [f"--{option} {p!r}" for option in ("include", "exclude") for p in config.get(option) or ()]
+    if not given:
+        return None
+    out = sum(s.reason.startswith(LEFT_OUT) for s in sites if s.decision == "kept")
+    return f"sites chosen by {' '.join(given)}: {plural(out, 'site')} left out (kept, each with its pattern)"
 
 
 def _error_line(e: ErrorReport) -> str:

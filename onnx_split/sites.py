@@ -62,6 +62,9 @@ class Site:
     weight_producers: list[int] = field(default_factory=list)  # node indices folded into the weight
     constant: Callable[[str], np.ndarray | None] = field(default=lambda name: None, repr=False, compare=False)
     """The value of a tensor visible from this site's graph if it is a constant, else None."""
+    shape_of: Callable[[str], list[int | None] | None] = field(default=lambda name: None, repr=False, compare=False)
+    """The shape of a tensor visible from this site's graph as shape inference tells it (None for a
+    dynamic dim), or None if it does not."""
 
     @property
     def output(self) -> str:
@@ -350,6 +353,8 @@ def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
                 site = Site(node=node, graph=graph, scope=scope_name, index=index,
                             name=node.name or node.output[0], op_type=node.op_type)
                 site.constant = lambda name, scopes=scopes: resolver.value(name, scopes)[0]
+                site.shape_of = lambda name, scopes=scopes: next(
+                    (shapes[sc.name][name] for sc in scopes if name in shapes.get(sc.name, {})), None)
                 _describe(site, scopes, resolver, shapes, opset, min_elements, live[scope_name])
                 sites.append(site)
     return sites

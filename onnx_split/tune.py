@@ -208,7 +208,10 @@ def candidates(original: onnx.ModelProto, chain: Chain, plan,
         except Unsupported as exc:
             log.info("%s: %s not possible: %s", chain.name, form, exc)
             continue
-        models[form] = _model(original, em.nodes, em.initializers, runtime, chain.last.output)
+        nodes_of, inits_of = list(em.nodes), list(em.initializers)
+        if em.shapes is not None and em.shapes.restored_from_carrier:  # the output's shape comes from a carrier
+            nodes_of, inits_of = em.shapes.carrier_nodes + nodes_of, em.shapes.initializers + inits_of
+        models[form] = _model(original, nodes_of, inits_of, runtime, chain.last.output)
     return models
 
 

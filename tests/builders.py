@@ -254,3 +254,61 @@ def encoder_model(rng: np.random.Generator, *, layers: int = 2, hidden: int = 25
     graph = helper.make_graph(nodes, "encoder", [helper.make_tensor_value_info("x", f, ["batch", seq, hidden])],
                               [helper.make_tensor_value_info("y", f, ["batch", seq, hidden])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+def gpt2_ffn_model(w1: np.ndarray, w2: np.ndarray, *, rng=None, fold_flat_shapes: bool = False,
+                   expose_shape: bool = False, opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
+    """HF GPT-2's MLP as torch exports it: Conv1D is Gemm on x.view(-1, x.size(-1)), then
+    .view(x.size()[:-1] + (nf,)); the activation is gelu_new (0.5 x (1 + tanh(sqrt(2/pi) (x +
+    0.044715 x^3)))). x [B, S, H] -> Reshape [-1, H] -> c_fc Gemm -> Reshape [B, S, 4H] (from
+    Shape(x)) -> gelu -> Reshape [-1, 4H] (x.size(-1) read from Shape(gelu)) -> c_proj Gemm ->
+    Reshape [B, S, H] (from Shape(gelu)). ``fold_flat_shapes`` writes the two [-1, size] shapes as
+    constants, as constant folding of a static size does; ``expose_shape`` also makes Shape(gelu) a
+    graph output ``gelu_shape``."""
+    rng = rng or np.random.default_rng(7)
+    h, inner = w1.shape
+    f = TensorProto.FLOAT
+    nodes, inits = [], []
+    const = lambda name, value: inits.append(numpy_helper.from_array(np.asarray(value), name)) or name
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], name=f"/mlp/{output}", **attrs))
+        return output
+
+    def dims(tensor: str, tag: str) -> list[str]:
+        shape = node("Shape", [tensor], f"{tag}_shape")
+        axis0 = const("axis0", np.array([0], np.int64)) if "axis0" not in {t.name for t in inits} else "axis0"
+        return [node("Unsqueeze", [node("Gather", [shape, const(f"{tag}_i{i}", np.array(i, np.int64))],
+                                        f"{tag}_d{i}", axis=0), axis0], f"{tag}_u{i}") for i in range(3)]
+
+    def flat(tensor: str, size: int, d: list[str], tag: str) -> str:
+        if fold_flat_shapes:
+            shape = const(f"{tag}_flat", np.array([-1, size], np.int64))
+        else:
+            shape = node("Concat", [const(f"{tag}_minus1", np.array([-1], np.int64)), d[2]], f"{tag}_flat", axis=0)
+        return node("Reshape", [tensor, shape], f"{tag}_2d")
+
+    dx = dims("x", "x")
+    x2 = flat("x", h, dx, "x")
+    y1 = node("Gemm", [x2, const("c_fc.weight", w1), const("c_fc.bias", rng.standard_normal(inner).astype(np.float32))],
+              "c_fc")
+    nodes[-1].name = "/mlp/c_fc/Gemm"
+    size1 = node("Concat", [dx[0], dx[1], const("inner", np.array([inner], np.int64))], "c_fc_size", axis=0)
+    a = node("Reshape", [y1, size1], "c_fc_3d")
+    scalar = lambda name, v: const(name, np.asarray(v, np.float32))
+    cube = node("Pow", [a, scalar("three", 3.0)], "pow")
+    inner_sum = node("Add", [a, node("Mul", [cube, scalar("c", 0.044715)], "mul_c")], "add_cube")
+    t = node("Tanh", [node("Mul", [inner_sum, scalar("k", np.sqrt(2 / np.pi))], "mul_k")], "tanh")
+    g = node("Mul", [node("Mul", [a, node("Add", [t, scalar("one", 1.0)], "add_one")], "mul_x"),
+                     scalar("half", 0.5)], "gelu")
+    dg = dims(g, "g")
+    g2 = flat(g, inner, dg, "g")
+    y2 = node("Gemm", [g2, const("c_proj.weight", w2),
+                       const("c_proj.bias", rng.standard_normal(h).astype(np.float32))], "c_proj")
+    nodes[-1].name = "/mlp/c_proj/Gemm"
+    size2 = node("Concat", [dg[0], dg[1], const("hidden", np.array([h], np.int64))], "c_proj_size", axis=0)
+    nodes.append(helper.make_node("Reshape", [y2, size2], ["y"], name="/mlp/c_proj_3d"))
+    outputs = [helper.make_tensor_value_info("y", f, ["B", "S", h])]
+    if expose_shape:
+        outputs.append(helper.make_tensor_value_info("g_shape", TensorProto.INT64, [3]))
+    graph = helper.make_graph(nodes, "gpt2_mlp", [helper.make_tensor_value_info("x", f, ["B", "S", h])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)

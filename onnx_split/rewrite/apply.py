@@ -11,6 +11,7 @@ from .emit import Emitter, Unsupported
 from .function import add_functions
 from .form import Layout
 from .registry import FORMS, refusal
+from .shapes import ChainShapes, needed, reshape_targets
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,17 @@ def emit_chain(chain: Chain, plan, form: str, *, opset: int, taken: set[str], ir
     why = refusal(form, chain, plan)
     if why is not None:
         raise Unsupported(why)
-    em = Emitter(chain.first.name, opset, taken, wrapper.name if wrapper is not None else form, ir_version,
-                 source=chain.first.node)
+    layout = wrapper.name if wrapper is not None else form
+    em = Emitter(chain.first.name, opset, taken, layout, ir_version, source=chain.first.node)
+    shapes = ChainShapes(chain, opset, taken, layout, ir_version) if needed(chain) else None
+    if shapes is not None:
+        shapes.write_readers()
     y = FORMS[form].emit(em, chain, plan)
+    if shapes is not None:
+        y = shapes.restore(em, y)
     em.rename_output(y, chain.last.output)
     em.gathers = sum(n.op_type == "Gather" for n in em.nodes)
+    em.shapes = shapes
     func = None
     if wrapper is not None:
         func = wrapper.wrap(em, chain, chain.last.output, opset, function_index,
@@ -88,11 +95,19 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, 
                 replacements[index] = []
             dropped.update(link.constants)
         # at the last site's place: every input of the chain (its activation, a Gemm's C) exists there
-        replacements[site.index] = em.nodes
-        graph.initializer.extend(em.initializers)
+        before, initializers = [], list(em.initializers)
+        if em.shapes is not None:  # Shape readers inside the chain: replaced where they are
+            for index, nodes in em.shapes.placed.items():
+                if index != site.index:
+                    replacements[index] = nodes
+            before = em.shapes.placed.get(site.index, [])
+            initializers += em.shapes.initializers
+            dropped.update(reshape_targets(chain))
+        replacements[site.index] = before + em.nodes
+        graph.initializer.extend(initializers)
         if model.ir_version < 4:  # IR 3: every initializer is also a graph input
             graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
-                               for t in em.initializers)
+                               for t in initializers)
         for s in chain.sites:
             dropped.update(n for n in s.node.input[1:] if n)
             dropped.update(s.graph.node[i].output[0] for i in s.weight_producers)

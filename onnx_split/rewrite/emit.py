@@ -49,6 +49,7 @@ class Emitter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.gathers = 0  # Gather nodes on activations (set when the layout is complete)
+        self.shapes = None  # a chain's shapes.ChainShapes, when its Reshapes or Shape readers need one
 
     def at(self, base: str, source: onnx.NodeProto | None = None) -> None:
         """Name what follows under another node (a later layer of a chain, a cloned activation),

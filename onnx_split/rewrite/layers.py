@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..chains import PASS_THROUGH, Chain, Link, feature_vector
+from ..chains import PASS_THROUGH, RESHAPE, Chain, Link, feature_vector
 from .emit import Emitter
 
 
@@ -56,7 +56,10 @@ def _region(em: Emitter, link: Link, site, lane: Lane, level: int, h: str) -> st
     names = {link.start: h}
     for index in link.nodes:
         node = graph.node[index]
-        if node.op_type in PASS_THROUGH:
+        if node.op_type in PASS_THROUGH or node.op_type == RESHAPE:
+            # a feature-wise Reshape only merges or splits leading axes: a lane keeps the rows of the
+            # chain's input (x as it is, or x^T's columns), and rewrite/shapes.py restores the
+            # output's shape and every Shape read on the way
             names[node.output[0]] = names[node.input[0]]
             continue
         em.at(node.name or node.output[0], node)
