@@ -97,10 +97,11 @@ class Fitter:
     With two folds (the two halves of the search samples), the damping is chosen by
     cross-validation, fitted on one half and measured on the other, and the error a fit reports
     is that held-out error: a refit that only memorises the calibration rows (as many unknowns
-    as rows) is not mistaken for a good one. The final fit uses both halves."""
+    as rows) is not mistaken for a good one. The damping is chosen on the site's first plan and
+    kept for its others. The final fit uses both halves."""
 
     def __init__(self, site: Site, folds: list[Fold]):
-        self.site = site
+        self.site, self.damping = site, None
         weight, bias = params(site)
         self.has_bias = bias is not None
         self.folds = [Problem(weight, bias, f.gram, f.cross, f.original) for f in folds] if len(folds) > 1 else []
@@ -117,9 +118,10 @@ class Fitter:
             num, den = num + e * e * problem.den, den + problem.den
         return float(np.sqrt(num / den)) if den > 0 else 0.0
 
-    def fit(self, plan, refit: bool = True):
+    def fit(self, plan, refit: bool = True, final: bool = True):
         """(plan, its layer error): refitted where that lowers the (held-out) error, else the
-        masked plan with its error."""
+        masked plan with its error. Without ``final`` only the error is wanted: the plan comes
+        back unfitted (the dry run)."""
         masked = plan.with_fit(None)
         mask = plan.masks[0]
         groups = column_groups(mask)
@@ -129,14 +131,18 @@ class Fitter:
             masked_err = self.total.error(groups, self.total.masked(mask))
         if not refit:
             return masked, masked_err
-        if self.folds:  # fitted on one half, measured on the other, for each damping
+        if self.folds:  # fitted on one half, measured on the other
             a, b = self.folds
-            err, damping = min((self._on_folds(groups, [b.solve(groups, d), a.solve(groups, d)]), d) for d in DAMPINGS)
+            tried = DAMPINGS if self.damping is None else (self.damping,)  # chosen once per site
+            err, damping = min((self._on_folds(groups, [b.solve(groups, d), a.solve(groups, d)]), d) for d in tried)
+            self.damping = damping
         else:
             damping = DAMPING
             err = self.total.error(groups, self.total.solve(groups, damping))
         if not err < masked_err:
             return masked, masked_err
+        if not final:
+            return masked, err
         new = self.total.solve(groups, damping)
         site, stored_c = self.site, None
         if self.has_bias:

@@ -445,7 +445,8 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
             if measured:
                 progress("estimate", ctx.candidates.index(i), len(ctx.candidates))
             fitter = ctx.fitter(i) if measured else None
-            found = [fitter.fit(plan, config.refit) if fitter is not None else (plan, None) for _, plan in steps]
+            found = [fitter.fit(plan, config.refit, final=False) if fitter is not None else (plan, None)
+                     for _, plan in steps]
             fitted, local = [f[0] for f in found], [f[1] for f in found]
             errors = [None] * len(steps)
             if measured and steps:
@@ -465,7 +466,8 @@ def _estimates(ctx: _Context, i: int, fitted: list, local: list) -> list[float]:
     if any(loc is None for loc in local):
         return [ctx.search_error({i: plan}) for plan in fitted]
     probe = sorted(range(len(local)), key=lambda r: local[r])[len(local) // 2]
-    out = ctx.search_error({i: fitted[probe]}, SENSITIVITY_SAMPLES)
+    plan = ctx.fitter(i).fit(fitted[probe], ctx.config.refit)[0]  # the dry run fitted none for good
+    out = ctx.search_error({i: plan}, SENSITIVITY_SAMPLES)
     factor = out / local[probe] if local[probe] > 0 else 0.0
     errors = [factor * loc for loc in local]
     errors[probe] = out
