@@ -122,15 +122,18 @@ class Fitter:
         """(plan, its layer error): refitted where that lowers the (held-out) error, else the
         masked plan with its error. Without ``final`` only the error is wanted: the plan comes
         back unfitted (the dry run)."""
-        masked = plan.with_fit(None)
-        mask = plan.masks[0]
+        found, err = self.fit_mask(plan.masks[0], refit, final)
+        return (plan.with_fit(None) if found is None else plan.with_fit((found,))), err
+
+    def fit_mask(self, mask: np.ndarray, refit: bool = True, final: bool = True):
+        """((weight, C) as the site stores them, or None for the masked original; the layer error)."""
         groups = column_groups(mask)
         if self.folds:
             masked_err = self._on_folds(groups, [p.masked(mask) for p in self.folds])
         else:
             masked_err = self.total.error(groups, self.total.masked(mask))
         if not refit:
-            return masked, masked_err
+            return None, masked_err
         if self.folds:  # fitted on one half, measured on the other
             a, b = self.folds
             tried = DAMPINGS if self.damping is None else (self.damping,)  # chosen once per site
@@ -139,15 +142,13 @@ class Fitter:
         else:
             damping = DAMPING
             err = self.total.error(groups, self.total.solve(groups, damping))
-        if not err < masked_err:
-            return masked, masked_err
-        if not final:
-            return masked, err
+        if not err < masked_err or not final:
+            return None, (masked_err if not err < masked_err else err)
         new = self.total.solve(groups, damping)
         site, stored_c = self.site, None
         if self.has_bias:
             stored_c = (new[-1] / site.beta).astype(site.bias_value.dtype).reshape(np.shape(site.bias_value))
-        return plan.with_fit((((new[:-1] / site.alpha).astype(site.weight.dtype), stored_c),)), err
+        return ((new[:-1] / site.alpha).astype(site.weight.dtype), stored_c), err
 
 
 def values(sites: list[Site], plans: dict) -> tuple[dict, dict]:

@@ -1,9 +1,10 @@
 """The lossy side of the pass: calibration -> significance -> budget -> one decision per site.
 
 Used by the pipeline when a budget is given (``--parts``, ``--keep``, ``--flops``,
-``--tolerance``), and by :func:`survey` (``--dry-run``). Each site is planned on its own: lossy
-plans are not joined into chains across layers. Everything here goes through the plan and
-planner protocols (plans/base.py), never through a plan kind's own fields.
+``--tolerance``), and by :func:`survey` (``--dry-run``). Each site is planned on its own; then
+linked planned sites (feature-wise ops between them) are partitioned jointly into one chain where
+that costs no more and keeps the budget (partition/lossy_chain.py), so no Gather runs between
+their layers. The budgets go through the plan and planner protocols (plans/base.py).
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from . import fitting
 from .allocate import Option, allocate, back_off, estimate
 from .budget import LEVELS, by_budget, make_planner, refusal
 from .calibration import Calibration, load_calibration, random_calibration
-from .chains import Chain
+from .chains import Chain, chains_from_links, find_links
 from .config import SplitConfig
 from .decisions import Decision, Kept, Planned, Unit
 from .errors import InputError
-from .planning import site_decisions
+from .partition.lossy_chain import joint_balanced
+from .planning import CHAIN_SLACK, MAX_CHAIN, site_decisions
+from .plans.balanced import BalancedPlanner
+from .plans.blocks import BlockPlan, coverage
 from .pruned import ErrorReport, Evaluator
 from .rewrite import cost_form, cost_rule
 from .significance import site_scores
@@ -50,6 +54,9 @@ class Lossy:
     notes: list[str] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
     """``--tolerance``: every whole-model confirmation of the search ({flops, error, accepted})"""
+    units: list[Unit] = field(default_factory=list)
+    """What the rewrite writes: one unit per planned site, or per chain of linked planned sites
+    partitioned jointly (no Gather between their layers)"""
 
     def error(self, weights: dict[int, object], tolerance: float | None,
               biases: dict[int, object] | None = None) -> tuple[ErrorReport | None, list[str]]:
@@ -158,7 +165,118 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
             result.decisions[i] = Planned(plan, _summary(plan, reasons.get(i)), facts)
         else:
             result.decisions[i] = Kept("budget", reasons.get(i) or _why_dense(planner, config), facts)
+    result.units = _units(ctx, planners, result.decisions, result.notes)
     return result
+
+
+def _units(ctx: _Context, planners: dict, decisions: dict[int, Decision], notes: list[str]) -> list[Unit]:
+    """Per-site units, with each run of linked lossy-split sites (feature-wise ops between them, as
+    lossless chains) replaced by one jointly partitioned unit where that costs at most
+    ``CHAIN_SLACK`` times the separate splits and (with --tolerance) keeps the error within it."""
+    single = {u.sites[0]: u for u in lossy_units(ctx.sites, decisions)}
+    planned = {i: d for i, d in decisions.items() if isinstance(d, Planned)}
+    eligible = sorted(i for i in planned if isinstance(planners.get(i), BalancedPlanner))
+    links = find_links(ctx.sites, eligible) if ctx.config.chains and len(eligible) > 1 else []
+    after = {link.a: link for link in links}
+    joined: dict[int, Unit] = {}
+    for path in chains_from_links(eligible, links) if links else []:
+        for start in range(0, len(path), MAX_CHAIN):
+            segment = path[start:start + MAX_CHAIN]
+            unit = _joint(ctx, planners, planned, segment, after, joined, notes) if len(segment) > 1 else None
+            if unit is not None:
+                joined.update({i: unit for i in segment})
+    units, seen = [], set()
+    for i in sorted(single):
+        unit = joined.get(i, single[i])
+        if id(unit) not in seen:
+            seen.add(id(unit))
+            units.append(unit)
+    return units
+
+
+def _parts(plan) -> int:
+    """The balanced parts of a per-site lossy plan (its extra one-input part of dead outputs aside)."""
+    return sum(1 for p in plan.partition.parts if p.levels[0].size > 1 or plan.partition.sizes[0] == 1)
+
+
+CHAIN_ERROR_SLACK = 1.25
+"""Without --tolerance, a joint lossy chain replaces its layers' own splits only if its output error
+(search samples) is at most this times theirs."""
+
+
+def _effective(sites: list[Site], units: list[Unit]) -> tuple[dict, dict]:
+    """{site: weight}, {site: C} of every layer of ``units``."""
+    weights, biases = {}, {}
+    for unit in units:
+        for layer, i in enumerate(unit.sites):
+            weights[i] = unit.plan.effective_weight(layer, sites[i].weight)
+            if sites[i].bias_value is not None:
+                biases[i] = unit.plan.effective_bias(layer, sites[i].bias_value)
+    return weights, biases
+
+
+def _joint(ctx: _Context, planners: dict, planned: dict, segment: list[int], after: dict, joined: dict,
+           notes: list[str]) -> Unit | None:
+    """One unit for the linked sites of ``segment``: a joint balanced partition with as many parts
+    as the fewest of theirs, every layer refitted in order on what the layers before it hand on."""
+    config, sites = ctx.config, ctx.sites
+    parts = min(_parts(planned[i].plan) for i in segment)
+    scores = [planners[i].scores for i in segment]
+    joint = joint_balanced(scores, parts, seed=config.seed)
+    if len(joint.parts) < 2:
+        return None
+    masks = tuple(coverage(joint, layer) for layer in range(len(segment)))
+    names = " -> ".join(sites[i].name for i in segment)
+    total = sum(float(s.sum()) for s in scores)
+    kept = sum(float(s[m].sum()) for s, m in zip(scores, masks))
+    label = f"{len(joint.parts)} joint {config.partitioner} parts"
+    plan = BlockPlan(joint, masks, True, label, 1.0 if total == 0 else kept / total, planners[segment[0]].score)
+    plan = plan.with_cost(cost_rule(config.layout)(plan) / joint.macs_dense)
+    separate = sum(planned[i].plan.flops * planned[i].plan.macs_dense() for i in segment)
+    if plan.flops * joint.macs_dense > CHAIN_SLACK * separate:
+        log.info("lossy chain %s not joined: %s MACs per row jointly, %s separately", names,
+                 f"{plan.flops * joint.macs_dense:,.0f}", f"{separate:,.0f}")
+        return None
+    others = {i: d.plan for i, d in planned.items() if i not in segment and i not in joined}
+    layers = {i: BlockPlan(joint, (masks[layer],), True, label) for layer, i in enumerate(segment)}
+    if config.refit and ctx.evaluator is not None:  # every layer refitted in dependency order
+        plain = {**{i: others[i].with_fit(None) for i in others}, **layers}
+        first = {i: (ctx.fitter(i).fit(p)[0] if ctx.fitter(i) is not None else p) for i, p in plain.items()}
+        fitted, _ = _sequential(ctx, plain, first)
+        layers = {i: fitted[i] for i in segment}
+        others = {i: fitted[i] for i in others}
+        plan = plan.with_fit(tuple((layers[i].effective_weight(0, sites[i].weight),
+                                    layers[i].effective_bias(0, sites[i].bias_value) if layers[i].refitted else None)
+                                   for i in segment))
+    if ctx.evaluator is not None:
+        prior = list({id(u): u for u in joined.values()}.values())
+        base_w, base_b = fitting.values(sites, {i: d.plan for i, d in planned.items() if i not in joined})
+        more_w, more_b = _effective(sites, prior)
+        before = ctx.evaluator.error(ctx.calibration.batches("search"), {**base_w, **more_w}, {**base_b, **more_b})
+        weights, biases = fitting.values(sites, {i: p for i, p in others.items()})
+        weights.update(more_w)
+        biases.update(more_b)
+        for layer, i in enumerate(segment):
+            weights[i] = plan.effective_weight(layer, sites[i].weight)
+            if sites[i].bias_value is not None:
+                biases[i] = plan.effective_bias(layer, sites[i].bias_value)
+        err = ctx.evaluator.error(ctx.calibration.batches("search"), weights, biases)
+        limit = config.tolerance if config.tolerance is not None else CHAIN_ERROR_SLACK * before
+        if not err <= limit:
+            notes.append(f"lossy chain {names} not joined: jointly its output error would be {err:.3g}, "
+                         f"split one by one {before:.3g}" + (f" (--tolerance {config.tolerance:g})"
+                                                             if config.tolerance is not None else ""))
+            return None
+    chain_sites = []
+    for layer, i in enumerate(segment):
+        site = dataclasses.replace(sites[i], weight=plan.effective_weight(layer, sites[i].weight))
+        if sites[i].bias_value is not None:
+            site.bias_value = plan.effective_bias(layer, sites[i].bias_value)
+        chain_sites.append(site)
+    chain = Chain(chain_sites, [after[i] for i in segment[:-1]])
+    reasons = tuple(f"layer {layer + 1} of {len(segment)} of one network split into {len(joint.parts)} joint parts "
+                    f"(keeps {percent(plan.retained)} of the chain's significance)" for layer in range(len(segment)))
+    return Unit(tuple(segment), chain, plan, reasons)
 
 
 def _measure(ctx: _Context, notes: list[str]) -> None:

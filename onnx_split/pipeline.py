@@ -23,7 +23,7 @@ from .config import DEFAULT_LOSSY, SplitConfig
 from .decisions import Split, after_forms, after_rewrite, undone
 from .errors import InputError
 from .inputs import verification_sets
-from .lossy import SurveyRow, lossy_units, plan_lossy, survey
+from .lossy import SurveyRow, plan_lossy, survey
 from .model_io import load_model
 from .planning import exact_units, plan_exact
 from .points import measuring_points, providers_for
@@ -82,7 +82,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
 
     if config.lossy:                                       # plan: what each site would become
         lossy = plan_lossy(model, sites, config, progress, speed=_speed(original, config, points, providers, progress))
-        decisions, units = lossy.decisions, lossy_units(sites, lossy.decisions)
+        decisions, units = lossy.decisions, lossy.units
         notes += lossy.notes
     else:
         lossy = None

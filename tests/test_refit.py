@@ -330,3 +330,50 @@ def test_with_as_many_unknowns_as_rows_the_refit_reports_its_held_out_error_not_
     in_sample = Problem(w.astype(np.float64), None, folds[0].gram + folds[1].gram)
     overfit = in_sample.solve(groups, 1e-9)
     assert in_sample.error(groups, overfit) < 0.5 * fresh.error(groups, overfit)  # what it avoided
+
+
+# ---------------------------------------------------------------- lossy chains
+
+def _aligned_chain(rng, noise=0.02):
+    """x -> MatMul(W1) + b -> Relu -> MatMul(W2) + b -> y, both weights 4 blocks on the same hidden
+    grouping (permuted), plus small dense noise: linked lossy splits that line up."""
+    from builders import chain_model, feature_wise, planted
+    w1, _ = planted(rng, 64, 64, 4, permute=False)
+    w2, _ = planted(rng, 64, 64, 4, permute=False)
+    hidden = rng.permutation(64)
+    w1, w2 = w1[:, hidden], w2[hidden]
+    w1 = (w1 + noise * rng.standard_normal(w1.shape)).astype(np.float32)
+    w2 = (w2 + noise * rng.standard_normal(w2.shape)).astype(np.float32)
+    return chain_model([w1, w2], [[feature_wise("Relu", rng)]], ["batch", 64])
+
+
+def test_linked_lossy_splits_are_partitioned_jointly_with_no_gather_between_them(tmp_path):
+    rng = np.random.default_rng(15)
+    model = _aligned_chain(rng)
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=rng.standard_normal((300, 64)).astype(np.float32))
+    base = dict(parts=4, calibration=str(path), bench=False, layout="parallel", min_elements=0, providers=("cpu",))
+    joint = split_model(model, SplitConfig(**base))
+    alone = split_model(model, SplitConfig(**base, chains=False))
+    assert [len(c.sites) for c in joint.report.chains] == [2]
+    assert joint.report.chains[0].boundary_gathers <= 2  # only at the chain's two ends
+    assert joint.report.verification_passed and alone.report.verification_passed
+    gathers = lambda m: sum(n.op_type == "Gather" for n in m.graph.node)  # noqa: E731
+    assert gathers(joint.model) < gathers(alone.model)
+    # every second-layer MatMul reads the output of one first-layer part only (through its Relu)
+    producers = {o: n for n in joint.model.graph.node for o in n.output}
+    second = [n for n in joint.model.graph.node if n.op_type == "MatMul" and
+              any(x in producers and producers[x].op_type == "Relu" for x in n.input)]
+    assert len(second) == 4
+    assert joint.report.error.held_out <= 1.25 * alone.report.error.held_out + 1e-3
+
+
+def test_a_joint_chain_that_would_raise_the_error_is_not_joined(tmp_path):
+    # the plain digits MLP: 8 joint sub-networks would each see 8 of the 64 pixels
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    result = split_model(str(repo / "models" / "digits_mlp.onnx"),
+                         SplitConfig(parts=8, calibration=str(repo / "models" / "digits_calibration.npz"),
+                                     bench=False, layout="batched", verify=False))
+    assert all(len(c.sites) == 1 for c in result.report.chains)
+    assert any("not joined" in n for n in result.report.notes)
