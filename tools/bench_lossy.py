@@ -2,6 +2,8 @@
 
 Rows (each a real ``split_model`` run with verification and interleaved timing, 1 thread):
 
+- lossy chains: a 4-layer digits MLP trained for one block structure in fc2 and fc3 (with
+  ``--torch-python``), fc2 -> fc3 split jointly and one by one, timed against each other.
 - ``models/digits_mlp.onnx`` (plain training, shipped): ``--tolerance`` 0.05 and 0.03, refit and
   ``--no-refit``; test accuracy on ``models/digits_test.npz`` (which no step of the pass sees).
 - a scikit-learn MLPClassifier (512, 512) on digits (tools/make_sklearn_mlp.py; needs
@@ -120,6 +122,42 @@ def magika_model(args, tmp: Path) -> list[str]:
                  config, score)]
 
 
+def chains(args, tmp: Path) -> list[str]:
+    """The lossy-chain row: a 4-layer digits MLP whose fc2 and fc3 were trained for one block
+    structure (tools/train_digits_chain.py, run with ``--torch-python``); fc2 and fc3 split into 8
+    parts jointly and one by one, the two rewrites timed against each other, interleaved."""
+    if not args.torch_python:
+        return ["| lossy chain | not measured: give --torch-python (an interpreter with torch) to train the model |"]
+    from onnx_split.bench import benchmark_models
+    path = tmp / "digits_chain.onnx"
+    subprocess.run([args.torch_python, str(ROOT / "tools" / "train_digits_chain.py"), str(path)], check=True,
+                   capture_output=True)
+    test = np.load(ROOT / "models" / "digits_test.npz")
+    cal = str(ROOT / "models" / "digits_calibration.npz")
+    runs = {}
+    for joined in (True, False):
+        config = SplitConfig(parts=8, include=("/fc2/*", "/fc3/*"), calibration=cal, layout="batched",
+                             chains=joined, bench=False)
+        runs[joined] = split_model(str(path), config)
+    lines = []
+    for joined, result in runs.items():
+        r = result.report
+        gathers = sum(n.op_type == "Gather" for n in result.model.graph.node)
+        acc = _accuracy(result.model, test["pixels"], test["labels"], "pixels")
+        lines.append(f"| {'jointly (one chain)' if joined else 'one by one (--no-chains)'} | "
+                     f"{', '.join(str(len(c.sites)) + ' layer(s)' for c in r.chains)} | {gathers} | "
+                     f"{r.error.held_out:.2g} | {acc:.2f}% |")
+    ratios = []
+    for batch in (1, 256):
+        feeds = {"pixels": test["pixels"][:batch] if batch <= len(test["pixels"]) else
+                 np.resize(test["pixels"], (batch, 64))}
+        entry = benchmark_models(runs[False].model, runs[True].model, feeds, providers=[CPU],
+                                 seconds=args.seconds * 2)[0]
+        ratios.append(f"batch {batch}: {entry.speedup:.2f}x")
+    lines.append(f"| chain over one-by-one, interleaved | | | | {', '.join(ratios)} |")
+    return lines
+
+
 def bert(args, tmp: Path) -> list[str]:
     path, cal = tmp / "bert.onnx", tmp / "bert_cal.npz"
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_bert.py"), str(path), "--layers", str(args.bert_layers),
@@ -144,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "SIGNIFICANCE.md"))
     p.add_argument("--bert-layers", type=int, default=None)
     p.add_argument("--bert-limit", type=float, default=900.0, help="wall-clock limit per encoder run (s)")
+    p.add_argument("--torch-python", default=None, help="an interpreter with torch, to train the lossy-chain model")
     args = p.parse_args(argv)
     args.tolerances = [0.05] if args.quick else [0.05, 0.03]
     args.seconds, args.tune_seconds = (0.2, 1.0) if args.quick else (2.0, 10.0)
@@ -152,12 +191,17 @@ def main(argv=None) -> int:
     header = "| run | split | FLOPs | held-out rel. error | quality | latency ratio (batches) | pass time |"
     with tempfile.TemporaryDirectory() as tmp:
         rows = digits(args) + sklearn_mlp(args, Path(tmp)) + magika_model(args, Path(tmp))
+        chain_rows = chains(args, Path(tmp))
         timing = bert(args, Path(tmp))
     lines = ["## Lossy splitting with refit on ordinarily trained models (`tools/bench_lossy.py`)", "",
              *meta_lines(run_meta(argv)), "",
              "Latency: original / rewritten median, ORT CPU, 1 thread, interleaved (> 1: the rewrite is faster); "
              "FLOPs: the whole model's MatMul/Gemm FLOPs per row after / before.", "",
              header, "|---|---|---|---|---|---|---|", *rows, "",
+             "Lossy chains: a 4-layer digits MLP (tools/train_digits_chain.py) whose fc2 and fc3 were trained for "
+             "one block structure, `--parts 8 --include '/fc2/*' --include '/fc3/*' --layout batched`:", "",
+             "| fc2, fc3 split | units | Gathers | held-out rel. error | test accuracy / latency ratio |",
+             "|---|---|---|---|---|", *chain_rows, "",
              "Pass time on the encoder (no timing of the result):", "", "| model | run | wall time |", "|---|---|---|",
              *timing]
     write_section(Path(args.out), "bench_lossy", lines)
