@@ -274,8 +274,9 @@ def _joint(ctx: _Context, planners: dict, planned: dict, segment: list[int], aft
             site.bias_value = plan.effective_bias(layer, sites[i].bias_value)
         chain_sites.append(site)
     chain = Chain(chain_sites, [after[i] for i in segment[:-1]])
-    reasons = tuple(f"layer {layer + 1} of {len(segment)} of one network split into {len(joint.parts)} joint parts "
-                    f"(keeps {percent(plan.retained)} of the chain's significance)" for layer in range(len(segment)))
+    fit = ", refitted" if plan.refitted else ""
+    reasons = tuple(f"layer {layer + 1} of {len(segment)} of one network split into {len(joint.parts)} joint parts"
+                    f"{fit} (keeps {percent(plan.retained)} of the chain's significance)" for layer in range(len(segment)))
     return Unit(tuple(segment), chain, plan, reasons)
 
 

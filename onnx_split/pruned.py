@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from .errors import InputError
 from .isolate import crash_reason
 from .runtime import CPU, make_session, model_source, ort_error
-from .sites import Site, graphs_by_scope
+from .sites import Site, graphs_by_scope, walk_graphs
 
 
 def relative_error(reference: list, got: list) -> float:
@@ -107,11 +107,13 @@ def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graphs = graphs_by_scope(copy)
+    replaced: set[tuple[str, str]] = set()
     for kind, position, values in (("weight", 1, weights), ("bias", 2, biases)):
         for i, value in values.items():
             site = sites[i]
             name = f"onnx_split.{kind}.{i}"
             graph = graphs[site.scope]
+            replaced.add((site.scope, graph.node[site.index].input[position]))
             graph.node[site.index].input[position] = name
             like = _stored(site, site.weight) if kind == "weight" else np.asarray(site.bias_value)
             if as_inputs:
@@ -120,11 +122,30 @@ def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, 
             else:
                 stored = _stored(site, value) if kind == "weight" else np.asarray(value, like.dtype).reshape(like.shape)
                 graph.initializer.append(numpy_helper.from_array(stored, name))
+    _drop_unread(copy, replaced)
     known = {o.name for o in copy.graph.output}
     for name in outputs:
         if name not in known:
             copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return copy
+
+
+def _drop_unread(model: onnx.ModelProto, replaced: set[tuple[str, str]]) -> None:
+    """Remove the initializers a site read before ``replaced`` gave it a new tensor, where nothing
+    else reads them any more (in any graph): the copy then holds each weight once, not twice."""
+    if not replaced:
+        return
+    read = {name for _, g in walk_graphs(model.graph) for node in g.node for name in node.input}
+    read |= {o.name for o in model.graph.output}
+    graphs = graphs_by_scope(model)
+    for scope, name in replaced:
+        graph = graphs[scope]
+        if name in read:
+            continue
+        kept = [t for t in graph.initializer if t.name != name]
+        if len(kept) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,8 @@ def test_a_refitted_split_computes_the_refitted_weights_and_beats_dropping(tmp_p
     rng = np.random.default_rng(4)
     model, (w1, c1, w2, c2) = _mlp(rng, alpha=alpha, beta=beta)
     cal = _calibration(tmp_path, rng)
-    base = dict(parts=4, calibration=str(cal), bench=False, layout="batched", min_elements=0, providers=("cpu",))
+    base = dict(parts=4, calibration=str(cal), bench=False, layout="batched", min_elements=0, providers=("cpu",),
+                chains=False)
     fitted = split_model(model, SplitConfig(**base)).report
     dropped = split_model(model, SplitConfig(**base, refit=False)).report
     assert fitted.verification_passed and dropped.verification_passed
@@ -173,7 +174,7 @@ def test_the_written_model_is_what_numpy_computes_from_the_plans_weights(tmp_pat
     model, (w1, c1, w2, c2) = _mlp(rng, alpha=0.5, beta=2.0)
     cal = _calibration(tmp_path, rng)
     config = SplitConfig(parts=2, calibration=str(cal), bench=False, layout="parallel", min_elements=0,
-                         providers=("cpu",))
+                         providers=("cpu",), chains=False)
     written = split_model(model, config).model
     sites = find_sites(model, min_elements=0)
     plans = {i: d.plan for i, d in plan_lossy(model, sites, config).decisions.items() if isinstance(d, Planned)}
@@ -197,7 +198,7 @@ def test_sequential_refit_fits_the_second_layer_on_the_first_layers_new_output(t
     rng = np.random.default_rng(6)
     model, (w1, c1, w2, c2) = _mlp(rng)
     cal = _calibration(tmp_path, rng)
-    config = SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0, holdout=0.25)
+    config = SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0, holdout=0.25, chains=False)
     sites = find_sites(model, min_elements=0)
     lossy = plan_lossy(model, sites, config)
     plans = {i: d.plan for i, d in lossy.decisions.items() if isinstance(d, Planned)}
