@@ -100,8 +100,9 @@ class Fitter:
     as rows) is not mistaken for a good one. The damping is chosen on the site's first plan and
     kept for its others. The final fit uses both halves."""
 
-    def __init__(self, site: Site, folds: list[Fold]):
-        self.site, self.damping = site, None
+    def __init__(self, site: Site, folds: list[Fold], damping: float | None = None):
+        """``damping``: use this one instead of choosing (a site refitted again keeps its choice)."""
+        self.site, self.damping = site, damping
         weight, bias = params(site)
         self.has_bias = bias is not None
         self.folds = [Problem(weight, bias, f.gram, f.cross, f.original) for f in folds] if len(folds) > 1 else []
@@ -191,12 +192,12 @@ def levels(chosen: list[int], ups: dict[int, set[int]]) -> dict[int, int]:
 
 def sequential(evaluator: Evaluator, sites: list[Site], plans: dict, first: dict, ups: dict[int, set[int]],
                folds: list[list[dict]], originals: list[dict], deadline: float | None = None,
-               progress=None) -> tuple[dict, bool]:
+               progress=None, dampings: dict | None = None) -> tuple[dict, bool]:
     """``plans`` (site -> unfitted plan) refitted level by level; ``first`` holds the plans already
     fitted on the original activations (used as they are for level 0). ``folds``: the search
     samples' batches, in one or two folds; ``originals``: per fold, the original activations'
-    moments {key: Moments}. Returns (plans, finished); unfinished when ``deadline`` passed (the
-    remaining sites keep their ``first`` fit)."""
+    moments {key: Moments}; ``dampings``: per site, the damping its first fit chose (kept). Returns
+    (plans, finished); unfinished when ``deadline`` passed (the remaining sites keep their ``first`` fit)."""
     progress = progress or (lambda *a: None)
     fitted = dict(first)
     level = levels([i for i in plans if refittable(sites[i])], ups)
@@ -215,6 +216,6 @@ def sequential(evaluator: Evaluator, sites: list[Site], plans: dict, first: dict
             if any(p is None or p[0].k != k or not p[0].count or key not in o for p, o in zip(pairs, originals)):
                 continue
             moments = [Fold(g.sum, c.sum, o[key].sum) for (g, c), o in zip(pairs, originals)]
-            fitted[i] = Fitter(sites[i], moments).fit(plans[i])[0]
+            fitted[i] = Fitter(sites[i], moments, (dampings or {}).get(i)).fit(plans[i])[0]
     progress(top, top)
     return fitted, True

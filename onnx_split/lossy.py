@@ -325,8 +325,9 @@ def _collect(ctx: _Context) -> None:
 
 def _sequential(ctx: _Context, plain: dict, first: dict) -> tuple[dict, bool]:
     ups = fitting.upstream(ctx.model, ctx.sites, list(plain))
+    dampings = {i: f.damping for i, f in ctx._fitters.items() if f.damping is not None}
     return fitting.sequential(ctx.evaluator, ctx.sites, plain, first, ups, ctx.fold_batches(), ctx.fold_moments,
-                              ctx.deadline, lambda d, t: ctx.progress("refit", d, t))
+                              ctx.deadline, lambda d, t: ctx.progress("refit", d, t), dampings)
 
 
 def _refit_all(ctx: _Context, chosen: dict) -> dict:

@@ -54,6 +54,8 @@ def test_other_bash_commands(tmp_path):
                 line += f" --quick --skip-pass-time --out {tmp_path / 'bench.md'}"
             elif "tools/bench_significance.py" in line:
                 line += f" --quick --out {tmp_path / 'significance.md'}"
+            elif "tools/bench_lossy.py" in line:
+                line += f" --quick --out {tmp_path / 'lossy.md'}"
             elif "tools/bench_partitioners.py" in line:
                 line += f" --quick --out {tmp_path / 'partitioners.md'}"
             elif "tools/make_example_models.py" in line:
