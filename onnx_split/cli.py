@@ -385,7 +385,9 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
     if ok and report.reverted:
         print(f"wrote {out_path}: the original model, unchanged (the rewrite was not measured faster)")
     elif ok:
-        what = f"verified against {report.verified_against}" if report.verification_passed else "not verified"
+        # the reference without its explanation (the verification line above has it): the last line stays short
+        against = (report.verified_against or "").split(" (", 1)[0]
+        what = f"verified against {against}" if report.verification_passed else "not verified"
         print(f"wrote {out_path}: {report.n_split} of {len(report.sites)} sites split, {what}"
               + (f"; {_output_error(error)}" if error is not None else "")
               + (f"; speedup {', '.join(speed)}" if speed else ""))
