@@ -28,6 +28,7 @@ table.sortable th{cursor:pointer;user-select:none} table.sortable th::after{cont
 table.sortable th[data-dir=asc]::after{content:" \\2191";color:#1d2733}
 table.sortable th[data-dir=desc]::after{content:" \\2193";color:#1d2733}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.compact{width:auto;min-width:420px;margin:6px 0}
 .pass{color:#137333;font-weight:600} .fail{color:#b3261e;font-weight:600} .other{color:#8a5a00;font-weight:600}
 .split{color:#137333} .kept{color:#5f6b7a}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
@@ -74,9 +75,12 @@ def _img(picture) -> str:
             f"<figcaption>{_e(picture.title)} (<code>{_e(picture.name)}</code> with --plots)</figcaption></figure>")
 
 
-def _table(header: list[str], rows: list[list], sortable: bool = False, numeric: set[int] = frozenset()) -> str:
-    """``rows`` of cells: a value, or (shown text, sort key) for a cell sorted by a number."""
-    out = [f'<table{" class=sortable" if sortable else ""}><thead><tr>'
+def _table(header: list[str], rows: list[list], sortable: bool = False, numeric: set[int] = frozenset(),
+           compact: bool = False) -> str:
+    """``rows`` of cells: a value, or (shown text, sort key) for a cell sorted by a number;
+    ``compact``: as wide as its cells, not the page."""
+    css = " ".join(c for c, on in (("sortable", sortable), ("compact", compact)) if on)
+    out = [f'<table{f" class={css!r}" if css else ""}><thead><tr>'
            + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
     for row in rows:
         cells = []
@@ -107,7 +111,9 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 
 def _site_name(s) -> str:
-    return s.node if s.scope == "main" else f"{s.scope}/{s.node}"
+    """The name the text table shows: the exporter's module path when the node has one, else its name."""
+    name = getattr(s, "module", None) or s.node
+    return name if s.scope == "main" else f"{s.scope}/{name}"
 
 
 # ---------------------------------------------------------------- a run
@@ -140,6 +146,9 @@ def run_html(report, pictures=(), left_out: int = 0) -> str:
     sections = ['<div class="cards" style="margin-top:16px">' + "".join(
         f'<div class="card">{_e(label)}<b class="{_verdict_class(label, value)}">{_e(value)}</b></div>'
         for label, value in cards) + "</div>"]
+    model = _model(report.model, report.stage_seconds)
+    if model:
+        sections.append(_section("model", "Model before -> after", model))
     sections.append(_section("sites", f"Sites ({len(report.sites)}; click a column to sort)", _sites(report.sites)))
     if report.chains:
         rows = [[chain_label(c.sites), len(c.sites), c.scope, c.parts, c.layout, c.boundary_gathers,
@@ -187,7 +196,7 @@ def _sites(sites) -> str:
         is_split = s.decision == "split"
         ratio = s.flops_before / s.flops_after if is_split and s.flops_after else None
         decision = f"split ({s.layout})" if is_split else "kept"
-        rows.append([(i, i), _site_name(s), s.op_type, (shape, elements), s.dtype or "-", (s.parts or "-", s.parts),
+        rows.append([(i, i), _site_name(s), s.node if s.module else "", s.op_type, (shape, elements), s.dtype or "-", (s.parts or "-", s.parts),
                      (f"{s.flops_before:,}" if s.flops_before else "-", s.flops_before),
                      (f"{s.flops_after:,}" if is_split else "-", s.flops_after if is_split else 0),
                      (f"{ratio:.2f}x" if ratio else "-", ratio or 0),
@@ -197,9 +206,42 @@ def _sites(sites) -> str:
                      s.chain or "", s.reason])
     if not rows:
         return "<p>no MatMul or Gemm nodes found</p>"
-    return _table(["#", "node", "op", "shape", "dtype", "parts", "FLOPs/row before", "after", "FLOP ratio",
-                   "decision", "retained", "chain", "reason / plan"], rows, sortable=True,
-                  numeric={0, 3, 5, 6, 7, 8, 10})
+    if not any(s.module for s in sites):  # no exporter scopes: the node column is the ONNX name already
+        for row in rows:
+            del row[2]
+        return _table(["#", "node", "op", "shape", "dtype", "parts", "FLOPs/row before", "after", "FLOP ratio",
+                       "decision", "retained", "chain", "reason / plan"], rows, sortable=True,
+                      numeric={0, 3, 5, 6, 7, 8, 10})
+    return _table(["#", "node", "ONNX node", "op", "shape", "dtype", "parts", "FLOPs/row before", "after",
+                   "FLOP ratio", "decision", "retained", "chain", "reason / plan"], rows, sortable=True,
+                  numeric={0, 4, 6, 7, 8, 9, 11})
+
+
+def _model(model: dict, stage_seconds: dict) -> str:
+    """The before/after summary (parameters, bytes, FLOPs per row, nodes; op counts by type) and
+    each stage's wall time."""
+    from .report import size
+
+    before, after = model.get("before"), model.get("after")
+    parts = []
+    if before and after:
+        rows = [["parameters", f"{before['parameters']:,}", f"{after['parameters']:,}"],
+                ["model bytes (serialized, external data included)", size(before["bytes"]), size(after["bytes"])],
+                ["MatMul/Gemm FLOPs per row", f"{before['flops_per_row']:,}", f"{after['flops_per_row']:,}"],
+                ["nodes", f"{before['nodes']:,}", f"{after['nodes']:,}"]]
+        parts.append(_table(["", "before", "after"], rows, numeric={1, 2}, compact=True))
+        ops = sorted(set(before["ops"]) | set(after["ops"]),
+                     key=lambda op: (before["ops"].get(op, 0) == after["ops"].get(op, 0), op))
+        counts = [[op, before["ops"].get(op, 0), after["ops"].get(op, 0),
+                   (f"{after['ops'].get(op, 0) - before['ops'].get(op, 0):+,}",
+                    after["ops"].get(op, 0) - before["ops"].get(op, 0))] for op in ops]
+        parts.append("<details open><summary>nodes by op type</summary>" + _table(
+            ["op", "before", "after", "change"], counts, numeric={1, 2, 3}, compact=True) + "</details>")
+    if stage_seconds:
+        total = sum(stage_seconds.values())
+        parts.append("<p>wall time: " + _e(", ".join(f"{k} {v:.2f} s" for k, v in stage_seconds.items())
+                                         + f" (total {total:.2f} s)") + "</p>")
+    return "".join(parts)
 
 
 def _verification(report) -> str:
@@ -212,7 +254,7 @@ def _verification(report) -> str:
                         if "ort_loads" in report.checker else "") + "</p>")
     if not report.verification:
         return "".join(parts) + "<p>no verification ran</p>"
-    against = " against the pruned original (dropped weights zeroed)" if report.error is not None else ""
+    against = f" against {report.verified_against}" if report.verified_against else ""
     parts.append(f"<p>inputs{_e(against)}: {_e('; '.join(report.inputs))}</p>")
     levels = sorted({v.optimization for v in report.verification}, key=lambda lv: (lv != "disabled", lv))
     providers = list(dict.fromkeys(v.provider for v in report.verification))
