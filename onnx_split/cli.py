@@ -24,7 +24,7 @@ from . import plots
 from .html_report import run_html, survey_html
 from .plans import PLANNERS
 from .plans.base import LEVELS
-from .report import survey_table
+from .report import node_modules, survey_table
 from .rewrite import LAYOUTS as REGISTERED_LAYOUTS
 from .runtime import require_providers
 
@@ -226,11 +226,12 @@ def _run(args, written: list[Path]) -> int:
         rows = survey_model(model, config)
         partitioner = config.partitioner if config.lossy else DEFAULT_LOSSY
         print(f"dry run of {args.input} ({partitioner} partitioner; nothing written)")
-        print(survey_table(rows, partitioner, config.tile, config.layout))
+        modules = node_modules(model)
+        print(survey_table(rows, partitioner, config.tile, config.layout, modules))
         if pages:
             pictures = plots.pictures(survey_rows=rows)
             levels = [(level, PLANNERS[partitioner].level_name(level)) for level in LEVELS]
-            page = survey_html(rows, args.input, partitioner, levels, pictures)
+            page = survey_html(rows, args.input, partitioner, levels, pictures, modules)
             _write_pages(args, page, pictures, written)
             print(f"wrote {_listed(written)}")
         return EXIT_OK

@@ -324,16 +324,20 @@ def _error(report) -> str:
 
 # ---------------------------------------------------------------- a dry run
 
-def survey_html(rows, source: str, partitioner: str, levels: list[tuple[int, str]], pictures=()) -> str:
+def survey_html(rows, source: str, partitioner: str, levels: list[tuple[int, str]], pictures=(),
+                modules: dict[str, str] | None = None) -> str:
     """The page of a dry run: per site the retained significance, FLOPs and (with calibration data)
-    the output error at each level (``levels``: the level and its column name), and the
-    error-against-FLOPs picture."""
+    the estimated output error of splitting it alone at each level (``levels``: the level and its
+    column name), and the error-against-FLOPs picture; ``modules``: node name -> module path, shown
+    instead of the node's name."""
+    modules = modules or {}
     header = ["site", "shape", "significance"]
     for _, name in levels:
-        header += [f"{name}: retained", "FLOPs", "error"]
+        header += [f"{name}: retained", "FLOPs", "est. error"]
     body, kept = [], []
     for row in rows:
-        name = row.node if row.scope == "main" else f"{row.scope}/{row.node}"
+        shown = modules.get(row.node) or row.node
+        name = shown if row.scope == "main" else f"{row.scope}/{shown}"
         shape = "x".join(map(str, row.shape)) if row.shape else "-"
         if row.reason is not None:
             kept.append(f"{name}: {row.reason}")

@@ -480,19 +480,24 @@ def metadata_entries(config, n_split: int, n_sites: int, error: ErrorReport | No
     return entries
 
 
-def survey_table(rows: list, partitioner: str, tile: int = 64, layout: str = "auto") -> str:
+def survey_table(rows: list, partitioner: str, tile: int = 64, layout: str = "auto",
+                 modules: dict[str, str] | None = None) -> str:
     """The dry run as a table: per candidate site, "retained / FLOPs share" at each level (the
-    planner names the columns); then the sites that are not candidates, with why."""
+    planner names the columns); then the sites that are not candidates, one line per reason.
+    ``modules`` maps node names to the exporter's module paths (:func:`node_modules`), shown instead."""
     if not rows:
         return "no MatMul or Gemm nodes found"
+    modules = modules or {}
     levels = list(LEVELS)
     header = ("site", "shape", "significance", *(PLANNERS[partitioner].level_name(level) for level in levels))
     table, kept = [], []
     for row in rows:
-        name = row.node if row.scope == "main" else f"{row.scope}/{row.node}"
+        name = modules.get(row.node) or row.node
+        name = name if row.scope == "main" else f"{row.scope}/{name}"
+        name = name if len(name) <= NAME_WIDTH else "..." + name[-(NAME_WIDTH - 3):]
         shape = "x".join(map(str, row.shape)) if row.shape else "-"
         if row.reason is not None:
-            kept.append(f"  {name}  {shape}  kept: {row.reason}")
+            kept.append((name, shape, row.reason))
             continue
         cells = {lv["level"]: f"{percent(lv['retained'])} / {lv['flops']:.1%}"
                  + (f" / {lv['error']:.3g}" if lv.get("error") is not None else "") for lv in row.levels}
@@ -501,13 +506,37 @@ def survey_table(rows: list, partitioner: str, tile: int = 64, layout: str = "au
     counted = "as the batched layout computes them, padding included" if layout == "batched" else "the parts' blocks"
     measured = any(lv.get("error") is not None for row in rows for lv in row.levels)
     cell = "retained significance / share of the dense FLOPs" + (
-        " / relative output error of splitting this site alone (calibration search samples)" if measured else "")
-    lines = [f"each cell: {cell} ({what}; FLOPs of {counted})"]
+        " / estimated relative output error of splitting this site alone (calibration search samples)" if measured else "")
+    lines = [f"each cell: {cell}; {what}, FLOPs of {counted}"]
     lines += columns([header] + table, pad_last=True) if table else ["no site can be split"]
     if kept:
-        lines += ["not candidates:", *kept]
-    return "\n".join(lines)
+        lines.append("not candidates:")
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for name, shape, reason in kept:
+            groups.setdefault(reason, []).append((name, shape))
+        for reason, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            if len(members) == 1:
+                lines.append(f"  {members[0][0]}  {members[0][1]}  kept: {reason}")
+                continue
+            head = f"  {plural(len(members), 'site')}: kept: {reason}"
+            names = list(dict.fromkeys(name if shape == "-" else f"{name} {shape}" for name, shape in members))
+            lines.append(head + _names_within(names, LINE_WIDTH - len(head)))
+    return "\n".join(clip(line) for line in lines)
+
+
+def node_modules(model) -> dict[str, str]:
+    """Node name -> the module path its ``pkg.torch.onnx.name_scopes`` metadata records, over every
+    graph (a name two nodes with different paths share is left out)."""
+    from .sites import walk_graphs
+
+    found: dict[str, str | None] = {}
+    for _, graph in walk_graphs(model.graph):
+        for node in graph.node:
+            path = module_path(node)
+            if path is not None:
+                found[node.name] = path if found.get(node.name, path) == path else None
+    return {name: path for name, path in found.items() if path}
 
 
 __all__ = ["ChainReport", "ErrorReport", "SiteReport", "SplitReport", "Written", "build_report", "chain_report",
-           "metadata_entries", "percent", "site_report", "survey_table"]
+           "metadata_entries", "node_modules", "percent", "site_report", "survey_table"]

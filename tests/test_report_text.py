@@ -231,3 +231,18 @@ def test_a_long_table_groups_the_kept_sites_that_share_a_reason():
     # a short table keeps one row per site
     short = SplitReport(version="0", config={}, sites=dense[:3] + split).to_text().splitlines()
     assert sum(line.startswith("encoder.layer.") for line in short) == 3
+
+
+def test_the_encoders_dry_run_names_modules_and_groups_non_candidates(encoder_run, capsys):
+    src, _, _ = encoder_run
+    assert main([str(src), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= LINE_WIDTH
+    table = lines[lines.index(next(line for line in lines if line.startswith("site "))) + 1:lines.index("not candidates:")]
+    assert [line.split()[0] for line in table] == [
+        f"encoder.layer.{i}.{m}" for i in range(LAYERS) for m in ("attention.self.query", "attention.self.key",
+                                                                 "attention.self.value", "attention.output.dense",
+                                                                 "intermediate.dense", "output.dense")]
+    rest = lines[lines.index("not candidates:") + 1:]
+    assert len(rest) == 1 and rest[0].startswith(f"  {2 * LAYERS} sites: kept: MatMul between two activations")
+    assert "encoder.layer.0.attention.self" in rest[0]
