@@ -196,8 +196,9 @@ def test_a_lossy_runs_lines_are_whole_and_its_last_line_says_against_what(tmp_pa
     assert reference in ("the pruned original", "the refitted original")
     last = lines[-1]
     assert last.startswith(f"wrote {out.name}: ") and f"verified against {reference};" in last
-    assert f"relative output error {data['error']['held_out']:.4g} on {data['error']['held_out_samples']} held-out" in last
-    assert "(--tolerance 0.05)" in last
+    error = data["error"]
+    assert f"; held-out relative output error {error['held_out']:.4g} ({error['held_out_samples']} samples; " \
+           f"--tolerance 0.05)" in last
 
 
 def _site(name, decision="kept", reason="fully connected at --threshold 0.0", candidate=True, module=None):
@@ -246,3 +247,19 @@ def test_the_encoders_dry_run_names_modules_and_groups_non_candidates(encoder_ru
     rest = lines[lines.index("not candidates:") + 1:]
     assert len(rest) == 1 and rest[0].startswith(f"  {2 * LAYERS} sites: kept: MatMul between two activations")
     assert "encoder.layer.0.attention.self" in rest[0]
+
+
+def test_the_last_line_names_each_provider_once_for_its_points(capsys):
+    from onnx_split.bench import LatencyEntry
+    from onnx_split.cli import _summary
+    from onnx_split.report import SplitReport
+
+    entry = lambda provider, inputs, threads, speedup: LatencyEntry(
+        provider=provider, inputs=inputs, threads=threads, status="measured", speedup=speedup)
+    report = SplitReport(version="0", config={}, sites=[_site("a", decision="split")], verified_against="the original",
+                         verification=[], written=True)
+    report.latency = [entry("CPUExecutionProvider", "batch 1", 1, 1.5), entry("CPUExecutionProvider", "batch 32", 1, 2.0),
+                      entry("CUDAExecutionProvider", "batch 1", 1, 3.0)]
+    _summary(report, Path("m.onnx"), True, False)
+    assert capsys.readouterr().out.strip().endswith(
+        "; speedup CPU 1.50x (batch 1), 2.00x (batch 32), CUDA 3.00x (batch 1)")
