@@ -416,10 +416,10 @@ def _output_error(error) -> str:
     """A lossy run's cost at the outputs, for the last line: the held-out error and the tolerance."""
     if error.held_out is None:
         return "relative output error not measured"
-    text = f"held-out relative output error {error.held_out:.4g} ({error.held_out_samples} samples; "
+    text = f"held-out relative output error {error.held_out:.4g}"  # the sample counts are on the error line
     if error.tolerance is not None:
-        return text + f"--tolerance {error.tolerance:g})"
-    return text + "no --tolerance bounds it)"
+        return text + f" (--tolerance {error.tolerance:g})"
+    return text + " (no --tolerance bounds it)"
 
 
 class _ProgressBar:
