@@ -28,7 +28,8 @@ table.sortable th{cursor:pointer;user-select:none} table.sortable th::after{cont
 table.sortable th[data-dir=asc]::after{content:" \\2191";color:#1d2733}
 table.sortable th[data-dir=desc]::after{content:" \\2193";color:#1d2733}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-table.compact{width:auto;min-width:420px;margin:6px 0}
+table.compact{width:auto;min-width:360px;margin:6px 0}
+.pair{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}
 .pass{color:#137333;font-weight:600} .fail{color:#b3261e;font-weight:600} .other{color:#8a5a00;font-weight:600}
 .split{color:#137333} .kept{color:#5f6b7a}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
@@ -229,14 +230,14 @@ def _model(model: dict, stage_seconds: dict) -> str:
                 ["model bytes (serialized, external data included)", size(before["bytes"]), size(after["bytes"])],
                 ["MatMul/Gemm FLOPs per row", f"{before['flops_per_row']:,}", f"{after['flops_per_row']:,}"],
                 ["nodes", f"{before['nodes']:,}", f"{after['nodes']:,}"]]
-        parts.append(_table(["", "before", "after"], rows, numeric={1, 2}, compact=True))
+        pair = [_table(["", "before", "after"], rows, numeric={1, 2}, compact=True)]
         ops = sorted(set(before["ops"]) | set(after["ops"]),
                      key=lambda op: (before["ops"].get(op, 0) == after["ops"].get(op, 0), op))
         counts = [[op, before["ops"].get(op, 0), after["ops"].get(op, 0),
                    (f"{after['ops'].get(op, 0) - before['ops'].get(op, 0):+,}",
                     after["ops"].get(op, 0) - before["ops"].get(op, 0))] for op in ops]
-        parts.append("<details open><summary>nodes by op type</summary>" + _table(
-            ["op", "before", "after", "change"], counts, numeric={1, 2, 3}, compact=True) + "</details>")
+        pair.append(_table(["op", "before", "after", "change"], counts, numeric={1, 2, 3}, compact=True))
+        parts.append('<div class="pair">' + "".join(pair) + "</div>")  # side by side where the page is wide
     if stage_seconds:
         total = sum(stage_seconds.values())
         parts.append("<p>wall time: " + _e(", ".join(f"{k} {v:.2f} s" for k, v in stage_seconds.items())
