@@ -110,7 +110,8 @@ class SplitReport:
     FLOPs per activation row of the MatMul/Gemm sites with a known weight shape"""
     stage_seconds: dict = field(default_factory=dict)
     """wall time of each stage of the run: load, analyse, tune, rewrite, error, verify, bench (the
-    CLI adds write)"""
+    CLI adds write: in the JSON report, writing the model up to the report itself, which cannot
+    time its own writing; the text's ``time:`` line also counts the report, --html and --plots)"""
     search_trace: list = field(default_factory=list)
     """``--tolerance``: every point the search evaluated, in order: {"flops": fraction of the dense
     FLOPs of all candidate sites, "error": relative output error on the search samples, "accepted":
