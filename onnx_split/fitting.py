@@ -12,13 +12,14 @@ sites' own terms: Gemm's alpha, beta and C, the weight as stored.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from .chains import feature_vector
 from .pruned import Evaluator, has_constant_bias
-from .refit import local_error, refit
+from .refit import DAMPING, DAMPINGS, Problem, column_groups
 from .sites import Site
 from .moments import Moments, rows
 
@@ -76,31 +77,71 @@ def params(site: Site) -> tuple[np.ndarray, np.ndarray | None]:
     return weight, bias
 
 
-def fit(site: Site, plan, gram: np.ndarray, cross: np.ndarray | None = None):
-    """``plan`` with its kept blocks refitted on the moments (a single-layer block plan); ``plan``
-    itself where the refit does not lower the layer's error on those rows (the masked weight of
-    exact blocks is already exact, and damping would only move it)."""
-    weight, bias = params(site)
-    new_w, new_b = refit(plan.masks[0], weight, bias, gram, cross)
-    stored_c = None
-    if new_b is not None:
-        stored_c = (new_b / site.beta).astype(site.bias_value.dtype).reshape(np.shape(site.bias_value))
-    fitted = plan.with_fit((((new_w / site.alpha).astype(site.weight.dtype), stored_c),))
-    own = gram if cross is None else None  # with a cross moment, the fit target is the original output
-    if own is not None and layer_error(site, fitted, own) >= layer_error(site, plan.with_fit(None), own):
-        return plan.with_fit(None)
-    return fitted
+@dataclass
+class Fold:
+    """The moments of one set of calibration samples for one site: ``gram`` = [X',1]^T[X',1],
+    ``cross`` = [X',1]^T[X,1] and ``original`` = [X,1]^T[X,1] (None: X' = X)."""
+
+    gram: np.ndarray
+    cross: np.ndarray | None = None
+    original: np.ndarray | None = None
+
+    def __add__(self, other: "Fold") -> "Fold":
+        add = lambda a, b: None if a is None else a + b  # noqa: E731
+        return Fold(self.gram + other.gram, add(self.cross, other.cross), add(self.original, other.original))
 
 
-def layer_error(site: Site, plan, gram: np.ndarray) -> float:
-    """The relative error of the site's own output on the calibration rows of ``gram`` with
-    ``plan``'s effective weight (and C) in place of the original."""
-    weight, bias = params(site)
-    new_w = plan.effective_weight(0, site.weight).astype(np.float64) * site.alpha
-    new_b = None
-    if bias is not None:
-        new_b = np.asarray(plan.effective_bias(0, site.bias_value), np.float64).reshape(-1) * site.beta
-    return local_error(weight, bias, new_w, new_b, gram)
+class Fitter:
+    """The refits of one site's plans from the moments of its calibration samples.
+
+    With two folds (the two halves of the search samples), the damping is chosen by
+    cross-validation, fitted on one half and measured on the other, and the error a fit reports
+    is that held-out error: a refit that only memorises the calibration rows (as many unknowns
+    as rows) is not mistaken for a good one. The final fit uses both halves."""
+
+    def __init__(self, site: Site, folds: list[Fold]):
+        self.site = site
+        weight, bias = params(site)
+        self.has_bias = bias is not None
+        self.folds = [Problem(weight, bias, f.gram, f.cross, f.original) for f in folds] if len(folds) > 1 else []
+        total = folds[0]
+        for f in folds[1:]:
+            total = total + f
+        self.total = Problem(weight, bias, total.gram, total.cross, total.original)
+
+    def _on_folds(self, groups, news: list[np.ndarray]) -> float:
+        """The error over both folds of ``news[f]`` measured on fold f."""
+        num = den = 0.0
+        for problem, new in zip(self.folds, news):
+            e = problem.error(groups, new)
+            num, den = num + e * e * problem.den, den + problem.den
+        return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+    def fit(self, plan, refit: bool = True):
+        """(plan, its layer error): refitted where that lowers the (held-out) error, else the
+        masked plan with its error."""
+        masked = plan.with_fit(None)
+        mask = plan.masks[0]
+        groups = column_groups(mask)
+        if self.folds:
+            masked_err = self._on_folds(groups, [p.masked(mask) for p in self.folds])
+        else:
+            masked_err = self.total.error(groups, self.total.masked(mask))
+        if not refit:
+            return masked, masked_err
+        if self.folds:  # fitted on one half, measured on the other, for each damping
+            a, b = self.folds
+            err, damping = min((self._on_folds(groups, [b.solve(groups, d), a.solve(groups, d)]), d) for d in DAMPINGS)
+        else:
+            damping = DAMPING
+            err = self.total.error(groups, self.total.solve(groups, damping))
+        if not err < masked_err:
+            return masked, masked_err
+        new = self.total.solve(groups, damping)
+        site, stored_c = self.site, None
+        if self.has_bias:
+            stored_c = (new[-1] / site.beta).astype(site.bias_value.dtype).reshape(np.shape(site.bias_value))
+        return plan.with_fit((((new[:-1] / site.alpha).astype(site.weight.dtype), stored_c),)), err
 
 
 def values(sites: list[Site], plans: dict) -> tuple[dict, dict]:
@@ -142,10 +183,13 @@ def levels(chosen: list[int], ups: dict[int, set[int]]) -> dict[int, int]:
 
 
 def sequential(evaluator: Evaluator, sites: list[Site], plans: dict, first: dict, ups: dict[int, set[int]],
-               batches: list[dict], deadline: float | None = None, progress=None) -> tuple[dict, bool]:
+               folds: list[list[dict]], originals: list[dict], deadline: float | None = None,
+               progress=None) -> tuple[dict, bool]:
     """``plans`` (site -> unfitted plan) refitted level by level; ``first`` holds the plans already
-    fitted on the original activations (used as they are for level 0). Returns (plans, finished);
-    unfinished when ``deadline`` passed (the remaining sites keep their ``first`` fit)."""
+    fitted on the original activations (used as they are for level 0). ``folds``: the search
+    samples' batches, in one or two folds; ``originals``: per fold, the original activations'
+    moments {key: Moments}. Returns (plans, finished); unfinished when ``deadline`` passed (the
+    remaining sites keep their ``first`` fit)."""
     progress = progress or (lambda *a: None)
     fitted = dict(first)
     level = levels([i for i in plans if refittable(sites[i])], ups)
@@ -156,10 +200,14 @@ def sequential(evaluator: Evaluator, sites: list[Site], plans: dict, first: dict
         progress(lvl - 1, top)
         here = [i for i in plans if level.get(i) == lvl]
         weights, biases = values(sites, {j: fitted[j] for j in fitted if level.get(j, top + 1) < lvl})
-        found = collect(evaluator, sites, here, batches, weights=weights, biases=biases, original=True)
+        found = [collect(evaluator, sites, here, batches, weights=weights, biases=biases, original=True)
+                 for batches in folds]
         for i in here:
-            gram, cross = found.get(_key(sites[i]), (None, None))
-            if gram is not None and gram.k == sites[i].weight.shape[0] and gram.count:
-                fitted[i] = fit(sites[i], plans[i], gram.sum, cross.sum)
+            key, k = _key(sites[i]), sites[i].weight.shape[0]
+            pairs = [f.get(key) for f in found]
+            if any(p is None or p[0].k != k or not p[0].count or key not in o for p, o in zip(pairs, originals)):
+                continue
+            moments = [Fold(g.sum, c.sum, o[key].sum) for (g, c), o in zip(pairs, originals)]
+            fitted[i] = Fitter(sites[i], moments).fit(plans[i])[0]
     progress(top, top)
     return fitted, True

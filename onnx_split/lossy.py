@@ -82,13 +82,31 @@ class _Context:
     calibration: Calibration | None = None
     evaluator: Evaluator | None = None
     moments: dict = field(default_factory=dict)
+    """{(activation, trans_a): Moments} over every search sample"""
+    fold_moments: list[dict] = field(default_factory=list)
+    """the same over each half of the search samples (two folds; one when there are too few)"""
     deadline: float | None = None
+    _fitters: dict = field(default_factory=dict)
 
     def gram(self, i: int):
         """The calibration moments of site ``i``'s input, None where none were captured (or the
         captured activation does not have the weight's K features)."""
         m = self.moments.get(fitting._key(self.sites[i]))
         return None if m is None or m.k != self.sites[i].weight.shape[0] or m.count == 0 else m.sum
+
+    def fitter(self, i: int):
+        """Site ``i``'s :class:`fitting.Fitter`, None where no moments were captured."""
+        if self.gram(i) is None:
+            return None
+        if i not in self._fitters:
+            key = fitting._key(self.sites[i])
+            self._fitters[i] = fitting.Fitter(self.sites[i], [fitting.Fold(f[key].sum) for f in self.fold_moments])
+        return self._fitters[i]
+
+    def fold_batches(self) -> list[list[dict]]:
+        n = len(self.fold_moments)
+        return [self.calibration.batches("search", fold=f) for f in range(n)] if n > 1 else \
+            [self.calibration.batches("search")]
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -151,8 +169,7 @@ def _measure(ctx: _Context, notes: list[str]) -> None:
     names = tuple(ctx.sites[i].activation for i in ctx.candidates if fitting.refittable(ctx.sites[i]))
     try:
         ctx.evaluator = Evaluator(ctx.model, ctx.sites, ctx.candidates, ctx.config.base_threads, capture=names)
-        ctx.moments = fitting.collect(ctx.evaluator, ctx.sites, ctx.candidates, ctx.calibration.batches("search"),
-                                      lambda d, t: ctx.progress("calibrate", d, t))
+        _collect(ctx)
     except InputError as exc:
         if ctx.config.tolerance is not None or ctx.config.resolved_score == "activation":
             raise
@@ -160,14 +177,43 @@ def _measure(ctx: _Context, notes: list[str]) -> None:
         notes.append(f"the output error was not measured: {exc}")
 
 
+FOLD_SAMPLES = 4
+"""With at least this many search samples, the moments are summed per half so that each refit is
+measured on samples it was not fitted on (refit.DAMPINGS chosen by that error)."""
+
+
+def _collect(ctx: _Context) -> None:
+    """The calibration moments of every candidate site: one streamed pass over the search samples
+    (per half, when there are enough of them)."""
+    folds = 2 if ctx.calibration.n_search >= FOLD_SAMPLES else 1
+    parts = [ctx.calibration.batches("search", fold=f) for f in range(folds)] if folds > 1 else \
+        [ctx.calibration.batches("search")]
+    total = sum(len(p) for p in parts)
+    done = [0]
+
+    def step(d, t):
+        ctx.progress("calibrate", min(done[0] + d, total), total)
+
+    ctx.fold_moments = []
+    for batches in parts:
+        ctx.fold_moments.append(fitting.collect(ctx.evaluator, ctx.sites, ctx.candidates, batches, step))
+        done[0] += len(batches)
+    ctx.moments = dict(ctx.fold_moments[0])
+    for more in ctx.fold_moments[1:]:
+        for key, m in more.items():
+            ctx.moments[key] = ctx.moments[key] + m if key in ctx.moments else m
+
+
+def _sequential(ctx: _Context, plain: dict, first: dict) -> tuple[dict, bool]:
+    ups = fitting.upstream(ctx.model, ctx.sites, list(plain))
+    return fitting.sequential(ctx.evaluator, ctx.sites, plain, first, ups, ctx.fold_batches(), ctx.fold_moments,
+                              ctx.deadline, lambda d, t: ctx.progress("refit", d, t))
+
+
 def _refit_all(ctx: _Context, chosen: dict) -> dict:
     """The chosen plans refitted: first each on the original activations, then level by level."""
-    first = {i: fitting.fit(ctx.sites[i], p, ctx.gram(i)) if ctx.gram(i) is not None else p
-             for i, p in chosen.items()}
-    ups = fitting.upstream(ctx.model, ctx.sites, list(chosen))
-    fitted, _ = fitting.sequential(ctx.evaluator, ctx.sites, chosen, first, ups, ctx.calibration.batches("search"),
-                                   ctx.deadline, lambda d, t: ctx.progress("refit", d, t))
-    return fitted
+    first = {i: ctx.fitter(i).fit(p)[0] if ctx.fitter(i) is not None else p for i, p in chosen.items()}
+    return _sequential(ctx, chosen, first)[0]
 
 
 def lossy_units(sites: list[Site], decisions: dict[int, Decision]) -> list[Unit]:
@@ -199,12 +245,11 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
     raw: dict[int, list] = {}
     for n, i in enumerate(ctx.candidates):
         ctx.progress("fit", n, len(ctx.candidates))
-        gram, opts = ctx.gram(i), []
+        fitter, opts = ctx.fitter(i), []
         for plan, gain in zip(ladders[i], gains[i]):
             if not gain > 0:
                 continue
-            fitted = fitting.fit(sites[i], plan, gram) if gram is not None and config.refit else plan
-            local = fitting.layer_error(sites[i], fitted, gram) if gram is not None else None
+            fitted, local = fitter.fit(plan, config.refit) if fitter is not None else (plan, None)
             opts.append((plan, fitted, gain, local))
         if opts:
             raw[i] = opts
@@ -269,10 +314,7 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
     chosen = {i: options[i][r].plan for i, r in accepted.items()}
     if chosen and config.refit and ctx.evaluator is not None and len(chosen) > 1 and not ctx.out_of_time():
         plain = {i: unfitted[i][id(p)] for i, p in chosen.items()}
-        ups = fitting.upstream(ctx.model, sites, list(chosen))
-        seq, finished = fitting.sequential(ctx.evaluator, sites, plain, chosen, ups,
-                                           ctx.calibration.batches("search"), ctx.deadline,
-                                           lambda d, t: ctx.progress("refit", d, t))
+        seq, finished = _sequential(ctx, plain, chosen)
         if seq is not chosen and any(seq[i] is not chosen[i] for i in chosen):
             err = ctx.search_error(seq)
             trace.append({"flops": trace[-1]["flops"], "error": err, "accepted": bool(err <= min(tol, accepted_err)),
@@ -389,8 +431,7 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
     elif ctx.calibration is not None and ctx.candidates:  # --score activation on random inputs: norms only
         names = tuple(sites[i].activation for i in ctx.candidates if fitting.refittable(sites[i]))
         ctx.evaluator = Evaluator(model, sites, ctx.candidates, config.base_threads, capture=names)
-        ctx.moments = fitting.collect(ctx.evaluator, sites, ctx.candidates, ctx.calibration.batches("search"),
-                                      lambda d, t: progress("calibrate", d, t))
+        _collect(ctx)
     planners = _planners(ctx)
     measured = config.calibration is not None and ctx.evaluator is not None
     rows = []
@@ -403,9 +444,9 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
             steps = [(level, plan) for level, plan in steps if plan is not None]
             if measured:
                 progress("estimate", ctx.candidates.index(i), len(ctx.candidates))
-            gram = ctx.gram(i) if measured else None
-            fitted = [fitting.fit(site, plan, gram) if gram is not None and config.refit else plan for _, plan in steps]
-            local = [fitting.layer_error(site, plan, gram) if gram is not None else None for plan in fitted]
+            fitter = ctx.fitter(i) if measured else None
+            found = [fitter.fit(plan, config.refit) if fitter is not None else (plan, None) for _, plan in steps]
+            fitted, local = [f[0] for f in found], [f[1] for f in found]
             errors = [None] * len(steps)
             if measured and steps:
                 errors = _estimates(ctx, i, fitted, local)

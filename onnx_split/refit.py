@@ -2,26 +2,30 @@
 
 A block plan keeps, for each output column j, the weights of a set S_j of input rows (the rows of
 its part) and drops the rest. Dropping alone (the masked weight) loses what the other rows
-contributed. Given the calibration moments (moments.py) the best kept weights, in least squares over
-every calibration row, are per part
+contributed. Given calibration moments (moments.py), the best kept weights in least squares over
+the calibration rows are, per group of columns that keep the same rows,
 
-    [w_S; b] = (H'_SS + lambda I)^-1  C_S,:  [W; b]          C = [X', 1]^T [X, 1],  H' = [X', 1]^T [X', 1]
+    [w_S; b] = (H'_SS + lambda I)^-1 (C [W; b])_S          C = [X', 1]^T [X, 1],  H' = [X', 1]^T [X', 1]
 
 where X is the site's activation in the original model and X' the one it receives once the sites
-before it are rewritten (X' = X when the site is refitted on its own). The bias row is solved with
-the weights when the site has a per-feature constant bias (so the dropped rows' mean contribution
-moves into the bias); otherwise only the weights are. ``lambda`` is a fraction of the mean diagonal
-of H'_SS (damping: a part may have more rows than there are calibration rows).
+before it are rewritten (X' = X, so C = H', when the site is refitted on its own). The bias row is
+solved with the weights when the site has a per-feature constant bias (so the dropped rows' mean
+contribution moves into the bias); otherwise the bias stays. ``lambda`` is a fraction of the mean
+diagonal of H'_SS (ridge damping: a part may have as many rows as there are calibration rows).
 
-Everything is float64 and in the ``y = x @ W + b`` orientation of :class:`~onnx_split.sites.Site`
-(alpha and beta folded in by :mod:`onnx_split.lossy`).
+:class:`Problem` holds what one weight's fits share (C [W; b] is a (K+1) x N product, computed
+once), so trying several plans and dampings costs only the per-group solves; its :meth:`error`
+reads the output error of any block-structured weight off moments of samples it was not fitted on.
+Everything is float64, in the ``y = x @ W + b`` orientation (alpha and beta folded in by the caller).
 """
 from __future__ import annotations
 
 import numpy as np
 
 DAMPING = 0.001
-"""lambda as a fraction of the mean diagonal of the part's H'_SS."""
+"""lambda as a fraction of the mean diagonal of the group's H'_SS, when no held-out moments choose it."""
+DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
+"""The dampings cross-validation chooses from (fitted on one half of the samples, measured on the other)."""
 
 
 def column_groups(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -33,34 +37,69 @@ def column_groups(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.flatnonzero(mask[:, cols[0]]), np.asarray(cols)) for cols in groups.values()]
 
 
+class Problem:
+    """One weight [W; b] and the moments of one set of calibration rows."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, gram: np.ndarray,
+                 cross: np.ndarray | None = None, original: np.ndarray | None = None):
+        """``gram`` = [X',1]^T[X',1]; ``cross`` = [X',1]^T[X,1] and ``original`` = [X,1]^T[X,1]
+        (None: X' = X)."""
+        k, n = weight.shape
+        self.k, self.solve_bias = k, bias is not None
+        self.old = np.vstack([weight, (np.zeros(n) if bias is None else bias)[None, :]])
+        self.gram = gram
+        self.target = (gram if cross is None else cross) @ self.old  # C [W; b]
+        reference = self.target if cross is None else (gram if original is None else original) @ self.old
+        self.den = float(np.einsum("ij,ij->", self.old, reference))
+
+    def solve(self, groups, damping: float) -> np.ndarray:
+        """[W'; b'] (K+1) x N: zero outside each group's rows; b' solved or the original b."""
+        new = np.zeros_like(self.old)
+        new[self.k] = self.old[self.k]
+        for rows, cols in groups:
+            keep = np.append(rows, self.k) if self.solve_bias else rows
+            if keep.size == 0:
+                continue
+            h = self.gram[np.ix_(keep, keep)].copy()
+            d = np.arange(rows.size)
+            if rows.size:
+                h[d, d] += damping * max(float(np.mean(np.diag(h)[:rows.size])), 1e-12)
+            rhs = self.target[np.ix_(keep, cols)]
+            if not self.solve_bias:  # the fixed bias row's contribution moves to the right-hand side
+                rhs = rhs - self.gram[np.ix_(rows, [self.k])] * self.old[self.k, cols][None, :]
+            try:
+                solved = np.linalg.solve(h, rhs)
+            except np.linalg.LinAlgError:
+                solved = np.linalg.lstsq(h, rhs, rcond=None)[0]
+            new[np.ix_(keep, cols)] = solved
+        return new
+
+    def error(self, groups, new: np.ndarray) -> float:
+        """||[X',1] new - [X,1][W; b]|| / ||[X,1][W; b]|| on this problem's rows, for a ``new`` that
+        is zero outside each group's rows (and the bias row)."""
+        num = self.den
+        for rows, cols in groups:
+            keep = np.append(rows, self.k)
+            block = new[np.ix_(keep, cols)]
+            num += float(np.einsum("ij,ij->", block, self.gram[np.ix_(keep, keep)] @ block))
+            num -= 2 * float(np.einsum("ij,ij->", block, self.target[np.ix_(keep, cols)]))
+        if self.den <= 0:
+            return 0.0 if num <= 1e-300 else float("inf")
+        return float(np.sqrt(max(num, 0.0) / self.den))
+
+    def masked(self, mask: np.ndarray) -> np.ndarray:
+        new = np.where(np.vstack([mask, np.ones((1, mask.shape[1]), bool)]), self.old, 0.0)
+        return new
+
+
 def refit(mask: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, gram: np.ndarray,
           cross: np.ndarray | None = None, damping: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The refitted weight (zero outside ``mask``) and bias (None when ``bias`` is None).
 
     ``gram``: H' = [X', 1]^T [X', 1]; ``cross``: C = [X', 1]^T [X, 1] (None: X' = X, so C = H').
     """
-    damping = DAMPING if damping is None else damping
-    k, n = weight.shape
-    full = np.vstack([weight, (np.zeros(n) if bias is None else bias)[None, :]])  # [W; b]
-    target = (gram if cross is None else cross) @ full  # C [W; b]: (K+1) x N
-    new_w = np.zeros((k, n))
-    new_b = None if bias is None else np.array(bias, dtype=np.float64)
-    for rows, cols in column_groups(mask):
-        keep = np.append(rows, k) if bias is not None else rows
-        if keep.size == 0:
-            continue
-        h = gram[np.ix_(keep, keep)].copy()
-        d = np.arange(rows.size)
-        h[d, d] += damping * max(float(np.mean(np.diag(h)[:rows.size])) if rows.size else 0.0, 1e-12)
-        rhs = target[np.ix_(keep, cols)]
-        try:
-            solved = np.linalg.solve(h, rhs)
-        except np.linalg.LinAlgError:
-            solved = np.linalg.lstsq(h, rhs, rcond=None)[0]
-        new_w[np.ix_(rows, cols)] = solved[:rows.size]
-        if bias is not None:
-            new_b[cols] = solved[rows.size]
-    return new_w, new_b
+    new = Problem(weight, bias, gram, cross).solve(column_groups(mask), DAMPING if damping is None else damping)
+    return new[:-1], (new[-1] if bias is not None else None)
 
 
 def local_error(weight: np.ndarray, bias: np.ndarray | None, new_weight: np.ndarray,

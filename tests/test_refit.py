@@ -302,3 +302,31 @@ def test_no_refit_is_recorded_in_the_options(tmp_path):
     import json
     options = json.loads({p.key: p.value for p in written.metadata_props}["onnx_split.options"])
     assert options["refit"] is False
+
+
+def test_with_as_many_unknowns_as_rows_the_refit_reports_its_held_out_error_not_its_fit():
+    from onnx_split.fitting import Fitter, Fold
+    from onnx_split.plans import planner_for
+    from onnx_split.refit import Problem, column_groups
+    from onnx_split.sites import find_sites
+    from builders import matmul_model
+    rng = np.random.default_rng(14)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    site = find_sites(matmul_model(w, ["batch", 64]), min_elements=0)[0]
+    plan = planner_for(np.abs(w).astype(np.float64), "metis", seed=0).for_parts(2)
+
+    def moments(n):
+        m = Moments(64)
+        m.add(rng.standard_normal((n, 64)))
+        return m.sum
+
+    folds = [Fold(moments(24)), Fold(moments(24))]  # 32 kept rows per part, 24 samples per half
+    fitted, reported = Fitter(site, folds).fit(plan)
+    fresh = Problem(w.astype(np.float64), None, moments(5000))
+    groups = column_groups(plan.masks[0])
+    new = np.vstack([fitted.effective_weight(0, site.weight).astype(np.float64), np.zeros((1, 32))])
+    truth = fresh.error(groups, new)
+    assert reported == pytest.approx(truth, rel=0.3)  # the error it claims is the error it has
+    in_sample = Problem(w.astype(np.float64), None, folds[0].gram + folds[1].gram)
+    overfit = in_sample.solve(groups, 1e-9)
+    assert in_sample.error(groups, overfit) < 0.5 * fresh.error(groups, overfit)  # what it avoided
