@@ -24,7 +24,7 @@ from . import plots
 from .html_report import run_html, survey_html
 from .plans import PLANNERS
 from .plans.base import LEVELS
-from .report import survey_table
+from .report import node_modules, survey_table
 from .rewrite import LAYOUTS as REGISTERED_LAYOUTS
 from .runtime import require_providers
 
@@ -226,11 +226,12 @@ def _run(args, written: list[Path]) -> int:
         rows = survey_model(model, config)
         partitioner = config.partitioner if config.lossy else DEFAULT_LOSSY
         print(f"dry run of {args.input} ({partitioner} partitioner; nothing written)")
-        print(survey_table(rows, partitioner, config.tile, config.layout))
+        modules = node_modules(model)
+        print(survey_table(rows, partitioner, config.tile, config.layout, modules))
         if pages:
             pictures = plots.pictures(survey_rows=rows)
             levels = [(level, PLANNERS[partitioner].level_name(level)) for level in LEVELS]
-            page = survey_html(rows, args.input, partitioner, levels, pictures)
+            page = survey_html(rows, args.input, partitioner, levels, pictures, modules)
             _write_pages(args, page, pictures, written)
             print(f"wrote {_listed(written)}")
         return EXIT_OK
@@ -378,14 +379,20 @@ def _batches(text: str | None) -> tuple[int, ...]:
 def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
     measured = [e for e in report.latency if e.status == "measured"]
     several = len({e.threads for e in measured}) > 1
-    speed = [f"{e.provider.replace('ExecutionProvider', '')} {e.speedup:.2f}x"
-             + (f" ({e.inputs}{f', {e.threads} thread' + ('s' if e.threads != 1 else '') if several else ''})" if len(measured) > 1 else "")
-             for e in measured]
+    speed, provider = [], None
+    for e in measured:  # the provider named once for its points: "CPU 1.93x (batch 1), 3.23x (batch 256)"
+        name = e.provider.replace("ExecutionProvider", "")
+        point = (f" ({e.inputs}{f', {e.threads} thread' + ('s' if e.threads != 1 else '') if several else ''})"
+                 if len(measured) > 1 else "")
+        speed.append(f"{name + ' ' if name != provider else ''}{e.speedup:.2f}x{point}")
+        provider = name
     error = report.error
     if ok and report.reverted:
         print(f"wrote {out_path}: the original model, unchanged (the rewrite was not measured faster)")
     elif ok:
-        what = f"verified against {report.verified_against}" if report.verification_passed else "not verified"
+        # the reference without its explanation (the verification line above has it): the last line stays short
+        against = (report.verified_against or "").split(" (", 1)[0]
+        what = f"verified against {against}" if report.verification_passed else "not verified"
         print(f"wrote {out_path}: {report.n_split} of {len(report.sites)} sites split, {what}"
               + (f"; {_output_error(error)}" if error is not None else "")
               + (f"; speedup {', '.join(speed)}" if speed else ""))
@@ -409,10 +416,10 @@ def _output_error(error) -> str:
     """A lossy run's cost at the outputs, for the last line: the held-out error and the tolerance."""
     if error.held_out is None:
         return "relative output error not measured"
-    text = f"relative output error {error.held_out:.4g} on {error.held_out_samples} held-out samples"
+    text = f"held-out relative output error {error.held_out:.4g}"  # the sample counts are on the error line
     if error.tolerance is not None:
         return text + f" (--tolerance {error.tolerance:g})"
-    return text + " (no --tolerance: nothing bounds it)"
+    return text + " (no --tolerance bounds it)"
 
 
 class _ProgressBar:

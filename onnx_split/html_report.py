@@ -28,6 +28,8 @@ table.sortable th{cursor:pointer;user-select:none} table.sortable th::after{cont
 table.sortable th[data-dir=asc]::after{content:" \\2191";color:#1d2733}
 table.sortable th[data-dir=desc]::after{content:" \\2193";color:#1d2733}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.compact{width:auto;min-width:360px;margin:6px 0}
+.pair{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}
 .pass{color:#137333;font-weight:600} .fail{color:#b3261e;font-weight:600} .other{color:#8a5a00;font-weight:600}
 .split{color:#137333} .kept{color:#5f6b7a}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
@@ -74,9 +76,12 @@ def _img(picture) -> str:
             f"<figcaption>{_e(picture.title)} (<code>{_e(picture.name)}</code> with --plots)</figcaption></figure>")
 
 
-def _table(header: list[str], rows: list[list], sortable: bool = False, numeric: set[int] = frozenset()) -> str:
-    """``rows`` of cells: a value, or (shown text, sort key) for a cell sorted by a number."""
-    out = [f'<table{" class=sortable" if sortable else ""}><thead><tr>'
+def _table(header: list[str], rows: list[list], sortable: bool = False, numeric: set[int] = frozenset(),
+           compact: bool = False) -> str:
+    """``rows`` of cells: a value, or (shown text, sort key) for a cell sorted by a number;
+    ``compact``: as wide as its cells, not the page."""
+    css = " ".join(c for c, on in (("sortable", sortable), ("compact", compact)) if on)
+    out = [f'<table{f" class={css!r}" if css else ""}><thead><tr>'
            + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
     for row in rows:
         cells = []
@@ -107,7 +112,9 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 
 def _site_name(s) -> str:
-    return s.node if s.scope == "main" else f"{s.scope}/{s.node}"
+    """The name the text table shows: the exporter's module path when the node has one, else its name."""
+    name = getattr(s, "module", None) or s.node
+    return name if s.scope == "main" else f"{s.scope}/{name}"
 
 
 # ---------------------------------------------------------------- a run
@@ -140,6 +147,9 @@ def run_html(report, pictures=(), left_out: int = 0) -> str:
     sections = ['<div class="cards" style="margin-top:16px">' + "".join(
         f'<div class="card">{_e(label)}<b class="{_verdict_class(label, value)}">{_e(value)}</b></div>'
         for label, value in cards) + "</div>"]
+    model = _model(report.model, report.stage_seconds)
+    if model:
+        sections.append(_section("model", "Model before -> after", model))
     sections.append(_section("sites", f"Sites ({len(report.sites)}; click a column to sort)", _sites(report.sites)))
     if report.chains:
         rows = [[chain_label(c.sites), len(c.sites), c.scope, c.parts, c.layout, c.boundary_gathers,
@@ -187,7 +197,7 @@ def _sites(sites) -> str:
         is_split = s.decision == "split"
         ratio = s.flops_before / s.flops_after if is_split and s.flops_after else None
         decision = f"split ({s.layout})" if is_split else "kept"
-        rows.append([(i, i), _site_name(s), s.op_type, (shape, elements), s.dtype or "-", (s.parts or "-", s.parts),
+        rows.append([(i, i), _site_name(s), s.node if s.module else "", s.op_type, (shape, elements), s.dtype or "-", (s.parts or "-", s.parts),
                      (f"{s.flops_before:,}" if s.flops_before else "-", s.flops_before),
                      (f"{s.flops_after:,}" if is_split else "-", s.flops_after if is_split else 0),
                      (f"{ratio:.2f}x" if ratio else "-", ratio or 0),
@@ -197,9 +207,42 @@ def _sites(sites) -> str:
                      s.chain or "", s.reason])
     if not rows:
         return "<p>no MatMul or Gemm nodes found</p>"
-    return _table(["#", "node", "op", "shape", "dtype", "parts", "FLOPs/row before", "after", "FLOP ratio",
-                   "decision", "retained", "chain", "reason / plan"], rows, sortable=True,
-                  numeric={0, 3, 5, 6, 7, 8, 10})
+    if not any(s.module for s in sites):  # no exporter scopes: the node column is the ONNX name already
+        for row in rows:
+            del row[2]
+        return _table(["#", "node", "op", "shape", "dtype", "parts", "FLOPs/row before", "after", "FLOP ratio",
+                       "decision", "retained", "chain", "reason / plan"], rows, sortable=True,
+                      numeric={0, 3, 5, 6, 7, 8, 10})
+    return _table(["#", "node", "ONNX node", "op", "shape", "dtype", "parts", "FLOPs/row before", "after",
+                   "FLOP ratio", "decision", "retained", "chain", "reason / plan"], rows, sortable=True,
+                  numeric={0, 4, 6, 7, 8, 9, 11})
+
+
+def _model(model: dict, stage_seconds: dict) -> str:
+    """The before/after summary (parameters, bytes, FLOPs per row, nodes; op counts by type) and
+    each stage's wall time."""
+    from .report import size
+
+    before, after = model.get("before"), model.get("after")
+    parts = []
+    if before and after:
+        rows = [["parameters", f"{before['parameters']:,}", f"{after['parameters']:,}"],
+                ["model bytes (serialized, external data included)", size(before["bytes"]), size(after["bytes"])],
+                ["MatMul/Gemm FLOPs per row", f"{before['flops_per_row']:,}", f"{after['flops_per_row']:,}"],
+                ["nodes", f"{before['nodes']:,}", f"{after['nodes']:,}"]]
+        pair = [_table(["", "before", "after"], rows, numeric={1, 2}, compact=True)]
+        ops = sorted(set(before["ops"]) | set(after["ops"]),
+                     key=lambda op: (before["ops"].get(op, 0) == after["ops"].get(op, 0), op))
+        counts = [[op, before["ops"].get(op, 0), after["ops"].get(op, 0),
+                   (f"{after['ops'].get(op, 0) - before['ops'].get(op, 0):+,}",
+                    after["ops"].get(op, 0) - before["ops"].get(op, 0))] for op in ops]
+        pair.append(_table(["op", "before", "after", "change"], counts, numeric={1, 2, 3}, compact=True))
+        parts.append('<div class="pair">' + "".join(pair) + "</div>")  # side by side where the page is wide
+    if stage_seconds:
+        total = sum(stage_seconds.values())
+        parts.append("<p>wall time: " + _e(", ".join(f"{k} {v:.2f} s" for k, v in stage_seconds.items())
+                                         + f" (total {total:.2f} s)") + "</p>")
+    return "".join(parts)
 
 
 def _verification(report) -> str:
@@ -212,7 +255,7 @@ def _verification(report) -> str:
                         if "ort_loads" in report.checker else "") + "</p>")
     if not report.verification:
         return "".join(parts) + "<p>no verification ran</p>"
-    against = " against the pruned original (dropped weights zeroed)" if report.error is not None else ""
+    against = f" against {report.verified_against}" if report.verified_against else ""
     parts.append(f"<p>inputs{_e(against)}: {_e('; '.join(report.inputs))}</p>")
     levels = sorted({v.optimization for v in report.verification}, key=lambda lv: (lv != "disabled", lv))
     providers = list(dict.fromkeys(v.provider for v in report.verification))
@@ -282,16 +325,20 @@ def _error(report) -> str:
 
 # ---------------------------------------------------------------- a dry run
 
-def survey_html(rows, source: str, partitioner: str, levels: list[tuple[int, str]], pictures=()) -> str:
+def survey_html(rows, source: str, partitioner: str, levels: list[tuple[int, str]], pictures=(),
+                modules: dict[str, str] | None = None) -> str:
     """The page of a dry run: per site the retained significance, FLOPs and (with calibration data)
-    the output error at each level (``levels``: the level and its column name), and the
-    error-against-FLOPs picture."""
+    the estimated output error of splitting it alone at each level (``levels``: the level and its
+    column name), and the error-against-FLOPs picture; ``modules``: node name -> module path, shown
+    instead of the node's name."""
+    modules = modules or {}
     header = ["site", "shape", "significance"]
     for _, name in levels:
-        header += [f"{name}: retained", "FLOPs", "error"]
+        header += [f"{name}: retained", "FLOPs", "est. error"]
     body, kept = [], []
     for row in rows:
-        name = row.node if row.scope == "main" else f"{row.scope}/{row.node}"
+        shown = modules.get(row.node) or row.node
+        name = shown if row.scope == "main" else f"{row.scope}/{shown}"
         shape = "x".join(map(str, row.shape)) if row.shape else "-"
         if row.reason is not None:
             kept.append(f"{name}: {row.reason}")

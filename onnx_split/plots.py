@@ -179,7 +179,7 @@ def error_flops_png(search_trace=(), survey_rows=()) -> bytes | None:
                 ys = [e if with_error else 1.0 - (r if r is not None else 1.0) for _, e, r in pts]
                 ax.plot([f for f, _, _ in pts], ys, "o-", ms=4, label=label[:30])
             ax.set_title("dry run: each site alone, per level", fontsize=10)
-            ax.set_ylabel("relative output error (calibration)" if with_error else
+            ax.set_ylabel("estimated relative output error (calibration)" if with_error else
                           "significance lost (1 - retained)", fontsize=8)
             ax.set_xlabel("FLOPs, fraction of the site's dense FLOPs", fontsize=8)
         ax.grid(alpha=0.3)

@@ -110,7 +110,8 @@ class SplitReport:
     FLOPs per activation row of the MatMul/Gemm sites with a known weight shape"""
     stage_seconds: dict = field(default_factory=dict)
     """wall time of each stage of the run: load, analyse, tune, rewrite, error, verify, bench (the
-    CLI adds write)"""
+    CLI adds write: in the JSON report, writing the model up to the report itself, which cannot
+    time its own writing; the text's ``time:`` line also counts the report, --html and --plots)"""
     search_trace: list = field(default_factory=list)
     """``--tolerance``: every point the search evaluated, in order: {"flops": fraction of the dense
     FLOPs of all candidate sites, "error": relative output error on the search samples, "accepted":
@@ -179,7 +180,8 @@ class SplitReport:
             lines.append(_error_line(self.error))
         if self.verification:
             against = f" against {self.verified_against}" if self.verified_against else ""
-            lines.append(f"verification{against} (" + "; ".join(self.inputs) + "):")
+            lines.append(f"verification{against}:")
+            lines += [f"  inputs: {what}" for what in self.inputs]  # one line each: none is cut short
             for v in self.verification:
                 worst = max(v.outputs, key=lambda o: o.max_rel, default=None)
                 err = (f"max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g} (rtol {worst.rtol:g}, "
@@ -264,7 +266,7 @@ def _error_line(e: ErrorReport) -> str:
     line = "relative output error ||y'-y||/||y||: " + (", ".join(figures) or "not measured")
     if e.tolerance is not None:
         line += f"; --tolerance {e.tolerance:g} " + ("met on held-out data" if e.met else "NOT MET on held-out data")
-    return line + f" ({e.data})"
+    return line + f"\n  data: {e.data}"  # its own line: a long file name or note is not cut short
 
 
 def _short(provider: str) -> str:
@@ -309,6 +311,14 @@ def _sites_table(sites: list[SiteReport]) -> str:
         return "no MatMul or Gemm nodes found"
     header = ("node", "op", "shape", "parts", "FLOPs/row before -> after", "decision")
     candidates = [i for i, s in enumerate(sites) if s.candidate]
+    grouped: list[SiteReport] = []
+    if len(candidates) > GROUP_ABOVE:  # a long table: kept sites that share a reason take one line per reason
+        shared: dict[str, int] = {}
+        for i in candidates:
+            if sites[i].decision == "kept":
+                shared[sites[i].reason] = shared.get(sites[i].reason, 0) + 1
+        grouped = [sites[i] for i in candidates if sites[i].decision == "kept" and shared[sites[i].reason] > 1]
+        candidates = [i for i in candidates if not (sites[i].decision == "kept" and shared[sites[i].reason] > 1)]
     keep = set(candidates)
     if len(candidates) > TABLE_ROWS:
         keep = set(sorted(keep, key=lambda i: (sites[i].decision != "split", i))[:TABLE_ROWS])
@@ -328,27 +338,45 @@ def _sites_table(sites: list[SiteReport]) -> str:
         split = sum(s.decision == "split" for s in rest)
         lines.append(f"... and {plural(len(rest), 'more site')} ({split:,} split, {len(rest) - split:,} kept): "
                      f"every site is in the JSON report (--report)")
-    lines += _not_candidates([s for s in sites if not s.candidate])
+    lines += _by_reason(grouped, "kept candidates, one line per reason:")
+    lines += _by_reason([s for s in sites if not s.candidate], "not candidates (kept as they are):")
     return "\n".join(lines)
 
 
-def _not_candidates(sites: list[SiteReport]) -> list[str]:
-    """One line per reason: the sites onnx_split cannot split, counted, with the first few names."""
+GROUP_ABOVE = 24
+"""A table of more candidate sites than this lists the kept ones that share a reason under it,
+one line per reason (a BERT's dense projections: one line, not one row each)."""
+
+
+def _by_reason(sites: list[SiteReport], title: str) -> list[str]:
+    """One line per reason: the sites, counted, with as many names as fit in LINE_WIDTH."""
     if not sites:
         return []
     groups: dict[str, list[SiteReport]] = {}
     for s in sites:
         groups.setdefault(s.reason, []).append(s)
-    lines = ["not candidates (kept as they are):"]
+    lines = [title]
     for reason, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         if len(members) == 1:
             lines.append(f"  {_display(members[0])} ({members[0].op_type}): kept: {reason}")
             continue
         ops = sorted({m.op_type for m in members})
+        head = f"  {len(members):,} {'/'.join(ops)} sites: kept: {reason}"
         where = list(dict.fromkeys(_display(m) for m in members))  # two attention MatMuls share a module
-        names = ", ".join(where[:3]) + (f", ... {len(where) - 3:,} more" if len(where) > 3 else "")
-        lines.append(f"  {len(members):,} {'/'.join(ops)} sites: kept: {reason} ({names})")
+        lines.append(head + _names_within(where, LINE_WIDTH - len(head)))
     return lines
+
+
+def _names_within(names: list[str], room: int) -> str:
+    """`` (a, b, ... N more)`` with as many of ``names`` as fit in ``room`` characters ("" if none fits)."""
+    best, used = "", 2  # the parentheses
+    for shown, name in enumerate(names, 1):
+        used += len(name) + (2 if shown > 1 else 0)
+        more = f", ... {len(names) - shown:,} more" if shown < len(names) else ""
+        if used + len(more) + 1 > room:  # the leading space
+            break
+        best = f" ({', '.join(names[:shown])}{more})"
+    return best
 
 
 def _finite(value):
@@ -453,19 +481,24 @@ def metadata_entries(config, n_split: int, n_sites: int, error: ErrorReport | No
     return entries
 
 
-def survey_table(rows: list, partitioner: str, tile: int = 64, layout: str = "auto") -> str:
+def survey_table(rows: list, partitioner: str, tile: int = 64, layout: str = "auto",
+                 modules: dict[str, str] | None = None) -> str:
     """The dry run as a table: per candidate site, "retained / FLOPs share" at each level (the
-    planner names the columns); then the sites that are not candidates, with why."""
+    planner names the columns); then the sites that are not candidates, one line per reason.
+    ``modules`` maps node names to the exporter's module paths (:func:`node_modules`), shown instead."""
     if not rows:
         return "no MatMul or Gemm nodes found"
+    modules = modules or {}
     levels = list(LEVELS)
     header = ("site", "shape", "significance", *(PLANNERS[partitioner].level_name(level) for level in levels))
     table, kept = [], []
     for row in rows:
-        name = row.node if row.scope == "main" else f"{row.scope}/{row.node}"
+        name = modules.get(row.node) or row.node
+        name = name if row.scope == "main" else f"{row.scope}/{name}"
+        name = name if len(name) <= NAME_WIDTH else "..." + name[-(NAME_WIDTH - 3):]
         shape = "x".join(map(str, row.shape)) if row.shape else "-"
         if row.reason is not None:
-            kept.append(f"  {name}  {shape}  kept: {row.reason}")
+            kept.append((name, shape, row.reason))
             continue
         cells = {lv["level"]: f"{percent(lv['retained'])} / {lv['flops']:.1%}"
                  + (f" / {lv['error']:.3g}" if lv.get("error") is not None else "") for lv in row.levels}
@@ -474,13 +507,37 @@ def survey_table(rows: list, partitioner: str, tile: int = 64, layout: str = "au
     counted = "as the batched layout computes them, padding included" if layout == "batched" else "the parts' blocks"
     measured = any(lv.get("error") is not None for row in rows for lv in row.levels)
     cell = "retained significance / share of the dense FLOPs" + (
-        " / relative output error of splitting this site alone (calibration search samples)" if measured else "")
-    lines = [f"each cell: {cell} ({what}; FLOPs of {counted})"]
+        " / estimated relative output error of splitting this site alone (calibration search samples)" if measured else "")
+    lines = [f"each cell: {cell}; {what}, FLOPs of {counted}"]
     lines += columns([header] + table, pad_last=True) if table else ["no site can be split"]
     if kept:
-        lines += ["not candidates:", *kept]
-    return "\n".join(lines)
+        lines.append("not candidates:")
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for name, shape, reason in kept:
+            groups.setdefault(reason, []).append((name, shape))
+        for reason, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            if len(members) == 1:
+                lines.append(f"  {members[0][0]}  {members[0][1]}  kept: {reason}")
+                continue
+            head = f"  {plural(len(members), 'site')}: kept: {reason}"
+            names = list(dict.fromkeys(name if shape == "-" else f"{name} {shape}" for name, shape in members))
+            lines.append(head + _names_within(names, LINE_WIDTH - len(head)))
+    return "\n".join(clip(line) for line in lines)
+
+
+def node_modules(model) -> dict[str, str]:
+    """Node name -> the module path its ``pkg.torch.onnx.name_scopes`` metadata records, over every
+    graph (a name two nodes with different paths share is left out)."""
+    from .sites import walk_graphs
+
+    found: dict[str, str | None] = {}
+    for _, graph in walk_graphs(model.graph):
+        for node in graph.node:
+            path = module_path(node)
+            if path is not None:
+                found[node.name] = path if found.get(node.name, path) == path else None
+    return {name: path for name, path in found.items() if path}
 
 
 __all__ = ["ChainReport", "ErrorReport", "SiteReport", "SplitReport", "Written", "build_report", "chain_report",
-           "metadata_entries", "percent", "site_report", "survey_table"]
+           "metadata_entries", "node_modules", "percent", "site_report", "survey_table"]

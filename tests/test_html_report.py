@@ -260,3 +260,39 @@ def test_bad_page_destinations_are_refused_before_any_work(tmp_path, two_site_mo
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists() and two_site_model.read_bytes() == before
+
+
+def test_the_page_names_sites_by_module_says_against_what_and_summarises_the_model():
+    """A dynamo-style encoder: the node column shows the module path (the ONNX name beside it); the
+    model section has the report's before/after figures and op counts; a lossy split's page says
+    which reference it was verified against (the report's own words)."""
+    from builders import encoder_model
+    from onnx_split.report import size
+
+    model = encoder_model(np.random.default_rng(0), layers=1, hidden=64, ffn=128)
+    report = split_model(model, SplitConfig(layout="batched", min_elements=0, bench=False)).report
+    page = parse(run_html(report))
+    sites = [t for t in page.tables if t["class"] == "sortable"][0]["rows"]
+    header, body = sites[0], sites[1:]
+    assert [r[header.index("node")] for r in body] == [s.module or s.node for s in report.sites]
+    assert [r[header.index("ONNX node")] for r in body] == [s.node for s in report.sites]
+    assert "model" in page.ids
+    (summary,) = [t["rows"] for t in page.tables if t["rows"] and t["rows"][0] == ["", "before", "after"]]
+    before, after = report.model["before"], report.model["after"]
+    assert ["parameters", f"{before['parameters']:,}", f"{after['parameters']:,}"] in summary
+    assert ["nodes", f"{before['nodes']:,}", f"{after['nodes']:,}"] in summary
+    assert [r[1:] for r in summary if r[0].startswith("model bytes")] == [[size(before["bytes"]), size(after["bytes"])]]
+    (ops,) = [t["rows"] for t in page.tables if t["rows"] and t["rows"][0] == ["op", "before", "after", "change"]]
+    assert {r[0]: (int(r[1]), int(r[2])) for r in ops[1:]} == {
+        op: (before["ops"].get(op, 0), after["ops"].get(op, 0)) for op in set(before["ops"]) | set(after["ops"])}
+
+    w, _ = planted(np.random.default_rng(4), 64, 64, 4)
+    w = w + 0.05 * np.random.default_rng(5).standard_normal(w.shape).astype(np.float32)
+    lossy = split_model(matmul_model(w, ["batch", 64]), SplitConfig(parts=4, min_elements=0, layout="batched",
+                                                                     bench=False)).report
+    from onnx_split.pipeline import PRUNED, REFITTED
+    assert lossy.verified_against in (PRUNED, REFITTED)
+    for reference, other in ((PRUNED, REFITTED), (REFITTED, PRUNED)):  # whichever the pipeline chose
+        lossy.verified_against = reference
+        text = run_html(lossy)
+        assert f"against {reference}:" in text and other not in text

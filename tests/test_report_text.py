@@ -1,6 +1,7 @@
 """The text report and the JSON on a BERT-style encoder (issue 14): short lines, grouped
 non-candidates, readable module scopes, the before/after summary, fields that mean their names."""
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from onnx_split.report import LINE_WIDTH
 from onnx_split.sites import NAME_SCOPES, module_path
 
 LAYERS = 2
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,94 @@ def test_threads_take_a_list_tuned_and_timed_at_each_count_verified_at_the_first
         code = main([str(src), str(tmp_path / "o.onnx"), "--threads", bad])
         err = capsys.readouterr().err
         assert code == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_lossy_runs_lines_are_whole_and_its_last_line_says_against_what(tmp_path, capsys):
+    """digits_mlp within --tolerance 0.05: no line cut short (the verification's inputs and the
+    calibration data on lines of their own), and the last line names the reference, the held-out
+    error and the tolerance within LINE_WIDTH."""
+    models = REPO / "models"
+    out, report = tmp_path / "d.onnx", tmp_path / "d.json"
+    code = main([str(models / "digits_mlp.onnx"), str(out), "--tolerance", "0.05", "--calibration",
+                 str(models / "digits_calibration.npz"), "--bench-seconds", "0.1", "--tune-seconds", "1",
+                 "--report", str(report)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    lines = [line.replace(str(out), out.name) for line in stdout.splitlines()]  # not the temporary folder's name
+    assert max(len(line) for line in lines) <= LINE_WIDTH and not any(line.endswith("...") for line in lines)
+    data = json.loads(report.read_text())
+    assert [line for line in lines if line.startswith("verification against ")] == [
+        f"verification against {data['verified_against']}:"]
+    for what in data["inputs"]:
+        assert f"  inputs: {what}" in lines
+    assert f"  data: {data['error']['data']}" in lines
+    reference = data["verified_against"].split(" (")[0]
+    assert reference in ("the pruned original", "the refitted original")
+    last = lines[-1]
+    assert last.startswith(f"wrote {out.name}: ") and f"verified against {reference};" in last
+    error = data["error"]
+    assert f"; held-out relative output error {error['held_out']:.4g} (--tolerance 0.05)" in last
+
+
+def _site(name, decision="kept", reason="fully connected at --threshold 0.0", candidate=True, module=None):
+    from onnx_split.report import SiteReport
+    return SiteReport(node=name, op_type="MatMul", scope="main", shape=[64, 64], dtype="float32",
+                      decision=decision, reason=reason, module=module, candidate=candidate,
+                      parts=4 if decision == "split" else None, flops_before=8192,
+                      flops_after=2048 if decision == "split" else 8192, layout="batched" if decision == "split" else None)
+
+
+def test_a_long_table_groups_the_kept_sites_that_share_a_reason():
+    from onnx_split.report import GROUP_ABOVE, SplitReport
+    dense = [_site(f"encoder.layer.{i}.attention.self.query_{i}") for i in range(GROUP_ABOVE)]
+    alone = _site("odd_one", reason="a reason of its own")
+    split = [_site(f"ffn.{i}", decision="split", reason="4 parts") for i in range(2)]
+    attention = [_site(f"encoder.layer.{i}.attention.self.scores_{i}", reason="MatMul between two activations",
+                       candidate=False) for i in range(40)]
+    text = SplitReport(version="0", config={}, sites=dense + [alone] + split + attention).to_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= LINE_WIDTH and not any(line.endswith("...") for line in lines)
+    rows = [line.split()[0] for line in lines[1:] if line and not line.startswith(" ") and line.split()[0] in
+            {s.node for s in dense + [alone] + split}]
+    assert rows == ["odd_one", "ffn.0", "ffn.1"]  # the table keeps what differs
+    (group,) = [line for line in lines if "fully connected" in line]
+    assert group.startswith(f"  {GROUP_ABOVE} MatMul sites: kept: fully connected at --threshold 0.0 (")
+    assert group.endswith(" more)") and dense[0].node in group
+    shown = group.count(".query_")
+    assert f"... {GROUP_ABOVE - shown} more)" in group
+    (grouped_attention,) = [line for line in lines if "between two activations" in line]
+    assert grouped_attention.startswith("  40 MatMul sites: kept: MatMul between two activations (")
+    # a short table keeps one row per site
+    short = SplitReport(version="0", config={}, sites=dense[:3] + split).to_text().splitlines()
+    assert sum(line.startswith("encoder.layer.") for line in short) == 3
+
+
+def test_the_encoders_dry_run_names_modules_and_groups_non_candidates(encoder_run, capsys):
+    src, _, _ = encoder_run
+    assert main([str(src), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= LINE_WIDTH
+    table = lines[lines.index(next(line for line in lines if line.startswith("site "))) + 1:lines.index("not candidates:")]
+    assert [line.split()[0] for line in table] == [
+        f"encoder.layer.{i}.{m}" for i in range(LAYERS) for m in ("attention.self.query", "attention.self.key",
+                                                                 "attention.self.value", "attention.output.dense",
+                                                                 "intermediate.dense", "output.dense")]
+    rest = lines[lines.index("not candidates:") + 1:]
+    assert len(rest) == 1 and rest[0].startswith(f"  {2 * LAYERS} sites: kept: MatMul between two activations")
+    assert "encoder.layer.0.attention.self" in rest[0]
+
+
+def test_the_last_line_names_each_provider_once_for_its_points(capsys):
+    from onnx_split.bench import LatencyEntry
+    from onnx_split.cli import _summary
+    from onnx_split.report import SplitReport
+
+    entry = lambda provider, inputs, threads, speedup: LatencyEntry(
+        provider=provider, inputs=inputs, threads=threads, status="measured", speedup=speedup)
+    report = SplitReport(version="0", config={}, sites=[_site("a", decision="split")], verified_against="the original",
+                         verification=[], written=True)
+    report.latency = [entry("CPUExecutionProvider", "batch 1", 1, 1.5), entry("CPUExecutionProvider", "batch 32", 1, 2.0),
+                      entry("CUDAExecutionProvider", "batch 1", 1, 3.0)]
+    _summary(report, Path("m.onnx"), True, False)
+    assert capsys.readouterr().out.strip().endswith(
+        "; speedup CPU 1.50x (batch 1), 2.00x (batch 32), CUDA 3.00x (batch 1)")
