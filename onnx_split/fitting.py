@@ -77,6 +77,27 @@ def params(site: Site) -> tuple[np.ndarray, np.ndarray | None]:
     return weight, bias
 
 
+class Summed:
+    """The moments of several folds seen as one, without adding them up until asked (``sum``):
+    the per-fold sums are kept anyway, so a second (K+1)^2 copy per site is not."""
+
+    def __init__(self, parts: list[Moments]):
+        self.parts, self.k = parts, parts[0].k
+        self.count = sum(p.count for p in parts)
+
+    @property
+    def sum(self) -> np.ndarray:
+        total = self.parts[0].sum.copy()
+        for p in self.parts[1:]:
+            total += p.sum
+        return total
+
+    @property
+    def norms(self) -> np.ndarray:
+        diagonal = sum(np.diag(p.sum)[:-1] for p in self.parts)
+        return np.sqrt(np.maximum(diagonal, 0.0))
+
+
 @dataclass
 class Fold:
     """The moments of one set of calibration samples for one site: ``gram`` = [X',1]^T[X',1],

@@ -94,12 +94,13 @@ class _Context:
     """the same over each half of the search samples (two folds; one when there are too few)"""
     deadline: float | None = None
     _fitters: dict = field(default_factory=dict)
+    dampings: dict = field(default_factory=dict)
 
     def gram(self, i: int):
-        """The calibration moments of site ``i``'s input, None where none were captured (or the
-        captured activation does not have the weight's K features)."""
+        """Whether site ``i``'s input moments were captured (with the weight's K features): the
+        moments themselves, summed over the folds, or None."""
         m = self.moments.get(fitting._key(self.sites[i]))
-        return None if m is None or m.k != self.sites[i].weight.shape[0] or m.count == 0 else m.sum
+        return None if m is None or m.k != self.sites[i].weight.shape[0] or m.count == 0 else m
 
     def fitter(self, i: int):
         """Site ``i``'s :class:`fitting.Fitter`, None where no moments were captured."""
@@ -107,8 +108,15 @@ class _Context:
             return None
         if i not in self._fitters:
             key = fitting._key(self.sites[i])
-            self._fitters[i] = fitting.Fitter(self.sites[i], [fitting.Fold(f[key].sum) for f in self.fold_moments])
+            self._fitters[i] = fitting.Fitter(self.sites[i], [fitting.Fold(f[key].sum) for f in self.fold_moments],
+                                              self.dampings.get(i))
         return self._fitters[i]
+
+    def done_with(self, i: int) -> None:
+        """Forget site ``i``'s fitter (its (K+1) x N products), keeping the damping it chose."""
+        fitter = self._fitters.pop(i, None)
+        if fitter is not None and fitter.damping is not None:
+            self.dampings[i] = fitter.damping
 
     def fold_batches(self) -> list[list[dict]]:
         n = len(self.fold_moments)
@@ -241,7 +249,7 @@ def _joint(ctx: _Context, planners: dict, planned: dict, segment: list[int], aft
     layers = {i: BlockPlan(joint, (masks[layer],), True, label) for layer, i in enumerate(segment)}
     if config.refit and ctx.evaluator is not None:  # every layer refitted in dependency order
         plain = {**{i: others[i].with_fit(None) for i in others}, **layers}
-        first = {i: (ctx.fitter(i).fit(p)[0] if ctx.fitter(i) is not None else p) for i, p in plain.items()}
+        first = {i: _fit_once(ctx, i, p) for i, p in plain.items()}
         fitted, _ = _sequential(ctx, plain, first)
         layers = {i: fitted[i] for i in segment}
         others = {i: fitted[i] for i in others}
@@ -317,22 +325,31 @@ def _collect(ctx: _Context) -> None:
     for batches in parts:
         ctx.fold_moments.append(fitting.collect(ctx.evaluator, ctx.sites, ctx.candidates, batches, step))
         done[0] += len(batches)
-    ctx.moments = dict(ctx.fold_moments[0])
-    for more in ctx.fold_moments[1:]:
-        for key, m in more.items():
-            ctx.moments[key] = ctx.moments[key] + m if key in ctx.moments else m
+    ctx.moments = {key: fitting.Summed([f[key] for f in ctx.fold_moments if key in f])
+                   for key in ctx.fold_moments[0]}
 
 
 def _sequential(ctx: _Context, plain: dict, first: dict) -> tuple[dict, bool]:
     ups = fitting.upstream(ctx.model, ctx.sites, list(plain))
-    dampings = {i: f.damping for i, f in ctx._fitters.items() if f.damping is not None}
+    dampings = {**ctx.dampings, **{i: f.damping for i, f in ctx._fitters.items() if f.damping is not None}}
     return fitting.sequential(ctx.evaluator, ctx.sites, plain, first, ups, ctx.fold_batches(), ctx.fold_moments,
                               ctx.deadline, lambda d, t: ctx.progress("refit", d, t), dampings)
 
 
+def _fit_once(ctx: _Context, i: int, plan):
+    """``plan`` refitted on the original activations (as it is where no moments were captured);
+    the site's fitter is let go afterwards."""
+    fitter = ctx.fitter(i)
+    if fitter is None:
+        return plan
+    fitted = fitter.fit(plan)[0]
+    ctx.done_with(i)
+    return fitted
+
+
 def _refit_all(ctx: _Context, chosen: dict) -> dict:
     """The chosen plans refitted: first each on the original activations, then level by level."""
-    first = {i: ctx.fitter(i).fit(p)[0] if ctx.fitter(i) is not None else p for i, p in chosen.items()}
+    first = {i: _fit_once(ctx, i, p) for i, p in chosen.items()}
     return _sequential(ctx, chosen, first)[0]
 
 
@@ -371,6 +388,7 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
                 continue
             fitted, local = fitter.fit(plan, config.refit) if fitter is not None else (plan, None)
             opts.append((plan, fitted, gain, local))
+        ctx.done_with(i)
         if opts:
             raw[i] = opts
         elif not ladders[i]:
@@ -571,6 +589,7 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
             errors = [None] * len(steps)
             if measured and steps:
                 errors = _estimates(ctx, i, fitted, local)
+            ctx.done_with(i)
             for (level, plan), err, loc in zip(steps, errors, local):
                 row.levels.append({"level": level, "label": plan.label, "retained": plan.retained,
                                    "flops": plan.flops, "error": err, "layer_error": loc})
