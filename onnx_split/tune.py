@@ -20,6 +20,7 @@ import onnx
 from .bench import Runner, round_robin
 from .chains import Chain
 from .rewrite import FALLBACK, FORMS, LAYOUTS, Unsupported, emit_chain
+from .rewrite.apply import import_custom_domain
 from .isolate import Probe, probe_models
 from .runtime import capture, ort_error, provider_status
 from .sites import default_opset
@@ -244,7 +245,9 @@ def _model(original: onnx.ModelProto, nodes, initializers, inputs: list[onnx.Val
            output: str) -> onnx.ModelProto:
     graph = onnx.helper.make_graph(list(nodes), "candidate", inputs,
                                    [onnx.helper.make_empty_tensor_value_info(output)], list(initializers))
-    return onnx.helper.make_model(graph, opset_imports=list(original.opset_import), ir_version=original.ir_version)
+    model = onnx.helper.make_model(graph, opset_imports=list(original.opset_import), ir_version=original.ir_version)
+    import_custom_domain(model)  # a dynamic-kernel candidate's node
+    return model
 
 
 def _inputs(model: onnx.ModelProto) -> list[str]:
