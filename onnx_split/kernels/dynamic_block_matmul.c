@@ -129,9 +129,11 @@ typedef void (*accumulate_fn)(const float *x, int64_t m_rows, int64_t k, const f
                               const int64_t *rows, int64_t n_rows, float *y);
 
 static int64_t tile_width(int64_t m_rows, int64_t n) {
-  /* keep the output tile (m_rows x width floats) within about 128 kB, so it stays in cache while
-   * every kept row of W streams through it once */
-  int64_t width = (32768 / (m_rows > 0 ? m_rows : 1)) & ~(int64_t)15;
+  /* one row: the whole output row (it stays in L1 while the kept rows of W stream through it, each
+   * block of rows one contiguous run of memory); more rows: an output tile of about 16 kB, so the
+   * tile and the 4 row segments of W it meets stay in L1 */
+  if (m_rows <= 1) return n;
+  int64_t width = (4096 / m_rows) & ~(int64_t)15;
   if (width < 64) width = 64;
   return width < n ? width : n;
 }
@@ -164,18 +166,118 @@ static void accumulate_plain(const float *x, int64_t m_rows, int64_t k, const fl
 }
 
 #ifdef HAVE_X86
+/* Four rows of x or more: W is taken in chunks of 64 kept rows x 256 columns (64 kB, read from memory
+ * once as 1 kB runs); within a chunk, a 4 x 16 tile of y lives in 8 registers while the chunk's rows
+ * go by, so each FMA needs about one load. xk holds the kept columns of x, row by row of W. */
+__attribute__((target("avx2,fma")))
+static void accumulate_avx2_blocked(const float *xk, int64_t m_rows, const float *w, int64_t n,
+                                    const int64_t *rows, int64_t n_rows, float *y) {
+  enum { RC = 64, TW = 256 };
+  for (int64_t n0 = 0; n0 < n; n0 += TW) {
+    int64_t nt = n - n0 < TW ? n - n0 : TW;
+    int64_t full = nt & ~(int64_t)15;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += RC) {
+      int64_t r1 = r0 + RC < n_rows ? r0 + RC : n_rows;
+      for (int64_t j = 0; j < full; j += 16) {
+        int64_t m = 0;
+        for (; m + 4 <= m_rows; m += 4) {
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+          for (int64_t r = r0; r < r1; r++) {
+            const float *wr = w + rows[r] * n + n0 + j;
+            const float *xr = xk + r * m_rows + m;
+            __m256 w0 = _mm256_loadu_ps(wr), w1 = _mm256_loadu_ps(wr + 8);
+            __m256 p = _mm256_broadcast_ss(xr), q = _mm256_broadcast_ss(xr + 1);
+            a0 = _mm256_fmadd_ps(p, w0, a0), a1 = _mm256_fmadd_ps(p, w1, a1);
+            b0 = _mm256_fmadd_ps(q, w0, b0), b1 = _mm256_fmadd_ps(q, w1, b1);
+            p = _mm256_broadcast_ss(xr + 2), q = _mm256_broadcast_ss(xr + 3);
+            c0 = _mm256_fmadd_ps(p, w0, c0), c1 = _mm256_fmadd_ps(p, w1, c1);
+            d0 = _mm256_fmadd_ps(q, w0, d0), d1 = _mm256_fmadd_ps(q, w1, d1);
+          }
+          float *y0 = y + m * n + n0 + j, *y1 = y0 + n, *y2 = y1 + n, *y3 = y2 + n;
+          _mm256_storeu_ps(y0, _mm256_add_ps(_mm256_loadu_ps(y0), a0));
+          _mm256_storeu_ps(y0 + 8, _mm256_add_ps(_mm256_loadu_ps(y0 + 8), a1));
+          _mm256_storeu_ps(y1, _mm256_add_ps(_mm256_loadu_ps(y1), b0));
+          _mm256_storeu_ps(y1 + 8, _mm256_add_ps(_mm256_loadu_ps(y1 + 8), b1));
+          _mm256_storeu_ps(y2, _mm256_add_ps(_mm256_loadu_ps(y2), c0));
+          _mm256_storeu_ps(y2 + 8, _mm256_add_ps(_mm256_loadu_ps(y2 + 8), c1));
+          _mm256_storeu_ps(y3, _mm256_add_ps(_mm256_loadu_ps(y3), d0));
+          _mm256_storeu_ps(y3 + 8, _mm256_add_ps(_mm256_loadu_ps(y3 + 8), d1));
+        }
+        for (; m < m_rows; m++) {
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+          for (int64_t r = r0; r < r1; r++) {
+            const float *wr = w + rows[r] * n + n0 + j;
+            __m256 p = _mm256_broadcast_ss(xk + r * m_rows + m);
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(wr), a0), a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(wr + 8), a1);
+          }
+          float *y0 = y + m * n + n0 + j;
+          _mm256_storeu_ps(y0, _mm256_add_ps(_mm256_loadu_ps(y0), a0));
+          _mm256_storeu_ps(y0 + 8, _mm256_add_ps(_mm256_loadu_ps(y0 + 8), a1));
+        }
+      }
+      for (int64_t m = 0; m < m_rows; m++) /* the last columns of the tile (nt not a multiple of 16) */
+        for (int64_t r = r0; r < r1; r++) {
+          const float *wr = w + rows[r] * n + n0;
+          float a = xk[r * m_rows + m], *ym = y + m * n + n0;
+          for (int64_t j = full; j < nt; j++) ym[j] += a * wr[j];
+        }
+    }
+  }
+}
+
 __attribute__((target("avx2,fma")))
 static void accumulate_avx2(const float *x, int64_t m_rows, int64_t k, const float *w, int64_t n,
                             const int64_t *rows, int64_t n_rows, float *y) {
+  if (m_rows >= 4 && n_rows > 0) {
+    float *xk = malloc(sizeof(float) * (size_t)(n_rows * m_rows));
+    if (xk) {
+      for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t m = 0; m < m_rows; m++) xk[r * m_rows + m] = x[m * k + rows[r]];
+      accumulate_avx2_blocked(xk, m_rows, w, n, rows, n_rows, y);
+      free(xk);
+      return;
+    }
+  }
   int64_t width = tile_width(m_rows, n);
   for (int64_t n0 = 0; n0 < n; n0 += width) {
     int64_t nt = n - n0 < width ? n - n0 : width;
     int64_t r = 0;
     for (; r + 4 <= n_rows; r += 4) {
-      const float *w0 = w + rows[r] * n + n0, *w1 = w + rows[r + 1] * n + n0;
-      const float *w2 = w + rows[r + 2] * n + n0, *w3 = w + rows[r + 3] * n + n0;
-      for (int64_t m = 0; m < m_rows; m++) {
+      const float *w0p = w + rows[r] * n + n0, *w1p = w + rows[r + 1] * n + n0;
+      const float *w2p = w + rows[r + 2] * n + n0, *w3p = w + rows[r + 3] * n + n0;
+      if (m_rows > 1 && r + 8 <= n_rows) /* fetch the next group's row segments while this one computes */
+        for (int64_t g = 4; g < 8; g++)
+          for (int64_t j = 0; j < nt; j += 16) _mm_prefetch((const char *)(w + rows[r + g] * n + n0 + j), _MM_HINT_T0);
+      int64_t m = 0;
+      for (; m + 2 <= m_rows; m += 2) { /* two rows of x share every load of W */
+        const float *xm = x + m * k, *xq = xm + k;
+        __m256 va = _mm256_set1_ps(xm[rows[r]]), vb = _mm256_set1_ps(xm[rows[r + 1]]);
+        __m256 vc = _mm256_set1_ps(xm[rows[r + 2]]), vd = _mm256_set1_ps(xm[rows[r + 3]]);
+        __m256 qa = _mm256_set1_ps(xq[rows[r]]), qb = _mm256_set1_ps(xq[rows[r + 1]]);
+        __m256 qc = _mm256_set1_ps(xq[rows[r + 2]]), qd = _mm256_set1_ps(xq[rows[r + 3]]);
+        float *ym = y + m * n + n0, *yq = ym + n;
+        int64_t j = 0;
+        for (; j + 8 <= nt; j += 8) {
+          __m256 w0 = _mm256_loadu_ps(w0p + j), w1 = _mm256_loadu_ps(w1p + j);
+          __m256 w2 = _mm256_loadu_ps(w2p + j), w3 = _mm256_loadu_ps(w3p + j);
+          __m256 y0 = _mm256_loadu_ps(ym + j), y1 = _mm256_loadu_ps(yq + j);
+          y0 = _mm256_fmadd_ps(va, w0, y0), y1 = _mm256_fmadd_ps(qa, w0, y1);
+          y0 = _mm256_fmadd_ps(vb, w1, y0), y1 = _mm256_fmadd_ps(qb, w1, y1);
+          y0 = _mm256_fmadd_ps(vc, w2, y0), y1 = _mm256_fmadd_ps(qc, w2, y1);
+          y0 = _mm256_fmadd_ps(vd, w3, y0), y1 = _mm256_fmadd_ps(qd, w3, y1);
+          _mm256_storeu_ps(ym + j, y0);
+          _mm256_storeu_ps(yq + j, y1);
+        }
+        float a = xm[rows[r]], b = xm[rows[r + 1]], c = xm[rows[r + 2]], d = xm[rows[r + 3]];
+        float e = xq[rows[r]], f = xq[rows[r + 1]], g = xq[rows[r + 2]], h = xq[rows[r + 3]];
+        for (; j < nt; j++) {
+          ym[j] += a * w0p[j] + b * w1p[j] + c * w2p[j] + d * w3p[j];
+          yq[j] += e * w0p[j] + f * w1p[j] + g * w2p[j] + h * w3p[j];
+        }
+      }
+      for (; m < m_rows; m++) {
         const float *xm = x + m * k;
+        const float *w0 = w0p, *w1 = w1p, *w2 = w2p, *w3 = w3p;
         float a = xm[rows[r]], b = xm[rows[r + 1]], c = xm[rows[r + 2]], d = xm[rows[r + 3]];
         __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vc = _mm256_set1_ps(c), vd = _mm256_set1_ps(d);
         float *ym = y + m * n + n0;
