@@ -19,7 +19,7 @@ import onnx
 
 from .bench import Runner, round_robin
 from .chains import Chain
-from .rewrite import FALLBACK, FORMS, LAYOUTS, Unsupported, emit_chain
+from .rewrite import FALLBACK, FORMS, LAYOUTS, Unsupported, emit_chain, refusal
 from .rewrite.apply import import_custom_domain
 from .isolate import Probe, probe_models
 from .runtime import capture, ort_error, provider_status
@@ -44,8 +44,12 @@ class TuneResult:
 
 
 def static_choice(chain: Chain, plan) -> str:
-    """The form written where nothing could be measured: the parallel layout's rule."""
-    return LAYOUTS[FALLBACK].pick(chain, plan)
+    """The form written where nothing could be measured: the parallel layout's rule; for a plan kind
+    the parallel forms do not take (dynamic plans), the first registered form that writes it."""
+    fallback = LAYOUTS[FALLBACK]
+    if plan.kind in FORMS[fallback.cost_form].accepts:
+        return fallback.pick(chain, plan)
+    return next((name for name in FORMS if refusal(name, chain, plan) is None), "dense")
 
 
 def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from onnx_split.plans.dynamic import make_plan
 from onnx_split.rewrite import Job, rewrite_model
 from onnx_split.sites import find_sites
 
+MODELS = Path(__file__).resolve().parents[1] / "models"
 HAS_KERNEL = kernel.kernel_library() is not None
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason=f"{kernel.kernel_absence()}")
 FORMS = [pytest.param("dynamic-kernel", marks=needs_kernel), "dynamic-portable"]
@@ -240,3 +242,69 @@ def test_the_forms_count_what_they_write(form):
         assert ops.count("If") == plan.n_blocks == 4 and "MatMul" not in ops and "TopK" in ops
         weights = {t.name: t.dims for t in model.graph.initializer if len(t.dims) == 2}
         assert sorted(d[0] for d in weights.values()) == [4, 32, 32, 32]  # one initializer per block
+
+
+# -- through the pass: split_model and the CLI ---------------------------------------------------
+
+def _mlp(rng, k=256, h=384, n=64):
+    w1 = (rng.standard_normal((k, h)) / np.sqrt(k)).astype(np.float32)
+    w2 = (rng.standard_normal((h, n)) / np.sqrt(h)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_split_model_writes_dynamic_sites_verified_against_the_masked_reference(form):
+    from onnx_split import SplitConfig, split_model
+
+    model = _mlp(np.random.default_rng(20))
+    config = SplitConfig(dynamic_keep=0.5, dynamic_block=64, dynamic_form=form.split("-")[1], layout="parallel",
+                         input_shapes={"x": (1, 256)}, bench=False)
+    result = split_model(model, config)
+    report = result.report
+    assert [s.decision for s in report.sites] == ["split", "split"], [s.reason for s in report.sites]
+    assert {s.layout for s in report.sites} == {form}
+    assert report.verification_passed and report.verified_against.startswith("the original with the dynamic")
+    assert report.error is not None and report.error.held_out > 0  # blocks were skipped on the samples
+    meta = {p.key: p.value for p in result.model.metadata_props}
+    assert ("onnx_split.load" in meta) == (form == "dynamic-kernel")
+    # the written model computes the numpy definition, site after site
+    x = np.random.default_rng(1).standard_normal((1, 256)).astype(np.float32)
+    w1 = numpy_helper.to_array(model.graph.initializer[0])
+    w2 = numpy_helper.to_array(model.graph.initializer[1])
+    h = np.maximum(numpy_dynamic(x, w1, 64, "topk", 2, 0.0), 0).astype(np.float32)
+    want = numpy_dynamic(h, w2, 64, "topk", 3, 0.0)
+    np.testing.assert_allclose(session(result.model).run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_tolerance_chooses_dynamic_sites_and_is_checked_on_held_out_data():
+    from onnx_split import SplitConfig, split_model
+    from onnx_split.dynamic import output_error
+
+    config = SplitConfig(dynamic_keep=0.5, dynamic_block=32, tolerance=0.45, layout="parallel", bench=False,
+                         calibration=str(MODELS / "digits_calibration.npz"))
+    result = split_model(str(MODELS / "digits_mlp.onnx"), config)
+    report = result.report
+    split = [s for s in report.sites if s.decision == "split"]
+    kept = [s for s in report.sites if s.decision == "kept"]
+    assert split and kept and all("--tolerance 0.45" in s.reason for s in kept)
+    assert report.error.search <= 0.45
+    assert report.error.met == (report.error.held_out <= 0.45)
+    assert report.verification_passed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dynamic-keep", "1.5"], "--dynamic-keep must be a fraction in (0, 1]"),
+    (["--dynamic-keep", "0.5", "--parts", "4"], "does not combine with --parts"),
+    (["--dynamic-keep", "0.5", "--dynamic-block", "0"], "--dynamic-block must be a whole number >= 1"),
+])
+def test_bad_dynamic_options_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    from onnx_split.cli import main
+
+    code = main([str(MODELS / "mlp_blocks.onnx"), str(tmp_path / "out.onnx"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
