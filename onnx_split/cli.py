@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"input features per block ({D['dynamic_block']})")
     g.add_argument("--dynamic-score", choices=("xw", "x"), default=D["dynamic_score"],
                    help="block score: ||x_b||*||W_b|| (xw) or ||x_b|| (x)")
-    g.add_argument("--dynamic-form", choices=("auto", "kernel", "portable"), default=D["dynamic_form"],
-                   help="the compiled kernel, standard ONNX (one If per block), or the faster measured (auto)")
+    g.add_argument("--dynamic-form", choices=("auto", "kernel", "portable", "fallback"), default=D["dynamic_form"],
+                   help="the compiled kernel, standard ONNX (one If per block), the kernel with a standard-ONNX "
+                        "function as fallback (IR >= 10), or the faster measured (auto)")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "

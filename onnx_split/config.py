@@ -121,7 +121,9 @@ class SplitConfig:
     """Block score: ``xw`` ||x_b||*||W_b||, ``x`` ||x_b||."""
     dynamic_form: str = "auto"
     """``kernel`` (the compiled DynamicBlockMatMul op), ``portable`` (standard ONNX, one If per
-    block), ``auto``: the faster one measured (``--layout auto``), else the kernel where installed."""
+    block), ``fallback`` (the kernel's node plus a model-local function of the portable form: the
+    kernel where registered, standard ONNX elsewhere; IR >= 10), ``auto``: the faster measured, the
+    kernel written as the fallback form where it can be."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -234,8 +236,8 @@ class SplitConfig:
             raise InputError(f"--dynamic-rule must be topk or threshold, not {self.dynamic_rule!r}")
         if self.dynamic_score not in ("xw", "x"):
             raise InputError(f"--dynamic-score must be xw or x, not {self.dynamic_score!r}")
-        if self.dynamic_form not in ("auto", "kernel", "portable"):
-            raise InputError(f"--dynamic-form must be auto, kernel or portable, not {self.dynamic_form!r}")
+        if self.dynamic_form not in ("auto", "kernel", "portable", "fallback"):
+            raise InputError(f"--dynamic-form must be auto, kernel, portable or fallback, not {self.dynamic_form!r}")
         if isinstance(self.dynamic_block, bool) or not isinstance(self.dynamic_block, int) or self.dynamic_block < 1:
             raise InputError(f"--dynamic-block must be a whole number >= 1, got {self.dynamic_block!r}")
         if self.dynamic_form == "kernel":

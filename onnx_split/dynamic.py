@@ -33,7 +33,7 @@ from .sites import Site, default_opset
 
 log = logging.getLogger(__name__)
 
-FORMS = {"kernel": "dynamic-kernel", "portable": "dynamic-portable"}
+FORMS = {"kernel": "dynamic-kernel", "portable": "dynamic-portable", "fallback": "dynamic-fallback"}
 AGAINST = "the original with the dynamic sites' block selection applied (dynamic_reference)"
 
 
@@ -183,13 +183,17 @@ def dynamic_units(sites: list[Site], decisions: dict[int, Decision]) -> list[Uni
             if isinstance(d, Planned)]
 
 
-def restrict_forms(units: list[Unit], forms: dict[int, str], tuning: dict, config: SplitConfig) -> dict[int, str]:
-    """``--dynamic-form kernel|portable``: only that form (or dense, where the tuner measured it
-    slower); ``auto``: what the tuner chose. Without measurements, the kernel where it is installed."""
+def restrict_forms(units: list[Unit], forms: dict[int, str], tuning: dict, config: SplitConfig,
+                   model: onnx.ModelProto) -> dict[int, str]:
+    """``--dynamic-form kernel|portable|fallback``: only that form (or dense, where the tuner measured it
+    slower); ``auto``: what the tuner chose, written as ``dynamic-fallback`` where it chose the kernel
+    and the fallback can be written (the same kernel, and a file that also runs without it). Without
+    measurements: the fallback, else the kernel where it is installed, else the portable form."""
     from .rewrite import refusal
     from .tune import choose
 
     new = dict(forms)
+    ir_version, opset = model.ir_version, default_opset(model)
     for u, unit in enumerate(units):
         if getattr(unit.plan, "kind", None) != "dynamic":
             continue
@@ -203,11 +207,27 @@ def restrict_forms(units: list[Unit], forms: dict[int, str], tuning: dict, confi
                     new[u] = result.choice
                 else:
                     new[u] = wanted  # not measured (refused or crashed): the rewrite says why
+            elif new.get(u) == "dynamic-kernel" and refusal("dynamic-fallback", unit.chain, unit.plan) is None \
+                    and _writes(unit, "dynamic-fallback", ir_version, opset):
+                new[u] = "dynamic-fallback"
             continue
         if wanted is None:
-            wanted = "dynamic-kernel" if refusal("dynamic-kernel", unit.chain, unit.plan) is None else "dynamic-portable"
+            wanted = next((f for f in ("dynamic-fallback", "dynamic-kernel", "dynamic-portable")
+                           if refusal(f, unit.chain, unit.plan) is None and _writes(unit, f, ir_version, opset)),
+                          "dynamic-portable")
         new[u] = wanted
     return new
+
+
+def _writes(unit: Unit, form: str, ir_version: int, opset: int) -> bool:
+    """Whether ``form`` can write ``unit`` in a model of this IR version and opset (checked by emitting it)."""
+    from .rewrite import Unsupported, emit_chain
+
+    try:
+        emit_chain(unit.chain, unit.plan, form, opset=opset, taken=set(), ir_version=ir_version)
+    except Unsupported:
+        return False
+    return True
 
 
 def written_dynamic(units: list[Unit], written: dict) -> dict[int, object]:

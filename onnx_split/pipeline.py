@@ -26,6 +26,7 @@ from .inputs import verification_sets
 from .dynamic import AGAINST as DYNAMIC_AGAINST, dynamic_units, plan_dynamic, restrict_forms, with_dynamic, \
     written_dynamic
 from .lossy import SurveyRow, lossy_units, plan_lossy, survey
+from .rewrite.dynamic_fallback import FALLBACK_NOTE
 from .rewrite.dynamic_kernel import LOAD_NOTE
 from .model_io import load_model
 from .planning import exact_units, plan_exact
@@ -100,7 +101,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
 
     forms, tuning = _forms(original, units, config, points, providers, notes, progress)   # which form
     if config.dynamic_keep is not None:
-        forms = restrict_forms(units, forms, tuning, config)
+        forms = restrict_forms(units, forms, tuning, config, original)
     decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
     if config.layout == AUTO:
         clock.lap("tune")
@@ -131,6 +132,9 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if any(w.form == "dynamic-kernel" for w in written.values()):  # how to load it
         entries["onnx_split.load"] = LOAD_NOTE
         notes.append(f"the written model {LOAD_NOTE}")
+    elif any(w.form == "dynamic-fallback" for w in written.values()):
+        entries["onnx_split.load"] = FALLBACK_NOTE
+        notes.append(f"the written model {FALLBACK_NOTE}")
     _set_metadata(model, entries)
 
     checker = check(model)                                 # verify and time

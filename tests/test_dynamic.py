@@ -246,7 +246,7 @@ def test_the_forms_count_what_they_write(form):
 
 # -- through the pass: split_model and the CLI ---------------------------------------------------
 
-def _mlp(rng, k=256, h=384, n=64):
+def _mlp(rng, k=256, h=384, n=64, ir_version=8):
     w1 = (rng.standard_normal((k, h)) / np.sqrt(k)).astype(np.float32)
     w2 = (rng.standard_normal((h, n)) / np.sqrt(h)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
@@ -254,14 +254,14 @@ def _mlp(rng, k=256, h=384, n=64):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=ir_version)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", [*FORMS, "dynamic-fallback"])
 def test_split_model_writes_dynamic_sites_verified_against_the_masked_reference(form):
     from onnx_split import SplitConfig, split_model
 
-    model = _mlp(np.random.default_rng(20))
+    model = _mlp(np.random.default_rng(20), ir_version=10 if form == "dynamic-fallback" else 8)
     config = SplitConfig(dynamic_keep=0.5, dynamic_block=64, dynamic_form=form.split("-")[1], layout="parallel",
                          input_shapes={"x": (1, 256)}, bench=False)
     result = split_model(model, config)
@@ -271,14 +271,17 @@ def test_split_model_writes_dynamic_sites_verified_against_the_masked_reference(
     assert report.verification_passed and report.verified_against.startswith("the original with the dynamic")
     assert report.error is not None and report.error.held_out > 0  # blocks were skipped on the samples
     meta = {p.key: p.value for p in result.model.metadata_props}
-    assert ("onnx_split.load" in meta) == (form == "dynamic-kernel")
+    assert ("onnx_split.load" in meta) == (form != "dynamic-portable")
+    assert ("standard ONNX" in meta.get("onnx_split.load", "")) == (form == "dynamic-fallback")
     # the written model computes the numpy definition, site after site
     x = np.random.default_rng(1).standard_normal((1, 256)).astype(np.float32)
     w1 = numpy_helper.to_array(model.graph.initializer[0])
     w2 = numpy_helper.to_array(model.graph.initializer[1])
     h = np.maximum(numpy_dynamic(x, w1, 64, "topk", 2, 0.0), 0).astype(np.float32)
     want = numpy_dynamic(h, w2, 64, "topk", 3, 0.0)
-    np.testing.assert_allclose(session(result.model).run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
+    for library in (True, False) if form == "dynamic-fallback" else (True,):
+        got = session(result.model, library=library).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_tolerance_chooses_dynamic_sites_and_is_checked_on_held_out_data():
@@ -308,3 +311,41 @@ def test_bad_dynamic_options_are_one_line_and_exit_2(argv, message, tmp_path, ca
     code = main([str(MODELS / "mlp_blocks.onnx"), str(tmp_path / "out.onnx"), *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("rule", ["topk", "threshold"])
+def test_the_fallback_form_runs_the_kernel_where_registered_and_its_function_elsewhere(rule):
+    """One file for every runtime: ORT resolves the custom-domain node to the kernel when the library
+    is registered, and inlines the model-local function (the portable form) when it is not."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((100, 24)).astype(np.float32)
+    model = matmul_model(w, ["batch", 100], ir_version=10)
+    model.ir_version = 10
+    (site,) = find_sites(model, min_elements=0)
+    samples = [rng.standard_normal((1, 100)).astype(np.float32) for _ in range(10)]
+    plan = make_plan(site.weight, block=16, keep=0.5, rule=rule, activations=samples)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    refused, _ = rewrite_model(out, [Job(Chain([find_sites(out, min_elements=0)[0]], []), plan, "dynamic-fallback")])
+    assert not refused, refused
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.op_type for n in out.graph.node] == ["DynamicBlockMatMul"] and len(out.functions) == 1
+    assert out.graph.node[0].overload == out.functions[0].overload
+    assert sum(t.dims == [100, 24] for t in out.graph.initializer) == 1  # W stored once, read by both paths
+    libraries = [False, True] if HAS_KERNEL else [False]
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((3, 100)).astype(np.float32)
+        want = numpy_dynamic(x, w, 16, rule, plan.keep_blocks, plan.threshold)
+        for library in libraries:
+            for optimization in ("disabled", "enabled"):
+                got = session(out, optimization, library=library).run(None, {"x": x})[0]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fallback_form_refuses_ir_below_10_with_the_reason():
+    model, _ = _site_model("matmul", 64, 8, np.random.default_rng(14))
+    (site,) = find_sites(model, min_elements=0)
+    refused, _ = rewrite_model(model, [Job(Chain([site], []), make_plan(site.weight, block=16, keep=0.5),
+                                           "dynamic-fallback")])
+    assert refused == {0: "the dynamic-fallback form needs IR version >= 10 for one function per site "
+                          "(this model has 8)"}

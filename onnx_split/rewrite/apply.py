@@ -87,6 +87,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, 
             stored[j] = sizes
         if func is not None:
             functions.append(func)
+        functions.extend(em.functions)
         graph, replacements = by_graph.setdefault(site.scope, (site.graph, {}))
         for other in chain.sites[:-1]:
             replacements[other.index] = []

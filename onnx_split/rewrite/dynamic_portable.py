@@ -20,7 +20,7 @@ from .registry import register
 MIN_OPSET = 11
 
 
-def selection(em: Emitter, site, plan, x: str) -> str:
+def selection(em: Emitter, site, plan, x: str, scales: str | None = None) -> str:
     """A bool [n_blocks] tensor: which blocks this call keeps."""
     k, block, n_blocks = plan.k, plan.block, plan.n_blocks
     flat = em.reshape(x, em.ints("rows_shape", [-1, k]), "score/Reshape", "the activation as rows [M, K]")
@@ -36,7 +36,8 @@ def selection(em: Emitter, site, plan, x: str) -> str:
         sums = em.node("ReduceSumSquare", [blocks], "score/ReduceSumSquare", "||x_b||^2 over the call's rows",
                        axes=[0, 2], keepdims=0)
     norms = em.node("Sqrt", [sums], "score/Sqrt", "||x_b||")
-    scores = em.node("Mul", [norms, em.const("S", np.asarray(plan.scales, dtype=np.float32))], "score/Mul",
+    scales = scales or em.const("S", np.asarray(plan.scales, dtype=np.float32))
+    scores = em.node("Mul", [norms, scales], "score/Mul",
                      "block scores ||x_b|| * S_b")
     if plan.rule == "threshold":
         return em.node("Greater", [scores, em.const("threshold", np.asarray(plan.threshold, dtype=np.float32))],
@@ -52,24 +53,33 @@ def selection(em: Emitter, site, plan, x: str) -> str:
 
 
 def emit_portable(em: Emitter, chain, plan) -> str:
-    site = chain.first
+    return em.finish_gemm(portable_nodes(em, chain.first, plan), chain.first)
+
+
+def portable_nodes(em: Emitter, site, plan, x: str | None = None, weight: str | None = None,
+                   scales: str | None = None) -> str:
+    """The selection and the If per block on activation ``x``; each block's weight is its own
+    initializer, or (``weight`` given: a function body) a Slice of ``weight`` inside the block's
+    branch, which ORT folds into a constant when it inlines the function. Returns x @ W masked."""
     if em.opset < MIN_OPSET:
         raise Unsupported(f"the portable dynamic form needs opset >= {MIN_OPSET} (this model has {em.opset})")
-    x, dtype = site.activation, onnx.TensorProto.FLOAT
-    keep = selection(em, site, plan, x)
+    x, dtype = x or site.activation, onnx.TensorProto.FLOAT
+    keep = selection(em, site, plan, x, scales)
     shape = em.node("Shape", [x], "zeros/Shape", "leading dims of the activation")
     lead = em.slice(shape, 0, -1, 0, "zeros/Slice", "leading dims of the activation")
     out_shape = em.node("Concat", [lead, em.ints("zeros/N", [plan.n])], "zeros/Concat", "output shape", axis=0)
     acc = em.node("ConstantOfShape", [out_shape], "zeros/ConstantOfShape", "the sum starts at zero",
                   value=onnx.helper.make_tensor("zero", dtype, [1], [0.0]))
-    weight = np.asarray(site.weight, dtype=np.float32)
+    dense = np.asarray(site.weight, dtype=np.float32)
     for b in range(plan.n_blocks):
         start, end = b * plan.block, min(plan.k, (b + 1) * plan.block)
         local = f"block{b}"
         cond = em.node("Gather", [keep, em.ints(f"{local}/index", np.int64(b))], f"{local}/Gather",
                        f"is block {b} kept", axis=0)
-        w_b = em.const(f"{local}/W", np.ascontiguousarray(weight[start:end]))
+        w_b = em.const(f"{local}/W", np.ascontiguousarray(dense[start:end])) if weight is None else None
         outer, em.nodes = em.nodes, []
+        if w_b is None:
+            w_b = em.slice(weight, start, end, 0, f"{local}/W/Slice", f"rows {start}:{end} of W")
         xb = em.slice(x, start, end, em.axis(site.activation_rank, -1), f"{local}/Slice", f"inputs {start}:{end}")
         part = em.node("MatMul", [xb, w_b], f"{local}/MatMul", f"x_b @ W_b of block {b} of '{site.name}'")
         added = em.node("Add", [acc, part], f"{local}/Add", f"add block {b}")
@@ -82,7 +92,7 @@ def emit_portable(em: Emitter, chain, plan) -> str:
                                             [onnx.helper.make_tensor_value_info(passed, dtype, None)])
         acc = em.node("If", [cond], f"{local}/If", f"block {b} of '{site.name}' when it is kept",
                       then_branch=then_graph, else_branch=else_graph)
-    return em.finish_gemm(acc, site)
+    return acc
 
 
 def refuse_portable(chain, plan) -> str | None:
