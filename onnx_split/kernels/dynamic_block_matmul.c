@@ -166,29 +166,48 @@ static void accumulate_plain(const float *x, int64_t m_rows, int64_t k, const fl
 }
 
 #ifdef HAVE_X86
-/* Four rows of x or more: W is taken in chunks of 32 kept rows x 128 columns; each chunk is read from
- * memory once (128-float runs of the kept rows) into a 16 kB tile that stays in L1 while every row of
- * x meets it, 4 rows at a time with a 4 x 16 block of y in 8 registers (one load per two FMAs). xk
- * holds the kept columns of x, row by row of W. */
+/* Four rows of x or more. The output is cut into column panels small enough that the panel of y
+ * (m_rows x width floats, at most 128 kB) and a chunk of 16 kept rows of W's panel stay in L2. Each
+ * chunk is first streamed in from memory row by row (a block of kept rows is one contiguous run, so
+ * this is sequential), then every row of x meets it, 4 rows at a time with a 4 x 16 block of y in
+ * 8 registers. xk holds the kept columns of x, row by row of W. W is read in place, never copied. */
 __attribute__((target("avx2,fma")))
 static void accumulate_avx2_blocked(const float *xk, int64_t m_rows, const float *w, int64_t n,
-                                    const int64_t *rows, int64_t n_rows, float *y) {
-  enum { RC = 32, TW = 128 };
-  float tile[RC * TW] __attribute__((aligned(32)));
-  for (int64_t n0 = 0; n0 < n; n0 += TW) {
-    int64_t nt = n - n0 < TW ? n - n0 : TW;
+                                    const int64_t *rows, int64_t n_rows, float *y, float *stage) {
+  enum { RC = 16 };
+  int64_t width = (32768 / m_rows) & ~(int64_t)15;
+  if (width < 64) width = 64;
+  if (width > n) width = n;
+  int64_t pitch = width + 16; /* staged rows 64 bytes apart from a multiple of 4 kB: no L1 set conflicts */
+  for (int64_t n0 = 0; n0 < n; n0 += width) {
+    int64_t nt = n - n0 < width ? n - n0 : width;
     int64_t full = nt & ~(int64_t)15;
     for (int64_t r0 = 0; r0 < n_rows; r0 += RC) {
       int64_t rc = n_rows - r0 < RC ? n_rows - r0 : RC;
-      for (int64_t r = 0; r < rc; r++) memcpy(tile + r * TW, w + rows[r0 + r] * n + n0, sizeof(float) * nt);
+      const float *src[RC];
+      int64_t step = n;
+      for (int64_t r = 0; r < rc; r++) src[r] = w + rows[r0 + r] * n + n0;
+      if (stage) { /* many rows of x meet this chunk: stage it once where every load hits L1 */
+        for (int64_t r = 0; r < rc; r++) {
+          memcpy(stage + r * pitch, src[r], sizeof(float) * nt);
+          src[r] = stage + r * pitch;
+        }
+        step = pitch;
+      } else {
+        for (int64_t r = 0; r < rc; r++) { /* bring the chunk in, one sequential run per row */
+          const char *start = (const char *)src[r];
+          for (int64_t off = 0; off < nt * 4; off += 64) _mm_prefetch(start + off, _MM_HINT_T1);
+        }
+      }
+      (void)step;
       for (int64_t j = 0; j < full; j += 16) {
         int64_t m = 0;
         for (; m + 4 <= m_rows; m += 4) {
           __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
           const float *xr = xk + r0 * m_rows + m;
           for (int64_t r = 0; r < rc; r++, xr += m_rows) {
-            const float *wr = tile + r * TW + j;
-            __m256 w0 = _mm256_load_ps(wr), w1 = _mm256_load_ps(wr + 8);
+            const float *wr = src[r] + j;
+            __m256 w0 = _mm256_loadu_ps(wr), w1 = _mm256_loadu_ps(wr + 8);
             __m256 p = _mm256_broadcast_ss(xr), q = _mm256_broadcast_ss(xr + 1);
             a0 = _mm256_fmadd_ps(p, w0, a0), a1 = _mm256_fmadd_ps(p, w1, a1);
             b0 = _mm256_fmadd_ps(q, w0, b0), b1 = _mm256_fmadd_ps(q, w1, b1);
@@ -209,18 +228,18 @@ static void accumulate_avx2_blocked(const float *xk, int64_t m_rows, const float
         for (; m < m_rows; m++) {
           __m256 a0 = _mm256_setzero_ps(), a1 = a0;
           for (int64_t r = 0; r < rc; r++) {
-            const float *wr = tile + r * TW + j;
+            const float *wr = src[r] + j;
             __m256 p = _mm256_broadcast_ss(xk + (r0 + r) * m_rows + m);
-            a0 = _mm256_fmadd_ps(p, _mm256_load_ps(wr), a0), a1 = _mm256_fmadd_ps(p, _mm256_load_ps(wr + 8), a1);
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(wr), a0), a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(wr + 8), a1);
           }
           float *y0 = y + m * n + n0 + j;
           _mm256_storeu_ps(y0, _mm256_add_ps(_mm256_loadu_ps(y0), a0));
           _mm256_storeu_ps(y0 + 8, _mm256_add_ps(_mm256_loadu_ps(y0 + 8), a1));
         }
       }
-      for (int64_t m = 0; m < m_rows; m++) /* the last columns of the tile (nt not a multiple of 16) */
+      for (int64_t m = 0; m < m_rows; m++) /* the last columns of the panel (nt not a multiple of 16) */
         for (int64_t r = 0; r < rc; r++) {
-          const float *wr = tile + r * TW;
+          const float *wr = src[r];
           float a = xk[(r0 + r) * m_rows + m], *ym = y + m * n + n0;
           for (int64_t j = full; j < nt; j++) ym[j] += a * wr[j];
         }
@@ -233,13 +252,17 @@ static void accumulate_avx2(const float *x, int64_t m_rows, int64_t k, const flo
                             const int64_t *rows, int64_t n_rows, float *y) {
   if (m_rows >= 4 && n_rows > 0) {
     float *xk = malloc(sizeof(float) * (size_t)(n_rows * m_rows));
+    /* 12 rows or more: a staging tile of 16 x (panel width + 16) floats (see accumulate_avx2_blocked) */
+    float *stage = m_rows >= 12 ? malloc(sizeof(float) * 16 * (size_t)(n + 16)) : NULL;
     if (xk) {
       for (int64_t r = 0; r < n_rows; r++)
         for (int64_t m = 0; m < m_rows; m++) xk[r * m_rows + m] = x[m * k + rows[r]];
-      accumulate_avx2_blocked(xk, m_rows, w, n, rows, n_rows, y);
+      accumulate_avx2_blocked(xk, m_rows, w, n, rows, n_rows, y, stage);
       free(xk);
+      free(stage);
       return;
     }
+    free(stage);
   }
   int64_t width = tile_width(m_rows, n);
   for (int64_t n0 = 0; n0 < n; n0 += width) {
@@ -471,7 +494,12 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
   for (int64_t b = 0; b < n_blocks; b++) score[b] = 0.0;
   for (int64_t m = 0; m < m_rows; m++) {
     const float *xm = x + m * k;
-    for (int64_t i = 0; i < k; i++) score[i / kernel->block] += (double)xm[i] * (double)xm[i];
+    for (int64_t b = 0; b < n_blocks; b++) {
+      int64_t end = (b + 1) * kernel->block < k ? (b + 1) * kernel->block : k;
+      double sum = 0.0;
+      for (int64_t i = b * kernel->block; i < end; i++) sum += (double)xm[i] * (double)xm[i];
+      score[b] += sum;
+    }
   }
   for (int64_t b = 0; b < n_blocks; b++) score[b] = sqrt(score[b]) * (double)scale[b];
   if (kernel->rule == 0) {
