@@ -39,8 +39,8 @@ def reference_model(original: onnx.ModelProto, sites, plans: dict[int, object]) 
     return model
 
 
-MIN_OPSET = 13
-"""Unsqueeze with an axes input, GreaterOrEqual: dynamic sites need this opset (sites.py keeps older)."""
+MIN_OPSET = 15
+"""Unsqueeze with an axes input, GreaterOrEqual, Shape with start/end: dynamic sites need this opset (sites.py keeps older)."""
 
 
 def _mask(site, plan, opset: int, base: str):
@@ -62,7 +62,11 @@ def _mask(site, plan, opset: int, base: str):
         nodes.append(h.make_node("ReduceL2", [n("x3"), n("axes")], [n("norms")], keepdims=0))
     else:
         nodes.append(h.make_node("ReduceL2", [n("x3")], [n("norms")], axes=[0, 2], keepdims=0))
-    nodes.append(h.make_node("Mul", [n("norms"), n("S")], [n("scores")]))
+    nodes += [h.make_node("Shape", [n("x2")], [n("count_shape")], start=0, end=1),
+              h.make_node("Cast", [n("count_shape")], [n("count")], to=onnx.TensorProto.FLOAT),
+              h.make_node("Sqrt", [n("count")], [n("root_rows")]),
+              h.make_node("Div", [n("norms"), n("root_rows")], [n("rms")]),
+              h.make_node("Mul", [n("rms"), n("S")], [n("scores")])]
     if plan.rule == "topk":
         nodes += [h.make_node("TopK", [n("scores"), n("k")], [n("best"), n("best_at")]),
                   h.make_node("ReduceMin", [n("best")], [n("cut")], keepdims=0) if opset < 18 else

@@ -45,7 +45,7 @@ def numpy_dynamic(x: np.ndarray, w: np.ndarray, block: int, rule: str, keep_bloc
     rows = x64.reshape(-1, k)
     scores = []
     for b in range(n_blocks):
-        s = math.sqrt(float((rows[:, b * block:(b + 1) * block] ** 2).sum()))
+        s = math.sqrt(float((rows[:, b * block:(b + 1) * block] ** 2).sum()) / max(1, rows.shape[0]))
         if use_w:
             s *= float(np.float32(np.linalg.norm(w64[b * block:(b + 1) * block])))
         scores.append(s)
@@ -127,7 +127,7 @@ def test_kernel_threshold_rule_3d_input_and_no_bias():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((48, 20)).astype(np.float32)
     x = rng.standard_normal((2, 5, 48)).astype(np.float32)
-    scores = [np.linalg.norm(x[..., b * 8:(b + 1) * 8]) for b in range(6)]
+    scores = [np.linalg.norm(x[..., b * 8:(b + 1) * 8]) / np.sqrt(10) for b in range(6)]
     threshold = float(np.median(scores))
     got = session(kernel_model(w, 8, 1, 0, threshold, np.ones(6), rank=3)).run(None, {"x": x})[0]
     want = numpy_dynamic(x, w, 8, "threshold", 0, threshold, use_w=False).reshape(2, 5, 20)

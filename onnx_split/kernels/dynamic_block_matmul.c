@@ -8,8 +8,9 @@
  * Output:  Y [..., N] float32.
  * Attributes: block (int, features per block), rule (0: keep the `keep` best blocks, 1: keep every
  *          block whose score exceeds `threshold`), keep (int), threshold (float).
- * The score of block b is ||X[:, b]||_2 * S[b] over all rows of the call, so one set of blocks is
- * kept for the whole batch. Ties in the top-k rule keep the lower block index.
+ * The score of block b is the root mean square over the call's rows of ||x_b||_2, times S[b]: one
+ * set of blocks is kept for the whole batch, and a threshold calibrated one row per call applies to
+ * any batch size. Ties in the top-k rule keep the lower block index.
  *
  * This file declares only the parts of the ONNX Runtime C API it uses, written from the documented,
  * versioned ABI: OrtGetApiBase()->GetApi(version) returns a table of function pointers whose order
@@ -501,7 +502,7 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
       score[b] += sum;
     }
   }
-  for (int64_t b = 0; b < n_blocks; b++) score[b] = sqrt(score[b]) * (double)scale[b];
+  for (int64_t b = 0; b < n_blocks; b++) score[b] = sqrt(score[b] / (double)m_rows) * (double)scale[b];
   if (kernel->rule == 0) {
     for (int64_t b = 0; b < n_blocks; b++) {
       int64_t better = 0; /* blocks ranked before b: a higher score, or an equal one with a lower index */

@@ -109,7 +109,7 @@ def block_scores(x: np.ndarray, block: int, scales: np.ndarray) -> np.ndarray:
     padded = np.zeros((flat.shape[0], n_blocks * block))
     padded[:, :k] = flat
     sums = (padded.reshape(flat.shape[0], n_blocks, block) ** 2).sum(axis=(0, 2))
-    return np.sqrt(sums) * np.asarray(scales, dtype=np.float64)
+    return np.sqrt(sums / max(1, flat.shape[0])) * np.asarray(scales, dtype=np.float64)
 
 
 def select(scores: np.ndarray, rule: str, keep_blocks: int, threshold: float) -> np.ndarray:
@@ -150,8 +150,8 @@ def make_plan(weight: np.ndarray, *, block: int, keep: float, rule: str = "topk"
     return DynamicPlan(k, n, block, rule, keep, scales, score, threshold)
 
 
-MIN_OPSET = 13
-"""The dynamic forms and their verification reference use ops of opset 13 (Unsqueeze with axes input)."""
+MIN_OPSET = 15
+"""The dynamic forms and their verification reference use ops of opset 15 (Shape with start/end)."""
 
 
 def dynamic_reason(site, block: int, opset: int = MIN_OPSET) -> str | None:

@@ -35,7 +35,12 @@ def selection(em: Emitter, site, plan, x: str, scales: str | None = None) -> str
     else:
         sums = em.node("ReduceSumSquare", [blocks], "score/ReduceSumSquare", "||x_b||^2 over the call's rows",
                        axes=[0, 2], keepdims=0)
-    norms = em.node("Sqrt", [sums], "score/Sqrt", "||x_b||")
+    rows = em.node("Shape", [flat], "score/rows/Shape", "rows of the call")
+    rows = em.node("Gather", [rows, em.ints("score/rows/index", np.int64(0))], "score/rows/Gather", "rows of the call",
+                   axis=0)
+    rows = em.node("Cast", [rows], "score/rows/Cast", "rows of the call", to=onnx.TensorProto.FLOAT)
+    mean = em.node("Div", [sums, rows], "score/Div", "mean over the call's rows")
+    norms = em.node("Sqrt", [mean], "score/Sqrt", "root mean square of ||x_b|| over the rows")
     scales = scales or em.const("S", np.asarray(plan.scales, dtype=np.float32))
     scores = em.node("Mul", [norms, scales], "score/Mul",
                      "block scores ||x_b|| * S_b")
