@@ -27,6 +27,8 @@ def _session(ort, job: dict):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, job["optimization"])
     options.log_severity_level = 4
+    if job.get("custom_ops"):  # onnx_split's kernel library (DynamicBlockMatMul)
+        options.register_custom_ops_library(job["custom_ops"])
     providers = [job["provider"]] if job["provider"] == CPU else [job["provider"], CPU]
     return ort.InferenceSession(job["source"], options, providers=providers)
 

@@ -101,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true",
                    help="print each site's retained significance and FLOPs at 2/4/8/16 parts (with --calibration also the "
                         "layer error and the estimated output error of each alone); write nothing")
+    g = p.add_argument_group("dynamic block skipping (keeps every weight, skips input blocks per call)")
+    g.add_argument("--dynamic-keep", type=float, default=None, metavar="F",
+                   help="make eligible sites dynamic, keeping F of their input blocks per call")
+    g.add_argument("--dynamic-rule", choices=("topk", "threshold"), default=D["dynamic_rule"],
+                   help="topk: the best F of the blocks; threshold: a calibrated per-site score threshold (topk)")
+    g.add_argument("--dynamic-block", type=int, default=D["dynamic_block"], metavar="B",
+                   help=f"input features per block ({D['dynamic_block']})")
+    g.add_argument("--dynamic-score", choices=("xw", "x"), default=D["dynamic_score"],
+                   help="block score: ||x_b||*||W_b|| (xw) or ||x_b|| (x)")
+    g.add_argument("--dynamic-form", choices=("auto", "kernel", "portable", "fallback"), default=D["dynamic_form"],
+                   help="the compiled kernel, standard ONNX (one If per block), the kernel with a standard-ONNX "
+                        "function as fallback (IR >= 10), or the faster measured (auto)")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
@@ -209,6 +221,8 @@ def _run(args, written: list[Path]) -> int:
         keep=args.keep, flops=args.flops, tolerance=args.tolerance, calibration=args.calibration, score=args.score,
         tile=args.tile, holdout=args.holdout, refit=args.refit, calibration_batch=args.calibration_batch,
         search_seconds=args.search_seconds, include=tuple(args.include), exclude=tuple(args.exclude),
+        dynamic_keep=args.dynamic_keep, dynamic_rule=args.dynamic_rule, dynamic_block=args.dynamic_block,
+        dynamic_score=args.dynamic_score, dynamic_form=args.dynamic_form,
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")

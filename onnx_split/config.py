@@ -109,6 +109,21 @@ class SplitConfig:
     given, only the sites matching one of them are split."""
     exclude: tuple[str, ...] = ()
     """Node-name patterns of sites never split (they win over ``include``)."""
+    dynamic_keep: float | None = None
+    """Dynamic block skipping: every eligible site keeps this fraction of its input blocks per call
+    (the rest of its weight rows are skipped for that call); see dynamic.py."""
+    dynamic_rule: str = "topk"
+    """``topk``: the best ``dynamic_keep`` of the blocks, every call; ``threshold``: blocks scoring
+    above a per-site threshold calibrated to keep ``dynamic_keep`` of them on average."""
+    dynamic_block: int = 128
+    """Input features per block of a dynamic site."""
+    dynamic_score: str = "xw"
+    """Block score: ``xw`` ||x_b||*||W_b||, ``x`` ||x_b||."""
+    dynamic_form: str = "auto"
+    """``kernel`` (the compiled DynamicBlockMatMul op), ``portable`` (standard ONNX, one If per
+    block), ``fallback`` (the kernel's node plus a model-local function of the portable form: the
+    kernel where registered, standard ONNX elsewhere; IR >= 10), ``auto``: the faster measured, the
+    kernel written as the fallback form where it can be."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -205,6 +220,32 @@ class SplitConfig:
                              f"to drop by significance instead")
         if self.partitioner == "components" and budgets:
             object.__setattr__(self, "partitioner", DEFAULT_LOSSY)
+        self._check_dynamic(budgets)
+
+    def _check_dynamic(self, budgets: list[str]) -> None:
+        if self.dynamic_keep is None:
+            return
+        _finite_number("dynamic-keep", self.dynamic_keep, "a fraction in (0, 1]")
+        if not 0 < self.dynamic_keep <= 1:
+            raise InputError(f"--dynamic-keep must be a fraction in (0, 1], got {self.dynamic_keep}")
+        others = [b for b in budgets if b != "tolerance"]
+        if others:
+            raise InputError(f"--dynamic-keep keeps every weight: it does not combine with --{others[0]} "
+                             f"(--tolerance chooses which sites are dynamic)")
+        if self.dynamic_rule not in ("topk", "threshold"):
+            raise InputError(f"--dynamic-rule must be topk or threshold, not {self.dynamic_rule!r}")
+        if self.dynamic_score not in ("xw", "x"):
+            raise InputError(f"--dynamic-score must be xw or x, not {self.dynamic_score!r}")
+        if self.dynamic_form not in ("auto", "kernel", "portable", "fallback"):
+            raise InputError(f"--dynamic-form must be auto, kernel, portable or fallback, not {self.dynamic_form!r}")
+        if isinstance(self.dynamic_block, bool) or not isinstance(self.dynamic_block, int) or self.dynamic_block < 1:
+            raise InputError(f"--dynamic-block must be a whole number >= 1, got {self.dynamic_block!r}")
+        if self.dynamic_form == "kernel":
+            from .kernel import kernel_absence
+
+            why = kernel_absence()
+            if why is not None:
+                raise InputError(f"--dynamic-form kernel: {why}; use --dynamic-form portable")
 
     @property
     def budget(self) -> str | None:

@@ -216,8 +216,10 @@ def crash_screen(sources: Mapping[str, bytes | str], *, providers: Sequence[str]
 
 def _job(probe: Probe) -> dict:
     feeds = None if probe.feeds is None else {k: np.asarray(v) for k, v in probe.feeds.items()}
+    from .kernel import kernel_library
+
     return {"source": probe.source, "provider": probe.provider, "optimization": probe.level,
-            "threads": probe.threads, "feeds": feeds}
+            "threads": probe.threads, "feeds": feeds, "custom_ops": kernel_library()}
 
 
 def _run_child(probes: Sequence[Probe], job_path: Path, results_path: Path, skip_path: Path, start: int,

@@ -23,7 +23,11 @@ from .config import DEFAULT_LOSSY, SplitConfig
 from .decisions import Split, after_forms, after_rewrite, undone
 from .errors import InputError
 from .inputs import verification_sets
+from .dynamic import AGAINST as DYNAMIC_AGAINST, dynamic_units, plan_dynamic, restrict_forms, with_dynamic, \
+    written_dynamic
 from .lossy import SurveyRow, plan_lossy, survey
+from .rewrite.dynamic_fallback import FALLBACK_NOTE
+from .rewrite.dynamic_kernel import LOAD_NOTE
 from .model_io import load_model
 from .planning import exact_units, plan_exact
 from .points import measuring_points, providers_for
@@ -80,7 +84,11 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         notes += more
         points, inputs = measuring_points(original, config)
 
-    if config.lossy:                                       # plan: what each site would become
+    if config.dynamic_keep is not None:                    # plan: what each site would become
+        lossy = plan_dynamic(model, sites, config, progress)
+        decisions, units = lossy.decisions, dynamic_units(sites, lossy.decisions)
+        notes += lossy.notes
+    elif config.lossy:
         lossy = plan_lossy(model, sites, config, progress, speed=_speed(original, config, points, providers, progress))
         decisions, units = lossy.decisions, lossy.units
         notes += lossy.notes
@@ -92,6 +100,8 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     clock.lap("analyse")
 
     forms, tuning = _forms(original, units, config, points, providers, notes, progress)   # which form
+    if config.dynamic_keep is not None:
+        forms = restrict_forms(units, forms, tuning, config, original)
     decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
     if config.layout == AUTO:
         clock.lap("tune")
@@ -100,8 +110,9 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
 
     approximated, biases = {}, {}                          # what the rewrite multiplies by (and adds)
+    dynamic = written_dynamic(units, written)              # per call: verified against dynamic_reference
     for u in written:
-        if units[u].plan.approximates:
+        if units[u].plan.approximates and units[u].plan.kind != "dynamic":
             for layer, i in enumerate(units[u].sites):
                 approximated[i] = units[u].plan.effective_weight(layer, sites[i].weight)
                 if sites[i].bias_value is not None:
@@ -109,14 +120,22 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     clock.lap("rewrite")
     error = None
     if lossy is not None:                                  # what that costs at the outputs
-        error, more = lossy.error(approximated, config.tolerance, biases)
+        error, more = lossy.error(approximated, config.tolerance, biases, **({"dynamic": dynamic} if dynamic else {}))
         notes += [n for n in more if n not in notes]
         clock.lap("error")
     reference = reference_model(original, sites, approximated, biases) if approximated else original
     against = (REFITTED if any(getattr(units[u].plan, "refitted", False) for u in written) else PRUNED) \
-        if approximated else "the original"
+        if approximated else (DYNAMIC_AGAINST if dynamic else "the original")
+    reference = with_dynamic(reference, sites, dynamic)
     n_split = sum(isinstance(d, Split) for d in decisions.values())
-    _set_metadata(model, metadata_entries(config, n_split, len(sites), error))
+    entries = metadata_entries(config, n_split, len(sites), error)
+    if any(w.form == "dynamic-kernel" for w in written.values()):  # how to load it
+        entries["onnx_split.load"] = LOAD_NOTE
+        notes.append(f"the written model {LOAD_NOTE}")
+    elif any(w.form == "dynamic-fallback" for w in written.values()):
+        entries["onnx_split.load"] = FALLBACK_NOTE
+        notes.append(f"the written model {FALLBACK_NOTE}")
+    _set_metadata(model, entries)
 
     checker = check(model)                                 # verify and time
     verification, latency = [], []
@@ -256,7 +275,8 @@ def _speed(original, config: SplitConfig, points, providers, progress):
 def _forms(original, units, config: SplitConfig, points, providers, notes: list[str], progress):
     """{unit: form or "dense"} and, with ``--layout auto``, {unit: its TuneResult}."""
     if config.layout != AUTO:
-        return {u: LAYOUTS[config.layout].pick(unit.chain, unit.plan) for u, unit in enumerate(units)}, {}
+        return {u: LAYOUTS[config.layout].pick(unit.chain, unit.plan) if unit.plan.kind != "dynamic"
+                else static_choice(unit.chain, unit.plan) for u, unit in enumerate(units)}, {}
     why = None if points else "no inputs to measure with"
     if why is None:
         loads = loads_in_ort(original)

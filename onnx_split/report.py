@@ -164,7 +164,8 @@ class SplitReport:
         chains = []
         for c in self.chains:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
-                    else f"split into {c.parts} part{'s' if c.parts != 1 else ''}")
+                    else f"split into {c.parts} part{'s' if c.parts != 1 else ''}" if c.parts is not None
+                    else "dynamic: skips input blocks per call")
             chains.append(f"{chain_label([names.get(n, n) for n in c.sites])}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
                           f"{'s' if c.boundary_gathers != 1 else ''} on activations")
         lines += _capped(chains, "rewrite")

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
+from .kernel import register
 from .model_io import is_large, save_model
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def _options(threads: int, optimization: str) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 4  # fatal only: failures come back as exceptions, ORT prints nothing
+    register(options)  # onnx_split's DynamicBlockMatMul kernel, where it is built
     return options
 
 

@@ -19,7 +19,8 @@ import onnx
 
 from .bench import Runner, round_robin
 from .chains import Chain
-from .rewrite import FALLBACK, FORMS, LAYOUTS, Unsupported, emit_chain
+from .rewrite import FALLBACK, FORMS, LAYOUTS, Unsupported, emit_chain, refusal
+from .rewrite.apply import import_custom_domain
 from .isolate import Probe, probe_models
 from .runtime import capture, ort_error, provider_status
 from .sites import default_opset
@@ -43,8 +44,12 @@ class TuneResult:
 
 
 def static_choice(chain: Chain, plan) -> str:
-    """The form written where nothing could be measured: the parallel layout's rule."""
-    return LAYOUTS[FALLBACK].pick(chain, plan)
+    """The form written where nothing could be measured: the parallel layout's rule; for a plan kind
+    the parallel forms do not take (dynamic plans), the first registered form that writes it."""
+    fallback = LAYOUTS[FALLBACK]
+    if plan.kind in FORMS[fallback.cost_form].accepts:
+        return fallback.pick(chain, plan)
+    return next((name for name in FORMS if refusal(name, chain, plan) is None), "dense")
 
 
 def tune_chains(original: onnx.ModelProto, chains: list[tuple[Chain, object]],
@@ -244,7 +249,9 @@ def _model(original: onnx.ModelProto, nodes, initializers, inputs: list[onnx.Val
            output: str) -> onnx.ModelProto:
     graph = onnx.helper.make_graph(list(nodes), "candidate", inputs,
                                    [onnx.helper.make_empty_tensor_value_info(output)], list(initializers))
-    return onnx.helper.make_model(graph, opset_imports=list(original.opset_import), ir_version=original.ir_version)
+    model = onnx.helper.make_model(graph, opset_imports=list(original.opset_import), ir_version=original.ir_version)
+    import_custom_domain(model)  # a dynamic-kernel candidate's node
+    return model
 
 
 def _inputs(model: onnx.ModelProto) -> list[str]:

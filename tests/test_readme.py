@@ -58,6 +58,8 @@ def test_other_bash_commands(tmp_path):
                 line += f" --quick --out {tmp_path / 'lossy.md'}"
             elif "tools/bench_partitioners.py" in line:
                 line += f" --quick --out {tmp_path / 'partitioners.md'}"
+            elif "tools/bench_dynamic.py" in line:
+                line += " --quick"
             elif "tools/make_example_models.py" in line:
                 line += f" --out {tmp_path / 'models'}"
             if "--html" in line:  # the outputs go to the temporary folder

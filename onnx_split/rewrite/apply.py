@@ -8,7 +8,7 @@ import onnx
 from ..chains import Chain
 from ..sites import default_opset, walk_graphs
 from .emit import Emitter, Unsupported
-from .function import add_functions
+from .function import DOMAIN, add_functions
 from .form import Layout
 from .registry import FORMS, refusal
 from .shapes import ChainShapes, needed, reshape_targets
@@ -87,6 +87,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, 
             stored[j] = sizes
         if func is not None:
             functions.append(func)
+        functions.extend(em.functions)
         graph, replacements = by_graph.setdefault(site.scope, (site.graph, {}))
         for other in chain.sites[:-1]:
             replacements[other.index] = []
@@ -121,8 +122,16 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, 
         del graph.node[:]
         graph.node.extend(nodes)
     add_functions(model, functions)
+    import_custom_domain(model)
     _drop_unused(model.graph, dropped)
     return refused, gathers
+
+
+def import_custom_domain(model: onnx.ModelProto) -> None:
+    """Import the ``onnx_split`` domain where a written node uses it (the kernel form's node)."""
+    uses = any(n.domain == DOMAIN for _, g in walk_graphs(model.graph) for n in g.node)
+    if uses and not any(op.domain == DOMAIN for op in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
 
 
 def _share(em: Emitter, seen: dict[tuple, str]) -> tuple[int, int]:
@@ -141,11 +150,23 @@ def _share(em: Emitter, seen: dict[tuple, str]) -> tuple[int, int]:
         kept.append(t)
     if renamed:
         em.initializers = kept
-        for node in em.nodes:
-            for i, name in enumerate(node.input):
-                if name in renamed:
-                    node.input[i] = renamed[name]
+        _rename_inputs(em.nodes, renamed)
     return sizes[0], sizes[1]
+
+
+def _rename_inputs(nodes, renamed: dict[str, str]) -> None:
+    """Rename inputs of ``nodes`` and of the nodes of their subgraphs (an If branch reads the
+    weights of the graph around it)."""
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _rename_inputs(attribute.g.node, renamed)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for g in attribute.graphs:
+                    _rename_inputs(g.node, renamed)
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:

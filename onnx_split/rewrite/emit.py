@@ -50,6 +50,7 @@ class Emitter:
         self.initializers: list[onnx.TensorProto] = []
         self.gathers = 0  # Gather nodes on activations (set when the layout is complete)
         self.shapes = None  # a chain's shapes.ChainShapes, when its Reshapes or Shape readers need one
+        self.functions: list[onnx.FunctionProto] = []  # model-local functions a form's nodes call
 
     def at(self, base: str, source: onnx.NodeProto | None = None) -> None:
         """Name what follows under another node (a later layer of a chain, a cloned activation),

@@ -1,0 +1,149 @@
+"""Quality and latency of dynamic block skipping against dense and against the static baseline, on
+the trained byte-level LM (held-out bits per byte) and the digits MLP (test accuracy), for keep
+fractions 1, 0.75, 0.5, 0.25 of every eligible projection's input blocks:
+
+- dense: the model as trained;
+- dynamic top-k / dynamic threshold: the model onnx_split writes with ``--dynamic-keep F``
+  (``--dynamic-rule topk`` / ``threshold``, calibrated on the calibration file), run one sample per
+  call (each call selects its own blocks);
+- static: the seed paper's magnitude-block baseline: the same blocks (``--dynamic-block``) pruned
+  permanently, per site the F of them with the largest mean ||x_b||*||W_b|| over the calibration
+  samples.
+
+Then the LM's whole-model latency at batch 1 and 8 (interleaved medians, one thread) of each
+written model against dense. Writes docs/DYNAMIC.quality.json and prints Markdown tables:
+
+    .venv/bin/python tools/quality_dynamic.py            # a few minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import onnx_split  # noqa: E402
+from onnx_split.bench import benchmark_models  # noqa: E402
+from onnx_split.plans.dynamic import block_scores, weight_scales  # noqa: E402
+from onnx_split.pruned import reference_model  # noqa: E402
+from onnx_split.runtime import CPU, capture, make_session  # noqa: E402
+from onnx_split.sites import find_sites  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1] / "models"
+KEEPS = (1.0, 0.75, 0.5, 0.25)
+
+
+def lm_metric(model, data):
+    """Held-out bits per byte, one context per call."""
+    s = make_session(model.SerializeToString(), CPU, "enabled", 1)
+    ctx, nxt = data["context"], data["next"]
+    total = 0.0
+    for i in range(len(ctx)):
+        z = s.run(None, {"context": ctx[i:i + 1]})[0][0].astype(np.float64)
+        z -= z.max()
+        total += math.log(np.exp(z).sum()) - z[nxt[i]]
+    return total / len(ctx) / math.log(2)
+
+
+def digits_metric(model, data):
+    s = make_session(model.SerializeToString(), CPU, "enabled", 1)
+    x, y = data["pixels"], data["labels"]
+    hits = sum(int(np.argmax(s.run(None, {"pixels": x[i:i + 1]})[0][0]) == y[i]) for i in range(len(x)))
+    return hits / len(x)
+
+
+def static_baseline(model, calibration: dict, block: int, keep: float):
+    """The model with, per site, all but the F best blocks of input rows zeroed for good."""
+    sites = [s for s in find_sites(model, min_elements=0) if s.reason is None]
+    name = next(iter(calibration))
+    samples = [{name: calibration[name][i:i + 1]} for i in range(len(calibration[name]))]
+    acts = capture(model, [s.activation for s in sites], samples)
+    weights = {}
+    for i, site in enumerate(sites):
+        k = site.weight.shape[0]
+        n_blocks = math.ceil(k / block)
+        if n_blocks < 2:
+            continue
+        scales = weight_scales(site.weight, block, "xw")
+        mean = np.mean([block_scores(a[site.activation], block, scales) for a in acts], axis=0)
+        kept = np.sort(np.argsort(-mean, kind="stable")[:max(1, math.ceil(keep * n_blocks - 1e-9))])
+        w = np.zeros_like(site.weight)
+        for b in kept:
+            w[b * block:(b + 1) * block] = site.weight[b * block:(b + 1) * block]
+        weights[i] = w
+    all_sites = find_sites(model, min_elements=0)
+    index = {s.index: j for j, s in enumerate(all_sites)}
+    return reference_model(model, all_sites, {index[sites[i].index]: w for i, w in weights.items()})
+
+
+def dynamic(model, calibration_path: str, block: int, keep: float, rule: str, form: str):
+    config = onnx_split.SplitConfig(dynamic_keep=keep, dynamic_block=block, dynamic_rule=rule, dynamic_form=form,
+                                    layout="parallel", min_elements=0, calibration=calibration_path, bench=False,
+                                    verify=False)
+    result = onnx_split.split_model(model, config)
+    split = [s for s in result.report.sites if s.decision == "split"]
+    if not split:
+        return result.model, None  # every site kept dense (keep 1: no saving)
+    return result.model, sum(s.flops_after for s in split) / sum(s.flops_before for s in split)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="100 test samples, no latency")
+    ap.add_argument("--out", default="docs/DYNAMIC.quality.json")
+    ap.add_argument("--only", choices=["byte_lm", "digits_mlp"], help="one of the two models")
+    args = ap.parse_args(argv)
+    form = "kernel" if onnx_split.kernel_library() else "portable"
+    cases = {
+        "byte_lm": (ROOT / "byte_lm.onnx", ROOT / "byte_lm_calibration.npz", ROOT / "byte_lm_test.npz", lm_metric,
+                    "held-out bits per byte (lower is better)"),
+        "digits_mlp": (ROOT / "digits_mlp.onnx", ROOT / "digits_calibration.npz", ROOT / "digits_test.npz",
+                       digits_metric, "test accuracy"),
+    }
+    rows, latency = [], []
+    for label, (path, cal, test, metric, what) in cases.items():
+        if args.only and label != args.only:
+            continue
+        model = onnx.load(str(path))
+        data = dict(np.load(test))
+        if args.quick:
+            data = {k: v[:100] for k, v in data.items()}
+        calibration = dict(np.load(cal))
+        dense = metric(model, data)
+        print(f"\n{label}: {what}; dense {dense:.4f}; block {args.block}; written as the {form} form")
+        print("| keep | dynamic top-k | dynamic threshold | static blocks | FLOPs of the dynamic sites (top-k) |")
+        print("|---:|---:|---:|---:|---:|")
+        for keep in KEEPS:
+            row = {"model": label, "metric": what, "keep": keep, "dense": dense}
+            topk, flops = dynamic(model, str(cal), args.block, keep, "topk", form)
+            row["topk"], row["topk_flops"] = metric(topk, data), flops
+            thr, _ = dynamic(model, str(cal), args.block, keep, "threshold", form)
+            row["threshold"] = metric(thr, data)
+            row["static"] = metric(static_baseline(model, calibration, args.block, keep), data)
+            rows.append(row)
+            share = "dense" if flops is None else f"{flops:.1%}"
+            print(f"| {keep:g} | {row['topk']:.4f} | {row['threshold']:.4f} | {row['static']:.4f} | {share} |",
+                  flush=True)
+            if label == "byte_lm" and not args.quick and keep < 1:
+                for batch in (1, 8):
+                    feeds = {"context": data["context"][:batch]}
+                    for variant, m in (("topk", topk), ("threshold", thr)):
+                        (entry,) = benchmark_models(model, m, feeds, providers=[CPU], seconds=2.0, threads=1)
+                        latency.append({"keep": keep, "batch": batch, "variant": variant, "speedup": entry.speedup,
+                                        "dense_ms": entry.original_ms, "dynamic_ms": entry.rewritten_ms})
+                        print(f"  latency keep {keep:g} batch {batch} {variant}: {entry.speedup:.2f}x "
+                              f"({entry.original_ms:.4f} -> {entry.rewritten_ms:.4f} ms)", flush=True)
+    if not args.quick:
+        Path(args.out).write_text(json.dumps({"block": args.block, "form": form, "rows": rows, "latency": latency},
+                                             indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
