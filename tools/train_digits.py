@@ -96,10 +96,9 @@ def group_lasso_offdiag(w: torch.Tensor, groups: int) -> torch.Tensor:
     return norms.sum() - norms.diagonal().sum()
 
 
-def train(data, seed: int, epochs: int, lam: float) -> MLP:
-    (x_tr, y_tr) = data
-    torch.manual_seed(seed)
-    model = MLP()
+def fit(model: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, seed: int, epochs: int, penalty=None) -> nn.Module:
+    """Adam with cosine decay on cross-entropy in seeded minibatches, plus ``penalty(model)`` (a
+    loss term) when given; the recipe every digits model here is trained with."""
     opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = -(-len(x_tr) // BATCH)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch, eta_min=LR * 0.01)
@@ -112,13 +111,20 @@ def train(data, seed: int, epochs: int, lam: float) -> MLP:
         for s in range(0, len(xt), BATCH):
             idx = order[s:s + BATCH]
             loss = loss_fn(model(xt[idx]), yt[idx])
-            if lam:
-                loss = loss + lam * group_lasso_offdiag(model.fc2.weight, GROUPS)
+            if penalty is not None:
+                loss = loss + penalty(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     return model.eval()
+
+
+def train(data, seed: int, epochs: int, lam: float) -> MLP:
+    (x_tr, y_tr) = data
+    torch.manual_seed(seed)
+    penalty = (lambda m: lam * group_lasso_offdiag(m.fc2.weight, GROUPS)) if lam else None
+    return fit(MLP(), x_tr, y_tr, seed, epochs, penalty)
 
 
 @torch.no_grad()

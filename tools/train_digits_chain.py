@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import BATCH, GROUPS, LR, OPSET, WEIGHT_DECAY, group_lasso_offdiag, load_splits  # noqa: E402
+from train_digits import GROUPS, OPSET, fit, group_lasso_offdiag, load_splits  # noqa: E402
 
 HIDDEN = 1024
 LAMBDA = 0.01
@@ -44,25 +44,9 @@ class DeepMLP(nn.Module):
 def train(x_tr: np.ndarray, y_tr: np.ndarray, seed: int = 0) -> DeepMLP:
     torch.manual_seed(seed)
     torch.set_num_threads(1)
-    model = DeepMLP()
-    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps = -(-len(x_tr) // BATCH)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=EPOCHS * steps, eta_min=LR * 0.01)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    gen = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    for _ in range(EPOCHS):
-        order = torch.randperm(len(xt), generator=gen)
-        for s in range(0, len(xt), BATCH):
-            idx = order[s:s + BATCH]
-            loss = loss_fn(model(xt[idx]), yt[idx])
-            loss = loss + LAMBDA * (group_lasso_offdiag(model.fc2.weight, GROUPS)
-                                    + group_lasso_offdiag(model.fc3.weight, GROUPS))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    penalty = lambda m: LAMBDA * (group_lasso_offdiag(m.fc2.weight, GROUPS)  # noqa: E731
+                                  + group_lasso_offdiag(m.fc3.weight, GROUPS))
+    return fit(DeepMLP(), x_tr, y_tr, seed, EPOCHS, penalty)
 
 
 @torch.no_grad()
