@@ -31,8 +31,9 @@ def estimate(options: dict[int, list[Option]], choice: dict[int, int]) -> float:
     return math.sqrt(sum(options[i][r].error ** 2 for i, r in choice.items()))
 
 
-def allocate(options: dict[int, list[Option]], budget: float) -> dict[int, int]:
-    """site -> chosen option index (sites left dense are absent), estimated error <= ``budget``."""
+def allocate(options: dict[int, list[Option]], budget: float, path: list | None = None) -> dict[int, int]:
+    """site -> chosen option index (sites left dense are absent), estimated error <= ``budget``;
+    ``path`` (a list) receives the choice after every step taken."""
     chosen: dict[int, int] = {}
     room = budget * budget
     used = 0.0
@@ -57,6 +58,8 @@ def allocate(options: dict[int, list[Option]], budget: float) -> dict[int, int]:
         _, i, r, added = best
         chosen[i] = r
         used += added
+        if path is not None:
+            path.append(dict(chosen))
 
 
 def back_off(options: dict[int, list[Option]], choice: dict[int, int]) -> dict[int, int] | None:

@@ -430,8 +430,15 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
         ctx.progress("confirm", len(trace), len(trace) + 1)
         return err
 
-    budget, backed = tol, {}
-    choice = allocate(options, budget)
+    budget, backed, path = tol, {}, []
+    choice = allocate(options, budget, path)
+
+    def flops_of(choice: dict[int, int]) -> float:
+        saved = sum((1 - options[i][r].plan.flops) * options[i][r].plan.macs_dense() for i, r in choice.items())
+        return 1 - saved / dense_macs
+
+    trace.extend({"flops": flops_of(step), "error": estimate(options, step), "accepted": None, "estimated": True,
+                  "sites": len(step)} for step in path)
     accepted, accepted_err = {}, 0.0
     shrinks = 0
     while choice and not ctx.out_of_time():

@@ -147,8 +147,8 @@ def latency_png(latency) -> bytes | None:
 # ---------------------------------------------------------------- error against FLOPs
 
 def error_flops_png(search_trace=(), survey_rows=()) -> bytes | None:
-    """The --tolerance search's evaluated points (error against the FLOPs fraction of all candidate
-    sites, accepted ones joined) and, per site of a dry run, each level's error (or, without
+    """The --tolerance search's points (error against the FLOPs fraction of all candidate sites: the
+    allocation's estimated steps as a dashed curve, the measured confirmations, accepted ones joined) and, per site of a dry run, each level's error (or, without
     calibration data, the significance it loses) against its FLOPs fraction. None when there is
     nothing to draw."""
     trace = [p for p in search_trace if p.get("flops") is not None and p.get("error") is not None]
@@ -165,8 +165,12 @@ def error_flops_png(search_trace=(), survey_rows=()) -> bytes | None:
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         if panel == "trace":
-            ok = [p for p in trace if p.get("accepted")]
-            no = [p for p in trace if not p.get("accepted")]
+            est = [p for p in trace if p.get("estimated")]
+            ok = [p for p in trace if p.get("accepted") and not p.get("estimated")]
+            no = [p for p in trace if not p.get("accepted") and not p.get("estimated")]
+            if est:
+                ax.plot([p["flops"] for p in est], [p["error"] for p in est], ".--", ms=4, color="#7f7f7f",
+                        label="estimated (allocation steps)")
             ax.scatter([p["flops"] for p in no], [p["error"] for p in no], s=16, marker="x", color="#d62728",
                        label="rejected")
             ax.plot([p["flops"] for p in ok], [p["error"] for p in ok], "o-", ms=4, color="#2ca02c",

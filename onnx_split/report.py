@@ -113,9 +113,10 @@ class SplitReport:
     CLI adds write: in the JSON report, writing the model up to the report itself, which cannot
     time its own writing; the text's ``time:`` line also counts the report, --html and --plots)"""
     search_trace: list = field(default_factory=list)
-    """``--tolerance``: every point the search evaluated, in order: {"flops": fraction of the dense
-    FLOPs of all candidate sites, "error": relative output error on the search samples, "accepted":
-    whether the search kept it}"""
+    """``--tolerance``: the search's points, in order, each {"flops": fraction of the dense FLOPs of
+    all candidate sites, "error", "accepted", "sites"}: first the allocation's steps
+    ("estimated": true, "error" the estimate, "accepted" null), then every whole-model confirmation
+    ("error" measured on the search samples, "accepted" whether it was within the tolerance)"""
 
     @property
     def n_split(self) -> int:

@@ -222,6 +222,10 @@ def test_the_search_trace_is_drawn_when_there_is_one():
     assert report.error is not None and report.search_trace
     for point in report.search_trace:
         assert 0 <= point["flops"] <= 1 and (point["error"] <= 0.05 or not point["accepted"])
+    estimated = [p for p in report.search_trace if p.get("estimated")]
+    measured = [p for p in report.search_trace if not p.get("estimated")]
+    assert estimated and measured  # the allocation's curve, then its confirmations
+    assert [p["flops"] for p in estimated] == sorted((p["flops"] for p in estimated), reverse=True)
     pictures = plots.pictures(report, result.structures)
     (error_picture,) = [p for p in pictures if p.section == "error"]
     png_size(error_picture.png)
