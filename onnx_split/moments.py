@@ -44,11 +44,6 @@ class Moments:
         self.sum += _augmented(left).T @ _augmented(x)
         self.count += int(x.shape[0])
 
-    def __add__(self, other: "Moments") -> "Moments":
-        total = Moments(self.k)
-        total.sum, total.count = self.sum + other.sum, self.count + other.count
-        return total
-
     @property
     def norms(self) -> np.ndarray:
         """||x_i||_2 per input feature over every row added (of X' for a cross moment)."""

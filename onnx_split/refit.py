@@ -90,28 +90,3 @@ class Problem:
     def masked(self, mask: np.ndarray) -> np.ndarray:
         new = np.where(np.vstack([mask, np.ones((1, mask.shape[1]), bool)]), self.old, 0.0)
         return new
-
-
-def refit(mask: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, gram: np.ndarray,
-          cross: np.ndarray | None = None, damping: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The refitted weight (zero outside ``mask``) and bias (None when ``bias`` is None).
-
-    ``gram``: H' = [X', 1]^T [X', 1]; ``cross``: C = [X', 1]^T [X, 1] (None: X' = X, so C = H').
-    """
-    new = Problem(weight, bias, gram, cross).solve(column_groups(mask), DAMPING if damping is None else damping)
-    return new[:-1], (new[-1] if bias is not None else None)
-
-
-def local_error(weight: np.ndarray, bias: np.ndarray | None, new_weight: np.ndarray,
-                new_bias: np.ndarray | None, gram: np.ndarray) -> float:
-    """||[X,1]([W;b] - [W';b'])|| / ||[X,1][W;b]|| over the calibration rows of ``gram`` ([X,1]^T[X,1])."""
-    n = weight.shape[1]
-    b = np.zeros(n) if bias is None else bias
-    b2 = b if new_bias is None else new_bias
-    full = np.vstack([weight, b[None, :]])
-    delta = full - np.vstack([new_weight, b2[None, :]])
-    num = float(np.einsum("ij,ij->", delta, gram @ delta))
-    den = float(np.einsum("ij,ij->", full, gram @ full))
-    if den <= 0:
-        return 0.0 if num <= 0 else float("inf")
-    return float(np.sqrt(max(num, 0.0) / den))

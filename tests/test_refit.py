@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from onnx_split import SplitConfig, split_model
 from onnx_split.cli import main
 from onnx_split.pruned import ErrorSum, relative_error
-from onnx_split.refit import column_groups, local_error, refit
+from onnx_split.refit import Problem, column_groups
 from onnx_split.moments import Moments
 
 from builders import ort_run
@@ -70,6 +70,12 @@ def _block_mask(k, n, parts, rng):
 
 # ---------------------------------------------------------------- refit.py on its own
 
+def _solve(mask, w, b, gram, cross=None):
+    """refit.Problem's undamped solution as (weight, bias or None), and the problem."""
+    problem = Problem(w, b, gram, cross)
+    new = problem.solve(column_groups(mask), 0.0)
+    return new[:-1], (new[-1] if b is not None else None), problem, new
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_refit_is_least_squares_on_the_kept_rows(bias):
     rng = np.random.default_rng(0)
@@ -78,7 +84,7 @@ def test_refit_is_least_squares_on_the_kept_rows(bias):
     mask = _block_mask(24, 16, 4, rng)
     m = Moments(24)
     m.add(x)
-    got_w, got_b = refit(mask, w, b if bias else None, m.sum, damping=0.0)
+    got_w, got_b, problem, new = _solve(mask, w, b if bias else None, m.sum)
     want_w, want_b = _lstsq(x, x @ w + (b if bias else 0.0), mask, bias)
     np.testing.assert_allclose(got_w, want_w, rtol=1e-6, atol=1e-8)
     assert (got_w[~mask] == 0).all()
@@ -90,7 +96,7 @@ def test_refit_is_least_squares_on_the_kept_rows(bias):
     err = lambda ww, bb: np.linalg.norm(x @ ww + bb - (x @ w + b)) / np.linalg.norm(x @ w + b)  # noqa: E731
     fitted = err(got_w, got_b if bias else b)
     assert fitted < err(np.where(mask, w, 0), b)
-    assert local_error(w, b if bias else None, got_w, got_b, m.sum) == pytest.approx(
+    assert problem.error(column_groups(mask), new) == pytest.approx(
         fitted if bias else np.linalg.norm(x @ got_w - x @ w) / np.linalg.norm(x @ w), rel=1e-6)
 
 
@@ -104,7 +110,7 @@ def test_a_cross_moment_refits_to_the_original_output_from_shifted_inputs():
     for part in np.array_split(np.arange(300), 7):  # streamed: the sums do not care how rows are batched
         gram.add(shifted[part])
         cross.add(x[part], shifted[part])
-    got_w, got_b = refit(mask, w, b, gram.sum, cross.sum, damping=0.0)
+    got_w, got_b, _, _ = _solve(mask, w, b, gram.sum, cross.sum)
     want_w, want_b = _lstsq(shifted, x @ w + b, mask, True)
     np.testing.assert_allclose(got_w, want_w, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(got_b, want_b, rtol=1e-6, atol=1e-8)
