@@ -133,13 +133,17 @@ def test_no_chains_splits_each_gemm_alone():
     _assert_same_outputs(model, result.model)
 
 
-def test_lossy_runs_split_each_gemm_alone_and_verify():
-    """Lossy plans are per site: the Reshape link must not change that."""
+def test_lossy_runs_chain_through_the_reshapes_too_and_verify():
+    """Linked lossy splits are partitioned jointly (lossy.py), through the GPT-2 Reshapes as well;
+    with --no-chains each Gemm is split alone. Both verify."""
     model = gpt2_ffn_model(*_weights(4))
-    result = split_model(model, _config("batched", parts=2))
-    assert [c.sites for c in result.report.chains] == [["/mlp/c_fc/Gemm"], ["/mlp/c_proj/Gemm"]]
-    assert [s.decision for s in result.report.sites] == ["split", "split"]
-    assert result.report.verification_passed is True
+    joint = split_model(model, _config("batched", parts=2))
+    alone = split_model(model, _config("batched", parts=2, chains=False))
+    assert [c.sites for c in joint.report.chains] == [["/mlp/c_fc/Gemm", "/mlp/c_proj/Gemm"]]
+    assert [c.sites for c in alone.report.chains] == [["/mlp/c_fc/Gemm"], ["/mlp/c_proj/Gemm"]]
+    for result in (joint, alone):
+        assert [s.decision for s in result.report.sites] == ["split", "split"]
+        assert result.report.verification_passed is True
 
 
 # -- a chain of MatMuls whose leading dims change on the way ------------------------------------------
