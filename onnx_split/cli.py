@@ -163,7 +163,10 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, finished=None) -> int:
+    """The CLI on ``argv``; returns the exit code. ``finished``: called once the run's files are
+    published, just before its last line is printed (the console entry ignores late signals from
+    there on)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (2), --help and --version (0)
@@ -172,8 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     written: list[Path] = []
+    done = []
+
+    def finish() -> None:
+        done.append(True)
+        if finished is not None:
+            finished()
     try:
-        return _run(args, written)
+        return _run(args, written, finish)
     except OnnxSplitError as exc:
         if args.debug:
             raise
@@ -192,23 +201,25 @@ def main(argv: list[str] | None = None) -> int:
               f"(rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
-        if in_main_thread:
+        if in_main_thread and not (done and finished is not None):  # the entry keeps ignoring them
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def entry() -> None:
-    """The console entry point: :func:`main`, then exit with its code. Once main has returned, the
-    run is over and its last line printed, so SIGINT and SIGTERM are ignored while the interpreter
-    shuts down (ONNX Runtime's teardown takes a moment): a late signal cannot turn a finished run's
-    exit code into 130/143 with no line."""
-    code = main()
+    """The console entry point: :func:`main`, then exit with its code. Once the run's files are
+    published and its last line is about to be printed, the run is over, so SIGINT and SIGTERM are
+    ignored from there on, through the interpreter's shutdown (ONNX Runtime's teardown takes a
+    moment): a late signal cannot turn a finished run's exit code into 130/143 with no line."""
+    sys.exit(main(finished=_ignore_late_signals))
+
+
+def _ignore_late_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(code)
 
 
-def _run(args, written: list[Path]) -> int:
+def _run(args, written: list[Path], finish=lambda: None) -> int:
     config = SplitConfig(
         threshold=args.threshold, max_parts=args.max_parts, min_elements=args.min_elements, layout=args.layout,
         verify=not args.no_verify, bench=not args.no_bench, bench_seconds=args.bench_seconds,
@@ -298,6 +309,7 @@ def _run(args, written: list[Path]) -> int:
     report.stage_seconds["write"] = time.perf_counter() - started
     if not args.quiet:
         print(report.to_text())
+    finish()
     if page_files:
         print(f"wrote {_listed(written[-page_files:])}")
     _summary(report, out_path, ok, args.force)
