@@ -25,6 +25,7 @@ from .config import SplitConfig
 from .decisions import Decision, Kept, Planned, Unit
 from .dynamic_reference import reference_model
 from .errors import InputError
+from .fitting import levels, upstream
 from .planning import site_decisions
 from .plans.dynamic import dynamic_reason, make_plan
 from .pruned import ErrorReport, ErrorSum
@@ -116,14 +117,7 @@ def plan_dynamic(model: onnx.ModelProto, sites: list[Site], config: SplitConfig,
     snapshot = onnx.ModelProto()  # the rewrite edits ``model`` in place; the error is measured on this copy
     snapshot.CopyFrom(model)
     result = DynamicPlanning(decisions, calibration, snapshot, sites, config.base_threads)
-    samples = _activations(model, sites, candidates, calibration, config) if config.dynamic_rule == "threshold" \
-        else {}
-    plans = {}
-    for n, i in enumerate(candidates):
-        progress("plan", n, len(candidates))
-        plans[i] = make_plan(sites[i].weight, block=config.dynamic_block, keep=config.dynamic_keep,
-                             rule=config.dynamic_rule, score=config.dynamic_score, activations=samples.get(i))
-    progress("plan", len(candidates), len(candidates))
+    plans = _plans(snapshot, sites, candidates, calibration, config, progress)
     chosen, reasons = dict(plans), {}
     if config.tolerance is not None:
         chosen, reasons = _search(result, plans, config)
@@ -137,6 +131,31 @@ def plan_dynamic(model: onnx.ModelProto, sites: list[Site], config: SplitConfig,
         else:
             decisions[i] = Planned(plan, f"{plan.label} ({config.dynamic_score} score)", facts)
     return result
+
+
+def _plans(model, sites, candidates, calibration, config, progress) -> dict:
+    """One plan per candidate. Top-k plans need no data. Threshold plans are calibrated in order,
+    level by level of the candidates' dependency graph: each site's threshold on the activations of
+    the model whose upstream candidates are already dynamic (a site downstream of dynamic sites sees
+    smaller activations than the dense model's; calibrated on those, it would keep fewer blocks than
+    asked). Sites at one level do not feed one another, so each level costs one capture run."""
+    def plan(i, activations=None):
+        return make_plan(sites[i].weight, block=config.dynamic_block, keep=config.dynamic_keep,
+                         rule=config.dynamic_rule, score=config.dynamic_score, activations=activations)
+
+    if config.dynamic_rule != "threshold":
+        return {i: plan(i) for i in candidates}
+    level = levels(candidates, upstream(model, sites, candidates))
+    plans: dict = {}
+    top = max(level.values(), default=-1)
+    for lvl in range(top + 1):
+        progress("calibrate", lvl, top + 1)
+        here = [i for i in candidates if level[i] == lvl]
+        source = reference_model(model, sites, plans) if plans else model
+        samples = _activations(source, sites, here, calibration, config)
+        plans.update({i: plan(i, samples.get(i)) for i in here})
+    progress("calibrate", top + 1, top + 1)
+    return {i: plans[i] for i in candidates}
 
 
 def _activations(model, sites, candidates, calibration, config) -> dict[int, list[np.ndarray]]:

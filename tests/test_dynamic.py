@@ -349,3 +349,31 @@ def test_the_fallback_form_refuses_ir_below_10_with_the_reason():
                                            "dynamic-fallback")])
     assert refused == {0: "the dynamic-fallback form needs IR version >= 10 for one function per site "
                           "(this model has 8)"}
+
+
+def test_thresholds_are_calibrated_in_order_so_every_site_keeps_its_fraction():
+    """Each threshold is calibrated on the activations of the model whose upstream sites are already
+    dynamic: on the search samples, every site of the byte LM's chain keeps the asked fraction of its
+    blocks on average in the written (reference) model, downstream sites included."""
+    from onnx_split import SplitConfig
+    from onnx_split.dynamic import _activations, plan_dynamic
+    from onnx_split.plans.dynamic import make_plan
+
+    model = onnx.load(str(MODELS / "byte_lm.onnx"))
+    sites = find_sites(model)
+    config = SplitConfig(dynamic_keep=0.5, dynamic_block=32, dynamic_rule="threshold", layout="parallel",
+                         bench=False, calibration=str(MODELS / "byte_lm_calibration.npz"))
+    planning = plan_dynamic(model, sites, config)
+    plans = {i: d.plan for i, d in planning.decisions.items() if getattr(d, "plan", None) is not None}
+    assert len(plans) >= 2, planning.decisions
+    written = reference_model(model, sites, plans)
+    seen = _activations(written, sites, list(plans), planning.calibration, config)
+    dense = _activations(model, sites, list(plans), planning.calibration, config)
+    drift = []
+    for i, plan in plans.items():
+        kept = np.mean([plan.kept_blocks(x).size / plan.n_blocks for x in seen[i]])
+        assert abs(kept - 0.5) <= 0.02, (sites[i].name, kept)
+        # a threshold calibrated on the dense model's activations keeps another fraction downstream
+        naive = make_plan(sites[i].weight, block=32, keep=0.5, rule="threshold", activations=dense[i])
+        drift.append(abs(np.mean([naive.kept_blocks(x).size / naive.n_blocks for x in seen[i]]) - 0.5))
+    assert drift[0] <= 0.02 and max(drift) > 0.05, drift
