@@ -5,7 +5,8 @@ fractions 1, 0.75, 0.5, 0.25 of every eligible projection's input blocks:
 - dense: the model as trained;
 - dynamic top-k / dynamic threshold: the model onnx_split writes with ``--dynamic-keep F``
   (``--dynamic-rule topk`` / ``threshold``, calibrated on the calibration file), run one sample per
-  call (each call selects its own blocks);
+  call (each call selects its own blocks), with each of the two scores (``--dynamic-score xw``:
+  ||x_b||*||W_b||, and ``x``: ||x_b|| alone);
 - static: the seed paper's magnitude-block baseline: the same blocks (``--dynamic-block``) pruned
   permanently, per site the F of them with the largest mean ||x_b||*||W_b|| over the calibration
   samples.
@@ -81,8 +82,9 @@ def static_baseline(model, calibration: dict, block: int, keep: float):
     return reference_model(model, all_sites, {index[sites[i].index]: w for i, w in weights.items()})
 
 
-def dynamic(model, calibration_path: str, block: int, keep: float, rule: str, form: str):
+def dynamic(model, calibration_path: str, block: int, keep: float, rule: str, form: str, score: str = "xw"):
     config = onnx_split.SplitConfig(dynamic_keep=keep, dynamic_block=block, dynamic_rule=rule, dynamic_form=form,
+                                    dynamic_score=score,
                                     layout="parallel", min_elements=0, calibration=calibration_path, bench=False,
                                     verify=False)
     result = onnx_split.split_model(model, config)
@@ -117,19 +119,22 @@ def main(argv=None) -> int:
         calibration = dict(np.load(cal))
         dense = metric(model, data)
         print(f"\n{label}: {what}; dense {dense:.4f}; block {args.block}; written as the {form} form")
-        print("| keep | dynamic top-k | dynamic threshold | static blocks | FLOPs of the dynamic sites (top-k) |")
-        print("|---:|---:|---:|---:|---:|")
+        print("| keep | top-k, xw score | top-k, x score | threshold, xw | threshold, x | static blocks "
+              "| FLOPs of the dynamic sites (top-k) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for keep in KEEPS:
             row = {"model": label, "metric": what, "keep": keep, "dense": dense}
             topk, flops = dynamic(model, str(cal), args.block, keep, "topk", form)
             row["topk"], row["topk_flops"] = metric(topk, data), flops
+            row["topk_x"] = metric(dynamic(model, str(cal), args.block, keep, "topk", form, "x")[0], data)
             thr, _ = dynamic(model, str(cal), args.block, keep, "threshold", form)
             row["threshold"] = metric(thr, data)
+            row["threshold_x"] = metric(dynamic(model, str(cal), args.block, keep, "threshold", form, "x")[0], data)
             row["static"] = metric(static_baseline(model, calibration, args.block, keep), data)
             rows.append(row)
             share = "dense" if flops is None else f"{flops:.1%}"
-            print(f"| {keep:g} | {row['topk']:.4f} | {row['threshold']:.4f} | {row['static']:.4f} | {share} |",
-                  flush=True)
+            cells = " | ".join(f"{row[k]:.4f}" for k in ("topk", "topk_x", "threshold", "threshold_x", "static"))
+            print(f"| {keep:g} | {cells} | {share} |", flush=True)
             if label == "byte_lm" and not args.quick and keep < 1:
                 for batch in (1, 8):
                     feeds = {"context": data["context"][:batch]}

@@ -177,31 +177,35 @@ static void accumulate_avx2_blocked(const float *xk, int64_t m_rows, const float
                                     const int64_t *rows, int64_t n_rows, float *y, float *stage) {
   enum { RC = 16 };
   int64_t width = (32768 / m_rows) & ~(int64_t)15;
+  if (width > 2048) width = 2048; /* this chunk and the next one prefetched stay well inside L2 */
   if (width < 64) width = 64;
   if (width > n) width = n;
   int64_t pitch = width + 16; /* staged rows 64 bytes apart from a multiple of 4 kB: no L1 set conflicts */
   for (int64_t n0 = 0; n0 < n; n0 += width) {
     int64_t nt = n - n0 < width ? n - n0 : width;
     int64_t full = nt & ~(int64_t)15;
+    for (int64_t r = 0; r < (n_rows < RC ? n_rows : RC); r++) { /* bring the first chunk in */
+      const char *start = (const char *)(w + rows[r] * n + n0);
+      for (int64_t off = 0; off < nt * 4; off += 64) _mm_prefetch(start + off, _MM_HINT_T1);
+    }
     for (int64_t r0 = 0; r0 < n_rows; r0 += RC) {
       int64_t rc = n_rows - r0 < RC ? n_rows - r0 : RC;
       const float *src[RC];
-      int64_t step = n;
       for (int64_t r = 0; r < rc; r++) src[r] = w + rows[r0 + r] * n + n0;
+      /* the next chunk of this panel is fetched while this one computes, one line per row per
+       * 16 columns, so memory and arithmetic overlap */
+      const float *next[RC];
+      int64_t rn = n_rows - (r0 + RC);
+      rn = rn < 0 ? 0 : (rn < RC ? rn : RC);
+      for (int64_t r = 0; r < rn; r++) next[r] = w + rows[r0 + RC + r] * n + n0;
       if (stage) { /* many rows of x meet this chunk: stage it once where every load hits L1 */
         for (int64_t r = 0; r < rc; r++) {
           memcpy(stage + r * pitch, src[r], sizeof(float) * nt);
           src[r] = stage + r * pitch;
         }
-        step = pitch;
-      } else {
-        for (int64_t r = 0; r < rc; r++) { /* bring the chunk in, one sequential run per row */
-          const char *start = (const char *)src[r];
-          for (int64_t off = 0; off < nt * 4; off += 64) _mm_prefetch(start + off, _MM_HINT_T1);
-        }
       }
-      (void)step;
       for (int64_t j = 0; j < full; j += 16) {
+        for (int64_t r = 0; r < rn; r++) _mm_prefetch((const char *)(next[r] + j), _MM_HINT_T1);
         int64_t m = 0;
         for (; m + 4 <= m_rows; m += 4) {
           __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
@@ -308,8 +312,20 @@ static void accumulate_avx2(const float *x, int64_t m_rows, int64_t k, const flo
         float a = xm[rows[r]], b = xm[rows[r + 1]], c = xm[rows[r + 2]], d = xm[rows[r + 3]];
         __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vc = _mm256_set1_ps(c), vd = _mm256_set1_ps(d);
         float *ym = y + m * n + n0;
+        /* one row of x: nothing else hides W's latency, so fetch the next group's four row segments
+         * one 64-byte line per row per step, a group ahead (a row of W is often one 4 kB page, where
+         * the hardware prefetcher has to start over, and it meets four pages at a time here) */
+        const float *p0 = NULL, *p1 = NULL, *p2 = NULL, *p3 = NULL;
+        if (m_rows == 1 && r + 8 <= n_rows) {
+          p0 = w + rows[r + 4] * n + n0, p1 = w + rows[r + 5] * n + n0;
+          p2 = w + rows[r + 6] * n + n0, p3 = w + rows[r + 7] * n + n0;
+        }
         int64_t j = 0;
         for (; j + 16 <= nt; j += 16) {
+          if (p0) {
+            _mm_prefetch((const char *)(p0 + j), _MM_HINT_T0), _mm_prefetch((const char *)(p1 + j), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p2 + j), _MM_HINT_T0), _mm_prefetch((const char *)(p3 + j), _MM_HINT_T0);
+          }
           __m256 y0 = _mm256_loadu_ps(ym + j), y1 = _mm256_loadu_ps(ym + j + 8);
           y0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(w0 + j), y0);
           y1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(w0 + j + 8), y1);
@@ -341,6 +357,34 @@ static void accumulate_avx2(const float *x, int64_t m_rows, int64_t k, const flo
 }
 #endif
 
+/* sum of squares of x[0:len], the block score's inner loop (float lanes, summed in double) */
+typedef double (*sumsq_fn)(const float *x, int64_t len);
+
+static double sumsq_plain(const float *x, int64_t len) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < len; i++) sum += (double)x[i] * (double)x[i];
+  return sum;
+}
+
+#ifdef HAVE_X86
+__attribute__((target("avx2,fma")))
+static double sumsq_avx2(const float *x, int64_t len) {
+  __m256 a = _mm256_setzero_ps(), b = a;
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+    a = _mm256_fmadd_ps(u, u, a), b = _mm256_fmadd_ps(v, v, b);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_add_ps(a, b));
+  double sum = 0.0;
+  for (int j = 0; j < 8; j++) sum += lanes[j];
+  for (; i < len; i++) sum += (double)x[i] * (double)x[i];
+  return sum;
+}
+#endif
+
+static sumsq_fn g_sumsq = sumsq_plain;
 static accumulate_fn g_accumulate = accumulate_plain;
 static const char *g_path = "plain C";
 static pthread_once_t g_dispatch_once = PTHREAD_ONCE_INIT;
@@ -363,11 +407,13 @@ const char *onnx_split_dynamic_kernel_force_plain(int plain) {
 #ifdef HAVE_X86
   if (!plain && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     g_accumulate = accumulate_avx2;
+    g_sumsq = sumsq_avx2;
     g_path = "avx2+fma";
     return g_path;
   }
 #endif
   g_accumulate = accumulate_plain;
+  g_sumsq = sumsq_plain;
   g_path = "plain C";
   return g_path;
 }
@@ -497,9 +543,7 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
     const float *xm = x + m * k;
     for (int64_t b = 0; b < n_blocks; b++) {
       int64_t end = (b + 1) * kernel->block < k ? (b + 1) * kernel->block : k;
-      double sum = 0.0;
-      for (int64_t i = b * kernel->block; i < end; i++) sum += (double)xm[i] * (double)xm[i];
-      score[b] += sum;
+      score[b] += g_sumsq(xm + b * kernel->block, end - b * kernel->block);
     }
   }
   for (int64_t b = 0; b < n_blocks; b++) score[b] = sqrt(score[b] / (double)m_rows) * (double)scale[b];
