@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"input features per block ({D['dynamic_block']})")
     g.add_argument("--dynamic-score", choices=("xw", "x"), default=D["dynamic_score"],
                    help="block score: ||x_b||*||W_b|| (xw) or ||x_b|| (x)")
+    g.add_argument("--dynamic-compensate", action="store_true",
+                   help="a skipped block counts as its mean over the calibration calls that skipped it, not as zero "
+                        "(adds one precomputed row per skipped block; the means come from the calibration samples)")
     g.add_argument("--dynamic-form", choices=("auto", "kernel", "portable", "fallback"), default=D["dynamic_form"],
                    help="the compiled kernel, standard ONNX (one If per block), the kernel with a standard-ONNX "
                         "function as fallback (IR >= 10), or the faster measured (auto)")
@@ -233,7 +236,7 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
         tile=args.tile, holdout=args.holdout, refit=args.refit, calibration_batch=args.calibration_batch,
         search_seconds=args.search_seconds, include=tuple(args.include), exclude=tuple(args.exclude),
         dynamic_keep=args.dynamic_keep, dynamic_rule=args.dynamic_rule, dynamic_block=args.dynamic_block,
-        dynamic_score=args.dynamic_score, dynamic_form=args.dynamic_form,
+        dynamic_score=args.dynamic_score, dynamic_form=args.dynamic_form, dynamic_compensate=args.dynamic_compensate,
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")

@@ -119,6 +119,10 @@ class SplitConfig:
     """Input features per block of a dynamic site."""
     dynamic_score: str = "xw"
     """Block score: ``xw`` ||x_b||*||W_b||, ``x`` ||x_b||."""
+    dynamic_compensate: bool = False
+    """A skipped block counts as its calibration mean instead of zero: each site adds, per skipped
+    block b, mu_b @ W_b, with mu_b the mean of x_b over the calibration calls that skipped b
+    (needs calibration samples)."""
     dynamic_form: str = "auto"
     """``kernel`` (the compiled DynamicBlockMatMul op), ``portable`` (standard ONNX, one If per
     block), ``fallback`` (the kernel's node plus a model-local function of the portable form: the

@@ -111,8 +111,9 @@ def plan_dynamic(model: onnx.ModelProto, sites: list[Site], config: SplitConfig,
             decisions[i] = Kept("plan", f"not dynamic: {why}")
         else:
             candidates.append(i)
-    needs = config.dynamic_rule == "threshold" or config.tolerance is not None
-    purpose = "--tolerance" if config.tolerance is not None else "--dynamic-rule threshold"
+    needs = config.dynamic_rule == "threshold" or config.dynamic_compensate or config.tolerance is not None
+    purpose = ("--tolerance" if config.tolerance is not None else "--dynamic-rule threshold"
+               if config.dynamic_rule == "threshold" else "--dynamic-compensate")
     calibration = _calibration(model, config, required=needs, wanted=config.verify, purpose=purpose)
     snapshot = onnx.ModelProto()  # the rewrite edits ``model`` in place; the error is measured on this copy
     snapshot.CopyFrom(model)
@@ -134,16 +135,18 @@ def plan_dynamic(model: onnx.ModelProto, sites: list[Site], config: SplitConfig,
 
 
 def _plans(model, sites, candidates, calibration, config, progress) -> dict:
-    """One plan per candidate. Top-k plans need no data. Threshold plans are calibrated in order,
-    level by level of the candidates' dependency graph: each site's threshold on the activations of
-    the model whose upstream candidates are already dynamic (a site downstream of dynamic sites sees
-    smaller activations than the dense model's; calibrated on those, it would keep fewer blocks than
-    asked). Sites at one level do not feed one another, so each level costs one capture run."""
+    """One plan per candidate. Top-k plans need no data. Threshold and compensated plans are
+    calibrated in order, level by level of the candidates' dependency graph: each site on the
+    activations of the model whose upstream candidates are already dynamic (a site downstream of
+    dynamic sites sees smaller activations than the dense model's; a threshold calibrated on those
+    would keep fewer blocks than asked, and the skipped blocks' means would be off). Sites at one
+    level do not feed one another, so each level costs one capture run."""
     def plan(i, activations=None):
         return make_plan(sites[i].weight, block=config.dynamic_block, keep=config.dynamic_keep,
-                         rule=config.dynamic_rule, score=config.dynamic_score, activations=activations)
+                         rule=config.dynamic_rule, score=config.dynamic_score, activations=activations,
+                         compensate=config.dynamic_compensate)
 
-    if config.dynamic_rule != "threshold":
+    if config.dynamic_rule != "threshold" and not config.dynamic_compensate:
         return {i: plan(i) for i in candidates}
     level = levels(candidates, upstream(model, sites, candidates))
     plans: dict = {}

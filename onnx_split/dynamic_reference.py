@@ -1,5 +1,7 @@
 """The verification reference of dynamic sites: the original model whose dynamic sites see their
-activation masked by the same block selection, written here in standard ONNX ops.
+activation masked by the same block selection, written here in standard ONNX ops (with
+``--dynamic-compensate``, a skipped block's features take their fill values instead of zero, so
+the site adds fill_b @ W_b per skipped block, as the forms do from precomputed rows).
 
 It is built from the plans alone and independently of the rewrite forms (another op path: ReduceL2,
 the k-th best score as a cut, a feature mask multiplied into x), so the kernel and the portable form
@@ -80,4 +82,12 @@ def _mask(site, plan, opset: int, base: str):
               h.make_node("Reshape", [n("mask2"), n("flat")], [n("mask_pad")]),
               h.make_node("Slice", [n("mask_pad"), n("start"), n("end")], [n("mask")]),
               h.make_node("Mul", [x, n("mask")], [n("masked")])]
-    return nodes, inits, n("masked")
+    if plan.fill is None:
+        return nodes, inits, n("masked")
+    # --dynamic-compensate: a skipped feature counts as its fill value, x * mask + fill * (1 - mask)
+    inits += [numpy_helper.from_array(np.asarray(plan.fill, np.float32), n("fill")),
+              numpy_helper.from_array(np.ones(1, np.float32), n("one"))]
+    nodes += [h.make_node("Sub", [n("one"), n("mask")], [n("skipped")]),
+              h.make_node("Mul", [n("fill"), n("skipped")], [n("filled")]),
+              h.make_node("Add", [n("masked"), n("filled")], [n("compensated")])]
+    return nodes, inits, n("compensated")

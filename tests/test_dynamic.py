@@ -37,8 +37,9 @@ def session(model: onnx.ModelProto, optimization: str = "enabled", library: bool
 
 
 def numpy_dynamic(x: np.ndarray, w: np.ndarray, block: int, rule: str, keep_blocks: int, threshold: float,
-                  use_w: bool = True) -> np.ndarray:
-    """The dynamic product computed here from its definition, in float64."""
+                  use_w: bool = True, fill: np.ndarray | None = None) -> np.ndarray:
+    """The dynamic product computed here from its definition, in float64 (``fill``: what a skipped
+    block's features count as, --dynamic-compensate; else zero)."""
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     k = w.shape[0]
     n_blocks = math.ceil(k / block)
@@ -54,6 +55,8 @@ def numpy_dynamic(x: np.ndarray, w: np.ndarray, block: int, rule: str, keep_bloc
     mask = np.zeros(k)
     for b in kept:
         mask[b * block:(b + 1) * block] = 1.0
+    if fill is not None:
+        return (x64 * mask + np.asarray(fill, np.float64) * (1 - mask)) @ w64
     return (x64 * mask) @ w64
 
 
@@ -196,13 +199,15 @@ def _site_model(kind: str, k: int, n: int, rng):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("rule", ["topk", "threshold"])
 @pytest.mark.parametrize("kind", ["matmul", "gemm"])
-def test_a_dynamic_site_equals_numpy_and_the_reference(form, rule, kind):
+@pytest.mark.parametrize("compensate", [False, True], ids=["", "compensated"])
+def test_a_dynamic_site_equals_numpy_and_the_reference(form, rule, kind, compensate):
     rng = np.random.default_rng(11)
     model, w = _site_model(kind, 72, 30, rng)
     (site,) = find_sites(model, min_elements=0)
     name = site.activation
-    samples = [rng.standard_normal((4, 72)).astype(np.float32) for _ in range(8)]
-    plan = make_plan(site.weight, block=16, keep=0.5, rule=rule, activations=samples)
+    samples = [(rng.standard_normal((4, 72)) + 0.5).astype(np.float32) for _ in range(8)]
+    plan = make_plan(site.weight, block=16, keep=0.5, rule=rule, activations=samples, compensate=compensate)
+    assert (plan.fill is not None) == compensate
     out = onnx.ModelProto()
     out.CopyFrom(model)
     (site_out,) = find_sites(out, min_elements=0)
@@ -215,7 +220,7 @@ def test_a_dynamic_site_equals_numpy_and_the_reference(form, rule, kind):
         x = np.random.default_rng(seed).standard_normal((4, 72)).astype(np.float32)
         kept = plan.kept_blocks(x)
         assert 0 < kept.size < plan.n_blocks or rule == "threshold"
-        want = numpy_dynamic(x, w, 16, rule, plan.keep_blocks, plan.threshold)
+        want = numpy_dynamic(x, w, 16, rule, plan.keep_blocks, plan.threshold, fill=plan.fill)
         if kind == "gemm":
             c = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "c"))
             want = 0.5 * want + 2.0 * c
@@ -314,8 +319,8 @@ def test_bad_dynamic_options_are_one_line_and_exit_2(argv, message, tmp_path, ca
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
-@pytest.mark.parametrize("rule", ["topk", "threshold"])
-def test_the_fallback_form_runs_the_kernel_where_registered_and_its_function_elsewhere(rule):
+@pytest.mark.parametrize("rule,compensate", [("topk", False), ("threshold", False), ("topk", True)])
+def test_the_fallback_form_runs_the_kernel_where_registered_and_its_function_elsewhere(rule, compensate):
     """One file for every runtime: ORT resolves the custom-domain node to the kernel when the library
     is registered, and inlines the model-local function (the portable form) when it is not."""
     rng = np.random.default_rng(13)
@@ -323,8 +328,8 @@ def test_the_fallback_form_runs_the_kernel_where_registered_and_its_function_els
     model = matmul_model(w, ["batch", 100], ir_version=10)
     model.ir_version = 10
     (site,) = find_sites(model, min_elements=0)
-    samples = [rng.standard_normal((1, 100)).astype(np.float32) for _ in range(10)]
-    plan = make_plan(site.weight, block=16, keep=0.5, rule=rule, activations=samples)
+    samples = [(rng.standard_normal((1, 100)) + 1.0).astype(np.float32) for _ in range(10)]
+    plan = make_plan(site.weight, block=16, keep=0.5, rule=rule, activations=samples, compensate=compensate)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     refused, _ = rewrite_model(out, [Job(Chain([find_sites(out, min_elements=0)[0]], []), plan, "dynamic-fallback")])
@@ -336,7 +341,7 @@ def test_the_fallback_form_runs_the_kernel_where_registered_and_its_function_els
     libraries = [False, True] if HAS_KERNEL else [False]
     for seed in range(3):
         x = np.random.default_rng(seed).standard_normal((3, 100)).astype(np.float32)
-        want = numpy_dynamic(x, w, 16, rule, plan.keep_blocks, plan.threshold)
+        want = numpy_dynamic(x, w, 16, rule, plan.keep_blocks, plan.threshold, fill=plan.fill)
         for library in libraries:
             for optimization in ("disabled", "enabled"):
                 got = session(out, optimization, library=library).run(None, {"x": x})[0]
@@ -378,3 +383,67 @@ def test_thresholds_are_calibrated_in_order_so_every_site_keeps_its_fraction():
         naive = make_plan(sites[i].weight, block=32, keep=0.5, rule="threshold", activations=dense[i])
         drift.append(abs(np.mean([naive.kept_blocks(x).size / naive.n_blocks for x in seen[i]]) - 0.5))
     assert drift[0] <= 0.02 and max(drift) > 0.05, drift
+
+
+def test_skipped_means_are_the_means_over_the_calls_that_skipped_each_block():
+    from onnx_split.plans.dynamic import skipped_means
+
+    rng = np.random.default_rng(30)
+    w = rng.standard_normal((40, 5)).astype(np.float32)
+    calls = [(rng.standard_normal((2, 40)) * rng.gamma(0.5, 1.0, 40)).astype(np.float32) for _ in range(12)]
+    plan = make_plan(w, block=16, keep=0.5)  # 3 blocks (the last one of 8 features), 2 kept per call
+    fill = skipped_means(plan, calls)
+    for b in range(3):
+        rows = [x for x in calls if b not in plan.kept_blocks(x)]
+        cols = slice(b * 16, min(40, (b + 1) * 16))
+        want = np.concatenate(rows)[:, cols].mean(axis=0) if rows else np.zeros(len(range(40)[cols]))
+        np.testing.assert_allclose(fill[cols], want, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_the_kernel_adds_each_skipped_blocks_row_of_c(batch):
+    rng = np.random.default_rng(31 + batch)
+    k, n, block = 70, 9, 16
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    fill = rng.standard_normal(k).astype(np.float32)
+    plan = make_plan(w, block=block, keep=0.5)
+    plan = type(plan)(**{**plan.__dict__, "fill": fill})
+    model = kernel_model(w, block, 0, plan.keep_blocks, 0.0, plan.scales)
+    model.graph.node[0].input.extend(["", "C"])
+    model.graph.initializer.append(numpy_helper.from_array(plan.compensation(w), "C"))
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    got = session(model).run(None, {"x": x})[0]
+    want = numpy_dynamic(x, w, block, "topk", plan.keep_blocks, 0.0, fill=fill) if batch else np.zeros((0, n))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.zeros((2, n), np.float32), "C"))
+    with pytest.raises(Exception, match=r"C must be \[blocks, N\] = \[5, 9\]"):
+        session(model).run(None, {"x": rng.standard_normal((1, k)).astype(np.float32)})
+
+
+def test_compensation_lowers_the_byte_lms_held_out_bits_per_byte():
+    """--dynamic-compensate on the trained byte LM at half the blocks: bits per byte on test contexts
+    training never saw fall, and the written model is verified against its compensated reference.
+    (Its relative logit error barely moves: the mean contributions shift every logit alike, which the
+    softmax ignores.)"""
+    from onnx_split import SplitConfig, split_model
+
+    test = np.load(MODELS / "byte_lm_test.npz")
+    contexts, following = test["context"][:600], test["next"][:600]
+    bits = {}
+    for compensate in (False, True):
+        config = SplitConfig(dynamic_keep=0.5, dynamic_block=32, dynamic_compensate=compensate, layout="parallel",
+                             bench=False, calibration=str(MODELS / "byte_lm_calibration.npz"))
+        result = split_model(str(MODELS / "byte_lm.onnx"), config)
+        assert result.report.verification_passed
+        split = [s for s in result.report.sites if s.decision == "split"]
+        assert len(split) == 3 and all(("compensated" in s.reason) == compensate for s in split), \
+            [s.reason for s in split]
+        run = session(result.model)
+        total = 0.0
+        for c, nxt in zip(contexts, following):
+            z = run.run(None, {"context": c[None]})[0][0].astype(np.float64)
+            z -= z.max()
+            total += math.log(np.exp(z).sum()) - z[nxt]
+        bits[compensate] = total / len(contexts) / math.log(2)
+    assert bits[True] < bits[False] - 0.02, bits

@@ -4,7 +4,8 @@
  *
  * Inputs:  X [..., K] float32, W [K, N] float32 (read in place: only the kept rows are touched),
  *          S [ceil(K / block)] float32 (per-block scale of the score, e.g. the block's weight norm),
- *          optional bias [N] float32.
+ *          optional bias [N] float32, optional C [ceil(K / block), N] float32 (what each skipped
+ *          block adds instead of nothing: its calibrated mean contribution).
  * Output:  Y [..., N] float32.
  * Attributes: block (int, features per block), rule (0: keep the `keep` best blocks, 1: keep every
  *          block whose score exceeds `threshold`), keep (int), threshold (float).
@@ -486,9 +487,9 @@ static OrtStatus *input(OrtKernelContext *context, size_t index, const char *wha
 
 static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
   const Kernel *kernel = opaque;
-  const float *x, *w, *scale, *bias = NULL;
-  int64_t xd[8], wd[8], sd[8], bd[8];
-  size_t xr, wr, sr, br = 0, n_inputs = 0;
+  const float *x, *w, *scale, *bias = NULL, *comp = NULL;
+  int64_t xd[8], wd[8], sd[8], bd[8], cd[8];
+  size_t xr, wr, sr, br = 0, cr = 0, n_inputs = 0;
   OrtStatus *status;
   if ((status = input(context, 0, "X", &x, xd, &xr))) return status;
   if ((status = input(context, 1, "W", &w, wd, &wr))) return status;
@@ -498,6 +499,11 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
     const OrtValue *value = NULL;
     if ((status = CALL_AS(fn_GetInput, KernelContext_GetInput)(context, 3, &value))) return status;
     if (value && (status = input(context, 3, "bias", &bias, bd, &br))) return status;
+  }
+  if (n_inputs > 4) {
+    const OrtValue *value = NULL;
+    if ((status = CALL_AS(fn_GetInput, KernelContext_GetInput)(context, 4, &value))) return status;
+    if (value && (status = input(context, 4, "C", &comp, cd, &cr))) return status;
   }
   if (xr < 1 || wr != 2)
     return fail(ORT_INVALID_ARGUMENT, "onnx_split.DynamicBlockMatMul: X needs rank >= 1 and W rank 2 (got %zu, %zu)",
@@ -512,6 +518,9 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
                 (long long)n_blocks);
   if (bias && (br != 1 || bd[0] != n))
     return fail(ORT_INVALID_ARGUMENT, "onnx_split.DynamicBlockMatMul: bias must be [N] = [%lld]", (long long)n);
+  if (comp && (cr != 2 || cd[0] != n_blocks || cd[1] != n))
+    return fail(ORT_INVALID_ARGUMENT, "onnx_split.DynamicBlockMatMul: C must be [blocks, N] = [%lld, %lld]",
+                (long long)n_blocks, (long long)n);
   int64_t m_rows = 1;
   for (size_t i = 0; i + 1 < xr; i++) m_rows *= xd[i];
   int64_t yd[8];
@@ -564,6 +573,15 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
     for (int64_t i = b * kernel->block; i < end; i++) rows[n_rows++] = i;
   }
   g_accumulate(x, m_rows, k, w, n, rows, n_rows, y);
+  if (comp) /* each skipped block adds its row of C to every row of the call */
+    for (int64_t b = 0; b < n_blocks; b++) {
+      if (kept[b]) continue;
+      const float *c = comp + b * n;
+      for (int64_t m = 0; m < m_rows; m++) {
+        float *ym = y + m * n;
+        for (int64_t j = 0; j < n; j++) ym[j] += c[j];
+      }
+    }
   free(score), free(kept), free(rows);
   return NULL;
 }
@@ -571,9 +589,9 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
 static const char *op_name(const CustomOp *op) { (void)op; return "DynamicBlockMatMul"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int op_type(const CustomOp *op, size_t index) { (void)op; (void)index; return ELEMENT_FLOAT; }
-static size_t op_inputs(const CustomOp *op) { (void)op; return 4; }
+static size_t op_inputs(const CustomOp *op) { (void)op; return 5; }
 static size_t op_outputs(const CustomOp *op) { (void)op; return 1; }
-static int op_input_kind(const CustomOp *op, size_t index) { (void)op; return index == 3 ? IO_OPTIONAL : IO_REQUIRED; }
+static int op_input_kind(const CustomOp *op, size_t index) { (void)op; return index >= 3 ? IO_OPTIONAL : IO_REQUIRED; }
 static int op_output_kind(const CustomOp *op, size_t index) { (void)op; (void)index; return IO_REQUIRED; }
 static int op_memory(const CustomOp *op, size_t index) { (void)op; (void)index; return 0; /* OrtMemTypeDefault */ }
 static int op_one(const CustomOp *op) { (void)op; return 1; }

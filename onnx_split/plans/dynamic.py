@@ -14,7 +14,7 @@ dynamic site's input masked by the same selection written in standard ONNX ops.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -38,6 +38,9 @@ class DynamicPlan:
     """S_b per block, float32."""
     score: str = "xw"
     threshold: float = 0.0
+    fill: np.ndarray | None = field(default=None, repr=False)
+    """``--dynamic-compensate``: [K] float32, what a skipped block's inputs count as (their mean over
+    the calibration calls that skipped the block); None: zero."""
     approximates: bool = True
     input_dependent: ClassVar[bool] = True
     retained: float | None = None
@@ -58,9 +61,11 @@ class DynamicPlan:
 
     @property
     def label(self) -> str:
+        compensated = ", skipped blocks compensated" if self.fill is not None else ""
         if self.rule == "topk":
-            return f"dynamic top-{self.keep_blocks} of {self.n_blocks} blocks of {self.block}"
-        return f"dynamic threshold keeping {percent(self.keep)} of {self.n_blocks} blocks of {self.block} on average"
+            return f"dynamic top-{self.keep_blocks} of {self.n_blocks} blocks of {self.block}{compensated}"
+        return (f"dynamic threshold keeping {percent(self.keep)} of {self.n_blocks} blocks of {self.block} on "
+                f"average{compensated}")
 
     @property
     def n_layers(self) -> int:
@@ -88,7 +93,16 @@ class DynamicPlan:
         return {"parts": None, "dynamic": {"block": self.block, "rule": self.rule, "keep": self.keep,
                                            "keep_blocks": self.keep_blocks if self.rule == "topk" else None,
                                            "threshold": self.threshold if self.rule == "threshold" else None,
-                                           "score": self.score, "blocks": self.n_blocks}}
+                                           "score": self.score, "blocks": self.n_blocks,
+                                           "compensated": self.fill is not None}}
+
+    def compensation(self, weight: np.ndarray) -> np.ndarray | None:
+        """[n_blocks, N] float32: what each skipped block adds, fill_b @ W_b (None: nothing)."""
+        if self.fill is None:
+            return None
+        fill, w = np.asarray(self.fill, np.float64), np.asarray(weight, np.float64)
+        return np.stack([fill[b * self.block:(b + 1) * self.block] @ w[b * self.block:(b + 1) * self.block]
+                         for b in range(self.n_blocks)]).astype(np.float32)
 
     # -- the selection, in numpy (tests and calibration use it; the forms write it as nodes) ----
 
@@ -137,17 +151,37 @@ def calibrated_threshold(activations: list[np.ndarray], block: int, scales: np.n
     return float(np.float32(np.quantile(scores, 1.0 - keep)))
 
 
+def skipped_means(plan: DynamicPlan, activations: list[np.ndarray]) -> np.ndarray:
+    """[K] float32: per feature, the mean of its value over the rows of the calibration calls whose
+    selection skipped its block (0 for blocks never skipped)."""
+    sums, counts = np.zeros(plan.n_blocks * plan.block), np.zeros(plan.n_blocks)
+    for x in activations:
+        flat = np.asarray(x, np.float64).reshape(-1, plan.k)
+        skipped = np.ones(plan.n_blocks, bool)
+        skipped[plan.kept_blocks(flat)] = False
+        padded = np.zeros(plan.n_blocks * plan.block)
+        padded[:plan.k] = flat.sum(axis=0)
+        sums += np.repeat(skipped, plan.block) * padded
+        counts += skipped * flat.shape[0]
+    means = sums / np.maximum(np.repeat(counts, plan.block), 1)
+    return means[:plan.k].astype(np.float32)
+
+
 def make_plan(weight: np.ndarray, *, block: int, keep: float, rule: str = "topk", score: str = "xw",
-              activations: list[np.ndarray] | None = None) -> DynamicPlan:
-    """The dynamic plan of one weight [K, N]; the threshold rule calibrates on ``activations``."""
+              activations: list[np.ndarray] | None = None, compensate: bool = False) -> DynamicPlan:
+    """The dynamic plan of one weight [K, N]; the threshold rule and ``compensate`` calibrate on
+    ``activations`` (one array per call)."""
     k, n = weight.shape
     scales = weight_scales(weight, block, score)
     threshold = 0.0
+    if (rule == "threshold" or compensate) and not activations:
+        raise ValueError("the threshold rule and compensation need calibration activations")
     if rule == "threshold":
-        if not activations:
-            raise ValueError("the threshold rule needs calibration activations")
         threshold = calibrated_threshold(activations, block, scales, keep)
-    return DynamicPlan(k, n, block, rule, keep, scales, score, threshold)
+    plan = DynamicPlan(k, n, block, rule, keep, scales, score, threshold)
+    if compensate:
+        plan = replace(plan, fill=skipped_means(plan, activations))
+    return plan
 
 
 MIN_OPSET = 15
@@ -172,4 +206,4 @@ def dynamic_reason(site, block: int, opset: int = MIN_OPSET) -> str | None:
 
 
 __all__ = ["DynamicPlan", "RULES", "SCORES", "block_scores", "calibrated_threshold", "dynamic_reason", "make_plan",
-           "select", "weight_scales"]
+           "select", "skipped_means", "weight_scales"]

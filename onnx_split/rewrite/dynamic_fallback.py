@@ -34,14 +34,19 @@ def emit_fallback(em: Emitter, chain, plan) -> str:
                           f"(this model has {em.ir_version})")
     body = Emitter(site.name, em.opset, em.taken, em.layout, em.ir_version, source=site.node)
     formal_x, formal_w, formal_s = body.name("fallback/x"), body.name("fallback/W"), body.name("fallback/S")
-    y = portable_nodes(body, site, plan, x=formal_x, weight=formal_w, scales=formal_s)
+    formals = [formal_x, formal_w, formal_s]
+    formal_c = None
+    if plan.fill is not None:  # the node's inputs 3 (bias: none) and 4 (C)
+        formal_c = body.name("fallback/C")
+        formals += [body.name("fallback/bias"), formal_c]
+    y = portable_nodes(body, site, plan, x=formal_x, weight=formal_w, scales=formal_s, compensation=formal_c)
     constants = [onnx.helper.make_node("Constant", [], [t.name], name=f"{t.name}/Constant", value=t)
                  for t in body.initializers]
     y_raw = kernel_node(em, site, plan, site.activation)
     node = em.nodes[-1]
     node.overload = em.name("dynamic")  # unique in the model: this site's function
     func = onnx.helper.make_function(
-        DOMAIN, OP, [formal_x, formal_w, formal_s], [y], constants + body.nodes,
+        DOMAIN, OP, formals, [y], constants + body.nodes,
         [onnx.helper.make_opsetid("", em.opset)], attributes=ATTRIBUTES,
         doc_string=f"onnx_split {__version__}: '{site.name}' as {plan.label}, in standard ONNX (runs where "
                    f"the DynamicBlockMatMul kernel is not registered)")

@@ -25,9 +25,13 @@ def kernel_node(em: Emitter, site, plan, x: str) -> str:
     """The DynamicBlockMatMul node of ``plan`` on activation ``x``; returns its output (before alpha/bias)."""
     w = em.const("W", np.ascontiguousarray(site.weight, dtype=np.float32))
     s = em.const("S", np.asarray(plan.scales, dtype=np.float32))
+    inputs = [x, w, s]
+    compensation = plan.compensation(site.weight)
+    if compensation is not None:  # no bias input (finish_gemm adds Gemm's C), then each skipped block's row
+        inputs += ["", em.const("C", compensation)]
     doc = (f"'{site.name}' as {plan.label}: keeps the blocks of inputs with the largest "
            f"{'||x_b||*||W_b||' if plan.score == 'xw' else '||x_b||'} over the call's rows")
-    return em.node(OP, [x, w, s], OP, doc, domain=DOMAIN, block=plan.block, rule=0 if plan.rule == "topk" else 1,
+    return em.node(OP, inputs, OP, doc, domain=DOMAIN, block=plan.block, rule=0 if plan.rule == "topk" else 1,
                    keep=plan.keep_blocks if plan.rule == "topk" else 0, threshold=float(plan.threshold))
 
 

@@ -62,10 +62,12 @@ def emit_portable(em: Emitter, chain, plan) -> str:
 
 
 def portable_nodes(em: Emitter, site, plan, x: str | None = None, weight: str | None = None,
-                   scales: str | None = None) -> str:
+                   scales: str | None = None, compensation: str | None = None) -> str:
     """The selection and the If per block on activation ``x``; each block's weight is its own
     initializer, or (``weight`` given: a function body) a Slice of ``weight`` inside the block's
-    branch, which ORT folds into a constant when it inlines the function. Returns x @ W masked."""
+    branch, which ORT folds into a constant when it inlines the function. Returns x @ W masked.
+    A compensated plan's skipped block adds its row of C (``compensation``: a function's input
+    holding C, else a constant per block)."""
     if em.opset < MIN_OPSET:
         raise Unsupported(f"the portable dynamic form needs opset >= {MIN_OPSET} (this model has {em.opset})")
     x, dtype = x or site.activation, onnx.TensorProto.FLOAT
@@ -76,6 +78,7 @@ def portable_nodes(em: Emitter, site, plan, x: str | None = None, weight: str | 
     acc = em.node("ConstantOfShape", [out_shape], "zeros/ConstantOfShape", "the sum starts at zero",
                   value=onnx.helper.make_tensor("zero", dtype, [1], [0.0]))
     dense = np.asarray(site.weight, dtype=np.float32)
+    rows = plan.compensation(site.weight) if plan.fill is not None else None
     for b in range(plan.n_blocks):
         start, end = b * plan.block, min(plan.k, (b + 1) * plan.block)
         local = f"block{b}"
@@ -89,7 +92,13 @@ def portable_nodes(em: Emitter, site, plan, x: str | None = None, weight: str | 
         part = em.node("MatMul", [xb, w_b], f"{local}/MatMul", f"x_b @ W_b of block {b} of '{site.name}'")
         added = em.node("Add", [acc, part], f"{local}/Add", f"add block {b}")
         then_nodes, em.nodes = em.nodes, []
-        passed = em.node("Identity", [acc], f"{local}/skip/Identity", f"block {b} skipped")
+        if rows is None:
+            passed = em.node("Identity", [acc], f"{local}/skip/Identity", f"block {b} skipped")
+        else:
+            c_b = (em.const(f"{local}/C", rows[b]) if compensation is None else
+                   em.node("Gather", [compensation, em.ints(f"{local}/C/index", np.int64(b))], f"{local}/C/Gather",
+                           f"row {b} of C", axis=0))
+            passed = em.node("Add", [acc, c_b], f"{local}/skip/Add", f"block {b} skipped: add its mean contribution")
         else_nodes, em.nodes = em.nodes, outer
         then_graph = onnx.helper.make_graph(then_nodes, em.name(f"{local}/then"), [],
                                             [onnx.helper.make_tensor_value_info(added, dtype, None)])
