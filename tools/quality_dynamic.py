@@ -6,7 +6,8 @@ fractions 1, 0.75, 0.5, 0.25 of every eligible projection's input blocks:
 - dynamic top-k / dynamic threshold: the model onnx_split writes with ``--dynamic-keep F``
   (``--dynamic-rule topk`` / ``threshold``, calibrated on the calibration file), run one sample per
   call (each call selects its own blocks), with each of the two scores (``--dynamic-score xw``:
-  ||x_b||*||W_b||, and ``x``: ||x_b|| alone);
+  ||x_b||*||W_b||, and ``x``: ||x_b|| alone), and top-k with ``--dynamic-compensate`` (a skipped
+  block counts as its calibrated mean);
 - static: the seed paper's magnitude-block baseline: the same blocks (``--dynamic-block``) pruned
   permanently, per site the F of them with the largest mean ||x_b||*||W_b|| over the calibration
   samples.
@@ -83,9 +84,10 @@ def static_baseline(model, calibration: dict, block: int, keep: float):
     return reference_model(model, all_sites, {index[sites[i].index]: w for i, w in weights.items()})
 
 
-def dynamic(model, calibration_path: str, block: int, keep: float, rule: str, form: str, score: str = "xw"):
+def dynamic(model, calibration_path: str, block: int, keep: float, rule: str, form: str, score: str = "xw",
+            compensate: bool = False):
     config = onnx_split.SplitConfig(dynamic_keep=keep, dynamic_block=block, dynamic_rule=rule, dynamic_form=form,
-                                    dynamic_score=score,
+                                    dynamic_score=score, dynamic_compensate=compensate,
                                     layout="parallel", min_elements=0, calibration=calibration_path, bench=False,
                                     verify=False)
     result = onnx_split.split_model(model, config)
@@ -142,26 +144,29 @@ def main(argv=None) -> int:
         calibration = dict(np.load(cal))
         dense = metric(model, data)
         print(f"\n{label}: {what}; dense {dense:.4f}; block {args.block}; written as the {form} form")
-        print("| keep | top-k, xw score | top-k, x score | threshold, xw | threshold, x | static blocks "
-              "| FLOPs of the dynamic sites (top-k) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("| keep | top-k, xw score | top-k, x score | top-k, xw, compensated | threshold, xw | threshold, x "
+              "| static blocks | FLOPs of the dynamic sites (top-k) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for keep in KEEPS:
             row = {"model": label, "metric": what, "keep": keep, "dense": dense}
             topk, flops = dynamic(model, str(cal), args.block, keep, "topk", form)
             row["topk"], row["topk_flops"] = metric(topk, data), flops
             row["topk_x"] = metric(dynamic(model, str(cal), args.block, keep, "topk", form, "x")[0], data)
+            compensated, _ = dynamic(model, str(cal), args.block, keep, "topk", form, compensate=True)
+            row["topk_compensated"] = metric(compensated, data)
             thr, _ = dynamic(model, str(cal), args.block, keep, "threshold", form)
             row["threshold"] = metric(thr, data)
             row["threshold_x"] = metric(dynamic(model, str(cal), args.block, keep, "threshold", form, "x")[0], data)
             row["static"] = metric(static_baseline(model, calibration, args.block, keep), data)
             rows.append(row)
             share = "dense" if flops is None else f"{flops:.1%}"
-            cells = " | ".join(f"{row[k]:.4f}" for k in ("topk", "topk_x", "threshold", "threshold_x", "static"))
+            cells = " | ".join(f"{row[k]:.4f}" for k in ("topk", "topk_x", "topk_compensated", "threshold",
+                                                          "threshold_x", "static"))
             print(f"| {keep:g} | {cells} | {share} |", flush=True)
             if label == "byte_lm" and not args.quick and keep < 1:
                 for batch in (1, 8):
                     feeds = {"context": data["context"][:batch]}
-                    for variant, m in (("topk", topk), ("threshold", thr)):
+                    for variant, m in (("topk", topk), ("topk_compensated", compensated), ("threshold", thr)):
                         (entry,) = benchmark_models(model, m, feeds, providers=[CPU], seconds=2.0, threads=1)
                         latency.append({"keep": keep, "batch": batch, "variant": variant, "speedup": entry.speedup,
                                         "dense_ms": entry.original_ms, "dynamic_ms": entry.rewritten_ms})
