@@ -240,6 +240,9 @@ class SplitConfig:
             raise InputError(f"--dynamic-rule must be topk or threshold, not {self.dynamic_rule!r}")
         if self.dynamic_score not in ("xw", "x"):
             raise InputError(f"--dynamic-score must be xw or x, not {self.dynamic_score!r}")
+        if self.dynamic_compensate and self.calibration is None:
+            raise InputError("--dynamic-compensate needs --calibration: a skipped block's mean over random inputs "
+                             "says nothing about the model's real inputs")
         if self.dynamic_form not in ("auto", "kernel", "portable", "fallback"):
             raise InputError(f"--dynamic-form must be auto, kernel, portable or fallback, not {self.dynamic_form!r}")
         if isinstance(self.dynamic_block, bool) or not isinstance(self.dynamic_block, int) or self.dynamic_block < 1:

@@ -140,7 +140,10 @@ def _plans(model, sites, candidates, calibration, config, progress) -> dict:
     activations of the model whose upstream candidates are already dynamic (a site downstream of
     dynamic sites sees smaller activations than the dense model's; a threshold calibrated on those
     would keep fewer blocks than asked, and the skipped blocks' means would be off). Sites at one
-    level do not feed one another, so each level costs one capture run."""
+    level do not feed one another, so each level costs one capture run. It assumes every upstream
+    candidate is written dynamic: where ``--tolerance`` or the tuner keeps one dense, the sites
+    below it were calibrated on activations the written model does not produce (they keep somewhat
+    more blocks than asked; verification is unaffected, its reference is built from the written plans)."""
     def plan(i, activations=None):
         return make_plan(sites[i].weight, block=config.dynamic_block, keep=config.dynamic_keep,
                          rule=config.dynamic_rule, score=config.dynamic_score, activations=activations,

@@ -2,6 +2,7 @@
 reference they are verified against, each checked against numpy computed here independently."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from pathlib import Path
@@ -310,6 +311,7 @@ def test_tolerance_chooses_dynamic_sites_and_is_checked_on_held_out_data():
     (["--dynamic-keep", "1.5"], "--dynamic-keep must be a fraction in (0, 1]"),
     (["--dynamic-keep", "0.5", "--parts", "4"], "does not combine with --parts"),
     (["--dynamic-keep", "0.5", "--dynamic-block", "0"], "--dynamic-block must be a whole number >= 1"),
+    (["--dynamic-keep", "0.5", "--dynamic-compensate"], "--dynamic-compensate needs --calibration"),
 ])
 def test_bad_dynamic_options_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     from onnx_split.cli import main
@@ -402,19 +404,23 @@ def test_skipped_means_are_the_means_over_the_calls_that_skipped_each_block():
 
 @needs_kernel
 @pytest.mark.parametrize("batch", [0, 1, 3])
-def test_the_kernel_adds_each_skipped_blocks_row_of_c(batch):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_the_kernel_adds_each_skipped_blocks_row_of_c(batch, with_bias):
     rng = np.random.default_rng(31 + batch)
     k, n, block = 70, 9, 16
     w = rng.standard_normal((k, n)).astype(np.float32)
     fill = rng.standard_normal(k).astype(np.float32)
     plan = make_plan(w, block=block, keep=0.5)
-    plan = type(plan)(**{**plan.__dict__, "fill": fill})
-    model = kernel_model(w, block, 0, plan.keep_blocks, 0.0, plan.scales)
-    model.graph.node[0].input.extend(["", "C"])
+    plan = dataclasses.replace(plan, fill=fill)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    model = kernel_model(w, block, 0, plan.keep_blocks, 0.0, plan.scales, bias)
+    model.graph.node[0].input.extend(["C"] if with_bias else ["", "C"])
     model.graph.initializer.append(numpy_helper.from_array(plan.compensation(w), "C"))
     x = rng.standard_normal((batch, k)).astype(np.float32)
     got = session(model).run(None, {"x": x})[0]
     want = numpy_dynamic(x, w, block, "topk", plan.keep_blocks, 0.0, fill=fill) if batch else np.zeros((0, n))
+    if with_bias:
+        want = want + bias
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.zeros((2, n), np.float32), "C"))
     with pytest.raises(Exception, match=r"C must be \[blocks, N\] = \[5, 9\]"):

@@ -370,16 +370,16 @@ static double sumsq_plain(const float *x, int64_t len) {
 #ifdef HAVE_X86
 __attribute__((target("avx2,fma")))
 static double sumsq_avx2(const float *x, int64_t len) {
-  __m256 a = _mm256_setzero_ps(), b = a;
+  __m256d a = _mm256_setzero_pd(), b = a; /* squares summed in double, as the plain path does */
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
-    a = _mm256_fmadd_ps(u, u, a), b = _mm256_fmadd_ps(v, v, b);
+  for (; i + 8 <= len; i += 8) {
+    __m256 u = _mm256_loadu_ps(x + i);
+    __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(u)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1));
+    a = _mm256_fmadd_pd(lo, lo, a), b = _mm256_fmadd_pd(hi, hi, b);
   }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, _mm256_add_ps(a, b));
-  double sum = 0.0;
-  for (int j = 0; j < 8; j++) sum += lanes[j];
+  double lanes[4];
+  _mm256_storeu_pd(lanes, _mm256_add_pd(a, b));
+  double sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
   for (; i < len; i++) sum += (double)x[i] * (double)x[i];
   return sum;
 }
@@ -573,16 +573,20 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
     for (int64_t i = b * kernel->block; i < end; i++) rows[n_rows++] = i;
   }
   g_accumulate(x, m_rows, k, w, n, rows, n_rows, y);
-  if (comp) /* each skipped block adds its row of C to every row of the call */
-    for (int64_t b = 0; b < n_blocks; b++) {
-      if (kept[b]) continue;
-      const float *c = comp + b * n;
-      for (int64_t m = 0; m < m_rows; m++) {
-        float *ym = y + m * n;
-        for (int64_t j = 0; j < n; j++) ym[j] += c[j];
-      }
+  float *added = NULL;
+  if (comp && n_rows < k) { /* the skipped blocks' rows of C, summed once, then added to every row */
+    added = calloc((size_t)n, sizeof(float));
+    if (!added) {
+      free(score), free(kept), free(rows);
+      return fail(ORT_FAIL, "onnx_split.DynamicBlockMatMul: out of memory");
     }
-  free(score), free(kept), free(rows);
+    for (int64_t b = 0; b < n_blocks; b++)
+      if (!kept[b])
+        for (int64_t j = 0; j < n; j++) added[j] += comp[b * n + j];
+    for (int64_t m = 0; m < m_rows; m++)
+      for (int64_t j = 0; j < n; j++) y[m * n + j] += added[j];
+  }
+  free(score), free(kept), free(rows), free(added);
   return NULL;
 }
 
