@@ -177,35 +177,82 @@ __attribute__((target("avx2,fma")))
 static void accumulate_avx2_blocked(const float *xk, int64_t m_rows, const float *w, int64_t n,
                                     const int64_t *rows, int64_t n_rows, float *y, float *stage) {
   enum { RC = 16 };
-  int64_t width = (32768 / m_rows) & ~(int64_t)15;
-  if (width > 2048) width = 2048; /* this chunk and the next one prefetched stay well inside L2 */
+  /* Fewer than 12 rows: chunks of 8 rows of W read in place (rows of W are often a multiple of
+   * 4 kB apart, so 16 of them would share one set of the 8-way L1 and evict each other between
+   * the passes of the rows of x) through a 4 x 24 tile; panels a multiple of 24 columns. 12 rows
+   * or more: chunks of 16 rows staged at a padded pitch, through a 4 x 16 tile. Either way this
+   * chunk and the next one prefetched stay well inside L2. */
+  int64_t chunk = stage ? RC : 8;
+  int64_t width = stage ? (32768 / m_rows) & ~(int64_t)15 : (32768 / m_rows) / 48 * 48;
+  if (width > 2016) width = 2016;
   if (width < 64) width = 64;
   if (width > n) width = n;
   int64_t pitch = width + 16; /* staged rows 64 bytes apart from a multiple of 4 kB: no L1 set conflicts */
   for (int64_t n0 = 0; n0 < n; n0 += width) {
     int64_t nt = n - n0 < width ? n - n0 : width;
-    int64_t full = nt & ~(int64_t)15;
-    for (int64_t r = 0; r < (n_rows < RC ? n_rows : RC); r++) { /* bring the first chunk in */
+    for (int64_t r = 0; r < (n_rows < chunk ? n_rows : chunk); r++) { /* bring the first chunk in */
       const char *start = (const char *)(w + rows[r] * n + n0);
       for (int64_t off = 0; off < nt * 4; off += 64) _mm_prefetch(start + off, _MM_HINT_T1);
     }
-    for (int64_t r0 = 0; r0 < n_rows; r0 += RC) {
-      int64_t rc = n_rows - r0 < RC ? n_rows - r0 : RC;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += chunk) {
+      int64_t rc = n_rows - r0 < chunk ? n_rows - r0 : chunk;
       const float *src[RC];
       for (int64_t r = 0; r < rc; r++) src[r] = w + rows[r0 + r] * n + n0;
       /* the next chunk of this panel is fetched while this one computes, one line per row per
        * 16 columns, so memory and arithmetic overlap */
       const float *next[RC];
-      int64_t rn = n_rows - (r0 + RC);
-      rn = rn < 0 ? 0 : (rn < RC ? rn : RC);
-      for (int64_t r = 0; r < rn; r++) next[r] = w + rows[r0 + RC + r] * n + n0;
+      int64_t rn = n_rows - (r0 + chunk);
+      rn = rn < 0 ? 0 : (rn < chunk ? rn : chunk);
+      for (int64_t r = 0; r < rn; r++) next[r] = w + rows[r0 + chunk + r] * n + n0;
       if (stage) { /* many rows of x meet this chunk: stage it once where every load hits L1 */
         for (int64_t r = 0; r < rc; r++) {
           memcpy(stage + r * pitch, src[r], sizeof(float) * nt);
           src[r] = stage + r * pitch;
         }
       }
-      for (int64_t j = 0; j < full; j += 16) {
+      int64_t j = 0;
+      for (; !stage && j + 24 <= nt; j += 24) { /* 4 rows x 24 columns: 12 accumulators, 3 loads of W per 4 broadcasts */
+        for (int64_t r = 0; r < rn; r++) {
+          _mm_prefetch((const char *)(next[r] + j), _MM_HINT_T1);
+          _mm_prefetch((const char *)(next[r] + j + 16), _MM_HINT_T1);
+        }
+        int64_t m = 0;
+        for (; m + 4 <= m_rows; m += 4) {
+          __m256 acc[12];
+          for (int t = 0; t < 12; t++) acc[t] = _mm256_setzero_ps();
+          const float *xr = xk + r0 * m_rows + m;
+          for (int64_t r = 0; r < rc; r++, xr += m_rows) {
+            const float *wr = src[r] + j;
+            __m256 w0 = _mm256_loadu_ps(wr), w1 = _mm256_loadu_ps(wr + 8), w2 = _mm256_loadu_ps(wr + 16);
+            for (int i = 0; i < 4; i++) {
+              __m256 p = _mm256_broadcast_ss(xr + i);
+              acc[3 * i] = _mm256_fmadd_ps(p, w0, acc[3 * i]);
+              acc[3 * i + 1] = _mm256_fmadd_ps(p, w1, acc[3 * i + 1]);
+              acc[3 * i + 2] = _mm256_fmadd_ps(p, w2, acc[3 * i + 2]);
+            }
+          }
+          for (int i = 0; i < 4; i++) {
+            float *yi = y + (m + i) * n + n0 + j;
+            for (int t = 0; t < 3; t++)
+              _mm256_storeu_ps(yi + 8 * t, _mm256_add_ps(_mm256_loadu_ps(yi + 8 * t), acc[3 * i + t]));
+          }
+        }
+        for (; m < m_rows; m++) {
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0;
+          for (int64_t r = 0; r < rc; r++) {
+            const float *wr = src[r] + j;
+            __m256 p = _mm256_broadcast_ss(xk + (r0 + r) * m_rows + m);
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(wr), a0);
+            a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(wr + 8), a1);
+            a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(wr + 16), a2);
+          }
+          float *y0 = y + m * n + n0 + j;
+          _mm256_storeu_ps(y0, _mm256_add_ps(_mm256_loadu_ps(y0), a0));
+          _mm256_storeu_ps(y0 + 8, _mm256_add_ps(_mm256_loadu_ps(y0 + 8), a1));
+          _mm256_storeu_ps(y0 + 16, _mm256_add_ps(_mm256_loadu_ps(y0 + 16), a2));
+        }
+      }
+      for (; j + 16 <= nt; j += 16) { /* what is left of the panel, 16 columns at a time */
         for (int64_t r = 0; r < rn; r++) _mm_prefetch((const char *)(next[r] + j), _MM_HINT_T1);
         int64_t m = 0;
         for (; m + 4 <= m_rows; m += 4) {
@@ -243,11 +290,11 @@ static void accumulate_avx2_blocked(const float *xk, int64_t m_rows, const float
           _mm256_storeu_ps(y0 + 8, _mm256_add_ps(_mm256_loadu_ps(y0 + 8), a1));
         }
       }
-      for (int64_t m = 0; m < m_rows; m++) /* the last columns of the panel (nt not a multiple of 16) */
+      for (int64_t m = 0; m < m_rows; m++) /* the last columns of the panel (fewer than 16) */
         for (int64_t r = 0; r < rc; r++) {
           const float *wr = src[r];
           float a = xk[(r0 + r) * m_rows + m], *ym = y + m * n + n0;
-          for (int64_t j = full; j < nt; j++) ym[j] += a * wr[j];
+          for (int64_t jt = j; jt < nt; jt++) ym[jt] += a * wr[jt];
         }
     }
   }
