@@ -79,7 +79,8 @@ def kernel_model(w: np.ndarray, block: int, rule: int, keep: int, threshold: flo
 @needs_kernel
 @pytest.mark.parametrize("plain", [False, True], ids=["dispatched", "plain-C"])
 @pytest.mark.parametrize("k,n,block", [(37, 11, 8), (64, 33, 16), (130, 7, 32), (96, 128, 4),
-                                       (200, 2500, 8)])  # several column panels and row chunks, a column tail
+                                       (200, 2500, 8),  # several column panels and row chunks, a column tail
+                                       (72, 40, 16)])  # one 24-column tile, then one of 16
 @pytest.mark.parametrize("batch", [0, 1, 3, 6, 17])
 def test_kernel_equals_numpy_on_odd_shapes(k, n, block, batch, plain, monkeypatch, tmp_path):
     rng = np.random.default_rng(k * 1000 + n + batch)
