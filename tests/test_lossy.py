@@ -450,11 +450,11 @@ def test_the_pruned_model_drops_the_branch_weight_it_replaced_and_computes_the_m
     branches = {a.name: a.g for a in pruned.graph.node[0].attribute}
     then_g, else_g = branches["then_branch"], branches["else_branch"]
     assert [t.name for t in pruned.graph.initializer] == ["W"]  # an outer graph's weight stays where it is
-    assert [t.name for t in then_g.initializer] == [f"onnx_split.weight.{sites.index(next(s for s in sites if s.name == 'then_fc'))}"]
-    assert [t.name for t in else_g.initializer] == [f"onnx_split.weight.{sites.index(next(s for s in sites if s.name == 'else_fc'))}"]
+    at = {s.name: i for i, s in enumerate(sites)}
+    assert [t.name for t in then_g.initializer] == [f"onnx_split.weight.{at['then_fc']}"]
+    assert [t.name for t in else_g.initializer] == [f"onnx_split.weight.{at['else_fc']}"]  # V is gone
     x = rng.standard_normal((3, 16)).astype(np.float32)
-    for cond, i in ((True, next(i for i, s in enumerate(sites) if s.name == "then_fc")),
-                    (False, next(i for i, s in enumerate(sites) if s.name == "else_fc"))):
+    for cond, i in ((True, at["then_fc"]), (False, at["else_fc"])):
         (got,) = ort_run(pruned, {"cond": np.array(cond), "x": x})
         np.testing.assert_allclose(got, x @ masked(sites[i].weight, masks[i]), rtol=1e-5, atol=1e-5)
 
