@@ -21,7 +21,7 @@ from .chains import feature_vector
 from .pruned import Evaluator, has_constant_bias
 from .refit import DAMPING, DAMPINGS, Problem, column_groups
 from .sites import Site
-from .moments import Moments, rows
+from .moments import STORED, Moments, rows
 
 
 def _key(site: Site) -> tuple[str, bool]:
@@ -36,7 +36,8 @@ def refittable(site: Site) -> bool:
 def collect(evaluator: Evaluator, sites: list[Site], indices: list[int], batches: list[dict],
             progress=None, weights: dict | None = None, biases: dict | None = None,
             original: bool = False) -> dict[tuple[str, bool], Moments | tuple[Moments, Moments]]:
-    """{(activation, trans_a): Moments} over ``batches`` for the main-graph sites of ``indices``.
+    """{(activation, trans_a): Moments} over ``batches`` for the main-graph sites of ``indices``
+    (stored in moments.STORED).
 
     With ``weights``/``biases`` (sites already refitted) and ``original``, each entry is the pair
     (moments of the new activation X', cross moments [X',1]^T[X,1] with the original's X)."""
@@ -55,7 +56,7 @@ def collect(evaluator: Evaluator, sites: list[Site], indices: list[int], batches
             x_new = rows(site, new[key[0]])
             if key not in found:
                 k = x_new.shape[1]
-                found[key] = (Moments(k), Moments(k)) if original else Moments(k)
+                found[key] = (Moments(k, STORED), Moments(k, STORED)) if original else Moments(k, STORED)
             if original:
                 found[key][0].add(x_new)
                 found[key][1].add(rows(site, old[key[0]]), x_new)
@@ -78,23 +79,17 @@ def params(site: Site) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 class Summed:
-    """The moments of several folds seen as one, without adding them up until asked (``sum``):
-    the per-fold sums are kept anyway, so a second (K+1)^2 copy per site is not."""
+    """The moments of several folds seen as one where only their count and norms are read: the
+    per-fold sums are kept anyway, so a second (K+1)^2 copy per site is not (the refit sums the
+    blocks it solves on, refit.Problem.combined)."""
 
     def __init__(self, parts: list[Moments]):
         self.parts, self.k = parts, parts[0].k
         self.count = sum(p.count for p in parts)
 
     @property
-    def sum(self) -> np.ndarray:
-        total = self.parts[0].sum.copy()
-        for p in self.parts[1:]:
-            total += p.sum
-        return total
-
-    @property
     def norms(self) -> np.ndarray:
-        diagonal = sum(np.diag(p.sum)[:-1] for p in self.parts)
+        diagonal = sum(p.diagonal[:-1] for p in self.parts)
         return np.sqrt(np.maximum(diagonal, 0.0))
 
 
@@ -106,10 +101,6 @@ class Fold:
     gram: np.ndarray
     cross: np.ndarray | None = None
     original: np.ndarray | None = None
-
-    def __add__(self, other: "Fold") -> "Fold":
-        add = lambda a, b: None if a is None else a + b  # noqa: E731
-        return Fold(self.gram + other.gram, add(self.cross, other.cross), add(self.original, other.original))
 
 
 class Fitter:
@@ -126,11 +117,9 @@ class Fitter:
         self.site, self.damping = site, damping
         weight, bias = params(site)
         self.has_bias = bias is not None
-        self.folds = [Problem(weight, bias, f.gram, f.cross, f.original) for f in folds] if len(folds) > 1 else []
-        total = folds[0]
-        for f in folds[1:]:
-            total = total + f
-        self.total = Problem(weight, bias, total.gram, total.cross, total.original)
+        problems = [Problem(weight, bias, f.gram, f.cross, f.original) for f in folds]
+        self.folds = problems if len(problems) > 1 else []
+        self.total = Problem.combined(problems) if len(problems) > 1 else problems[0]
 
     def _on_folds(self, groups, news: list[np.ndarray]) -> float:
         """The error over both folds of ``news[f]`` measured on fold f."""

@@ -8,12 +8,19 @@ For a site ``y = x @ W + b`` the refit (refit.py) and the local error of a candi
 already-rewritten model produces, X', and the original's, X). Both are sums over rows, so they are
 accumulated one batch at a time and the activations themselves are never held for all samples.
 The feature norms of the activation-aware significance are ``sqrt(diag(H))`` of the same sums.
+
+Each batch's product is computed in float64; the running sum the pass keeps per activation is
+stored in :data:`STORED` (float32: half the bytes of the (K+1)^2 matrices, which at BERT width
+outweigh the weights they serve; refit.py widens each block it reads back to float64).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .sites import Site
+
+STORED = np.float32
+"""The dtype the calibration pass stores its moment sums in (refit.py solves in float64)."""
 
 
 def rows(site: Site, value: np.ndarray) -> np.ndarray:
@@ -28,23 +35,26 @@ def _augmented(x: np.ndarray) -> np.ndarray:
 
 
 class Moments:
-    """Running ``[X', 1]^T [X, 1]`` for one activation (``X' = X`` unless a second one is given)."""
+    """Running ``[X', 1]^T [X, 1]`` for one activation (``X' = X`` unless a second one is given),
+    summed in ``dtype`` (each batch's product in float64)."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, dtype=np.float64):
         self.k = k
-        self.sum = np.zeros((k + 1, k + 1))
+        self.sum = np.zeros((k + 1, k + 1), dtype)
+        self.diagonal = np.zeros(k + 1)  # float64 whatever ``dtype``: the norms stay exact
         self.count = 0
 
     def add(self, x: np.ndarray, x_new: np.ndarray | None = None) -> None:
         finite = np.isfinite(x).all(axis=1)
         if x_new is not None:
             finite &= np.isfinite(x_new).all(axis=1)
-        x = x[finite]
-        left = x if x_new is None else x_new[finite]
-        self.sum += _augmented(left).T @ _augmented(x)
-        self.count += int(x.shape[0])
+        right = _augmented(x[finite])
+        left = right if x_new is None else _augmented(x_new[finite])
+        self.sum += left.T @ right
+        self.diagonal += np.einsum("ij,ij->j", left, right)
+        self.count += int(right.shape[0])
 
     @property
     def norms(self) -> np.ndarray:
         """||x_i||_2 per input feature over every row added (of X' for a cross moment)."""
-        return np.sqrt(np.maximum(np.diag(self.sum)[:-1], 0.0))
+        return np.sqrt(np.maximum(self.diagonal[:-1], 0.0))

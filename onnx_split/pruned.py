@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from .errors import InputError
 from .isolate import crash_reason
+from .protos import without_weights
 from .runtime import CPU, make_session, model_source, ort_error
 from .sites import Site, graphs_by_scope, walk_graphs
 
@@ -103,11 +104,15 @@ def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, 
     """Copy of ``model`` (the original, or an unchanged copy of it) whose sites ``weights`` (and
     ``biases``) read a new tensor: an initializer of the site's graph holding the value, or
     (``as_inputs``) a main-graph input to be fed (values None). ``outputs``: main-graph tensors
-    made graph outputs as well. Sites are found by scope and node position."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    made graph outputs as well. Sites are found by scope and node position.
+
+    The main graph's weights are copied once, after the sites are redirected, and only those
+    something still reads (the initializers a site no longer reads are never copied; removing them
+    from a full copy would leave their bytes, and those of every rebuilt list, in the copy's arena)."""
+    copy = without_weights(model)
     graphs = graphs_by_scope(copy)
     replaced: set[tuple[str, str]] = set()
+    added: list[tuple[onnx.GraphProto, onnx.TensorProto]] = []
     for kind, position, values in (("weight", 1, weights), ("bias", 2, biases)):
         for i, value in values.items():
             site = sites[i]
@@ -121,8 +126,16 @@ def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, 
                 copy.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, list(like.shape)))
             else:
                 stored = _stored(site, value) if kind == "weight" else np.asarray(value, like.dtype).reshape(like.shape)
-                graph.initializer.append(numpy_helper.from_array(stored, name))
-    _drop_unread(copy, replaced)
+                added.append((graph, numpy_helper.from_array(stored, name)))
+    unread = _unread(copy, replaced)
+    copy.graph.initializer.extend(t for t in model.graph.initializer if t.name not in unread.get("main", ()))
+    for scope, names in unread.items():  # a subgraph's own weights came with its node: drop them in place
+        if scope != "main":
+            graph = graphs[scope]
+            for j in reversed([j for j, t in enumerate(graph.initializer) if t.name in names]):
+                del graph.initializer[j]
+    for graph, tensor in added:
+        graph.initializer.append(tensor)
     known = {o.name for o in copy.graph.output}
     for name in outputs:
         if name not in known:
@@ -130,22 +143,18 @@ def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, 
     return copy
 
 
-def _drop_unread(model: onnx.ModelProto, replaced: set[tuple[str, str]]) -> None:
-    """Remove the initializers a site read before ``replaced`` gave it a new tensor, where nothing
-    else reads them any more (in any graph): the copy then holds each weight once, not twice."""
+def _unread(model: onnx.ModelProto, replaced: set[tuple[str, str]]) -> dict[str, set[str]]:
+    """{scope: the initializers a site read before ``replaced`` gave it a new tensor and nothing
+    else reads any more (in any graph)}: the copy then holds each weight once, not twice."""
     if not replaced:
-        return
+        return {}
     read = {name for _, g in walk_graphs(model.graph) for node in g.node for name in node.input}
     read |= {o.name for o in model.graph.output}
-    graphs = graphs_by_scope(model)
+    found: dict[str, set[str]] = {}
     for scope, name in replaced:
-        graph = graphs[scope]
-        if name in read:
-            continue
-        kept = [t for t in graph.initializer if t.name != name]
-        if len(kept) != len(graph.initializer):
-            del graph.initializer[:]
-            graph.initializer.extend(kept)
+        if name not in read:
+            found.setdefault(scope, set()).add(name)
+    return found
 
 
 @dataclass(frozen=True)

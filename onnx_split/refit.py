@@ -16,7 +16,10 @@ diagonal of H'_SS (ridge damping: a part may have as many rows as there are cali
 :class:`Problem` holds what one weight's fits share (C [W; b] is a (K+1) x N product, computed
 once), so trying several plans and dampings costs only the per-group solves; its :meth:`error`
 reads the output error of any block-structured weight off moments of samples it was not fitted on.
-Everything is float64, in the ``y = x @ W + b`` orientation (alpha and beta folded in by the caller).
+:meth:`Problem.combined` is the problem of two sets of rows together, its moments summed only where
+a solve reads them (no third (K+1)^2 matrix). The moments may be stored in float32 (moments.py);
+every product and solve here is float64, in the ``y = x @ W + b`` orientation (alpha and beta
+folded in by the caller).
 """
 from __future__ import annotations
 
@@ -37,20 +40,53 @@ def column_groups(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.flatnonzero(mask[:, cols[0]]), np.asarray(cols)) for cols in groups.values()]
 
 
+ROWS_AT_ONCE = 512
+"""Rows of a float32 moment matrix widened to float64 at a time (a (K+1)^2 float64 copy is never made)."""
+
+
+def _times(parts: tuple[np.ndarray, ...], old: np.ndarray) -> np.ndarray:
+    """(sum of ``parts``) @ ``old`` in float64, a block of rows at a time."""
+    out = np.zeros((parts[0].shape[0], old.shape[1]))
+    for part in parts:
+        for start in range(0, part.shape[0], ROWS_AT_ONCE):
+            out[start:start + ROWS_AT_ONCE] += np.asarray(part[start:start + ROWS_AT_ONCE], np.float64) @ old
+    return out
+
+
 class Problem:
     """One weight [W; b] and the moments of one set of calibration rows."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, gram: np.ndarray,
                  cross: np.ndarray | None = None, original: np.ndarray | None = None):
         """``gram`` = [X',1]^T[X',1]; ``cross`` = [X',1]^T[X,1] and ``original`` = [X,1]^T[X,1]
-        (None: X' = X)."""
+        (None: X' = X). float64 or float32; only ``gram`` is kept (``cross`` and ``original`` are
+        read once, into C [W; b] and the reference output's squared norm)."""
         k, n = weight.shape
         self.k, self.solve_bias = k, bias is not None
         self.old = np.vstack([weight, (np.zeros(n) if bias is None else bias)[None, :]])
-        self.gram = gram
-        self.target = (gram if cross is None else cross) @ self.old  # C [W; b]
-        reference = self.target if cross is None else (gram if original is None else original) @ self.old
+        self.grams = (gram,)
+        self.target = _times((gram if cross is None else cross,), self.old)  # C [W; b]
+        reference = self.target if cross is None else _times((gram if original is None else original,), self.old)
         self.den = float(np.einsum("ij,ij->", self.old, reference))
+
+    @classmethod
+    def combined(cls, problems: list["Problem"]) -> "Problem":
+        """The problem of all of ``problems``' rows together (the same weight): their products and
+        norms added, their moments kept apart and summed per block a solve reads."""
+        first = problems[0]
+        both = cls.__new__(cls)
+        both.k, both.solve_bias, both.old = first.k, first.solve_bias, first.old
+        both.grams = tuple(g for p in problems for g in p.grams)
+        both.target = sum((p.target for p in problems[1:]), first.target.copy())
+        both.den = sum(p.den for p in problems)
+        return both
+
+    def _gram(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The float64 block (rows, cols) of the summed moments [X',1]^T[X',1]."""
+        block = np.asarray(self.grams[0][np.ix_(rows, cols)], np.float64)
+        for g in self.grams[1:]:
+            block += g[np.ix_(rows, cols)]
+        return block
 
     def solve(self, groups, damping: float) -> np.ndarray:
         """[W'; b'] (K+1) x N: zero outside each group's rows; b' solved or the original b."""
@@ -60,13 +96,13 @@ class Problem:
             keep = np.append(rows, self.k) if self.solve_bias else rows
             if keep.size == 0:
                 continue
-            h = self.gram[np.ix_(keep, keep)].copy()
+            h = self._gram(keep, keep)
             d = np.arange(rows.size)
             if rows.size:
                 h[d, d] += damping * max(float(np.mean(np.diag(h)[:rows.size])), 1e-12)
             rhs = self.target[np.ix_(keep, cols)]
             if not self.solve_bias:  # the fixed bias row's contribution moves to the right-hand side
-                rhs = rhs - self.gram[np.ix_(rows, [self.k])] * self.old[self.k, cols][None, :]
+                rhs = rhs - self._gram(rows, np.array([self.k])) * self.old[self.k, cols][None, :]
             try:  # numpy's LU here measured 2.8x faster than scipy's Cholesky on a 1536^2 system
                 solved = np.linalg.solve(h, rhs)
             except np.linalg.LinAlgError:
@@ -81,7 +117,7 @@ class Problem:
         for rows, cols in groups:
             keep = np.append(rows, self.k)
             block = new[np.ix_(keep, cols)]
-            num += float(np.einsum("ij,ij->", block, self.gram[np.ix_(keep, keep)] @ block))
+            num += float(np.einsum("ij,ij->", block, self._gram(keep, keep) @ block))
             num -= 2 * float(np.einsum("ij,ij->", block, self.target[np.ix_(keep, cols)]))
         if self.den <= 0:
             return 0.0 if num <= 1e-300 else float("inf")

@@ -437,6 +437,28 @@ def test_lossy_result_is_the_pruned_model_not_the_original(kind, layout):
         assert relative_error([original], [got]) > 1e-3  # lossy: not the original
 
 
+def test_the_pruned_model_drops_the_branch_weight_it_replaced_and_computes_the_masked_weights():
+    from builders import if_model
+    rng = np.random.default_rng(31)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    model = if_model(w, 3, 2.0)  # W read by the then-branch from the outer graph; V the else-branch's own
+    before = model.SerializeToString()
+    sites = find_sites(model, min_elements=0)
+    masks = {i: rng.random(s.weight.shape) < 0.5 for i, s in enumerate(sites)}
+    pruned = pruned_model(model, sites, masks)
+    assert model.SerializeToString() == before  # the input is not touched
+    branches = {a.name: a.g for a in pruned.graph.node[0].attribute}
+    then_g, else_g = branches["then_branch"], branches["else_branch"]
+    assert [t.name for t in pruned.graph.initializer] == ["W"]  # an outer graph's weight stays where it is
+    at = {s.name: i for i, s in enumerate(sites)}
+    assert [t.name for t in then_g.initializer] == [f"onnx_split.weight.{at['then_fc']}"]
+    assert [t.name for t in else_g.initializer] == [f"onnx_split.weight.{at['else_fc']}"]  # V is gone
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    for cond, i in ((True, at["then_fc"]), (False, at["else_fc"])):
+        (got,) = ort_run(pruned, {"cond": np.array(cond), "x": x})
+        np.testing.assert_allclose(got, x @ masked(sites[i].weight, masks[i]), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- 6. activation-aware significance
 
 @pytest.fixture(scope="module")

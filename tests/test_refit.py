@@ -132,6 +132,68 @@ def test_moments_skip_rows_that_are_not_finite_and_sum_like_one_batch():
     np.testing.assert_allclose(whole.norms, np.linalg.norm(finite, axis=0))
 
 
+def test_two_problems_combined_solve_and_measure_as_one_on_their_summed_moments():
+    rng = np.random.default_rng(21)
+    w, b = rng.standard_normal((20, 12)), rng.standard_normal(12)
+    mask = _block_mask(20, 12, 3, rng)
+    halves = []
+    for _ in range(2):
+        gram, cross = Moments(20), Moments(20)
+        x = rng.standard_normal((90, 20)) + 0.3
+        gram.add(x + 0.05)
+        cross.add(x, x + 0.05)
+        halves.append((gram.sum, cross.sum))
+    whole = Problem(w, b, halves[0][0] + halves[1][0], halves[0][1] + halves[1][1])
+    both = Problem.combined([Problem(w, b, g, c) for g, c in halves])
+    groups = column_groups(mask)
+    for damping in (0.0, 0.01):
+        np.testing.assert_allclose(both.solve(groups, damping), whole.solve(groups, damping), rtol=1e-9, atol=1e-12)
+    new = whole.solve(groups, 0.01)
+    assert both.error(groups, new) == pytest.approx(whole.error(groups, new), rel=1e-9)
+    assert len(both.grams) == 2  # no summed (K+1)^2 copy was made
+
+
+def test_moments_stored_in_float32_solve_in_float64_as_the_float64_ones_do():
+    from onnx_split.moments import STORED
+    rng = np.random.default_rng(22)
+    x = _inputs(rng, 600, k=32).astype(np.float64)
+    w, b = rng.standard_normal((32, 16)), rng.standard_normal(16)
+    mask = _block_mask(32, 16, 4, rng)
+    wide, narrow = Moments(32), Moments(32, STORED)
+    for part in np.array_split(x, 5):
+        wide.add(part)
+        narrow.add(part)
+    assert narrow.sum.dtype == np.float32 and narrow.sum.nbytes * 2 == wide.sum.nbytes
+    groups = column_groups(mask)
+    exact, stored = Problem(w, b, wide.sum), Problem(w, b, narrow.sum)
+    new = exact.solve(groups, 1e-3)
+    assert np.linalg.norm(stored.solve(groups, 1e-3) - new) < 1e-4 * np.linalg.norm(new)
+    assert stored.error(groups, new) == pytest.approx(exact.error(groups, new), rel=1e-4)
+
+
+def test_the_calibration_pass_stores_one_float32_moment_matrix_per_activation_and_fold(tmp_path, monkeypatch):
+    from onnx_split import lossy
+    from onnx_split.sites import find_sites
+    rng = np.random.default_rng(23)
+    model, _ = _mlp(rng)
+    cal = _calibration(tmp_path, rng)
+    config = SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0)
+    sites = find_sites(model, min_elements=0)
+    seen = []
+    collect = lossy._collect
+
+    def spy(ctx):
+        collect(ctx)
+        seen.extend(ctx.fold_moments)
+
+    monkeypatch.setattr(lossy, "_collect", spy)
+    lossy.plan_lossy(model, sites, config)
+    assert len(seen) == 2  # the two halves of the search samples; their total is never stored
+    for fold in seen:
+        assert {key: m.sum.shape for key, m in fold.items()} == {("x", False): (49, 49), ("r", False): (65, 65)}
+        assert all(m.sum.dtype == np.float32 for m in fold.values())
+
+
 def test_column_groups_gather_the_columns_that_keep_the_same_rows():
     mask = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], bool)
     groups = {tuple(c): tuple(r) for r, c in column_groups(mask)}
