@@ -2,8 +2,6 @@
 their held-out errors on a layer with correlated activations and outlier features."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
@@ -11,16 +9,7 @@ from onnx_split.factorize import METHODS, fit, keep_count
 from onnx_split.factorize.dsf import budget, factor_pair
 from onnx_split.factorize.sparse import layer_error, shares, topk_mask
 
-try:  # one BLAS thread: the small solves are 10x slower when threads fight over shared cores
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with threadpool_limits(1) if threadpool_limits else contextlib.nullcontext():
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def gaussian_layer(k: int, n: int, rows: int, seed: int = 0):
