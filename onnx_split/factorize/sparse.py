@@ -51,11 +51,19 @@ def refit_masked(gram: np.ndarray, target: np.ndarray, mask: np.ndarray, damping
     return new
 
 
-def layer_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
-    """||X(W - W')||_F / ||XW||_F from ``gram`` = XᵀX (0 when XW is 0 and so is the difference)."""
-    diff = np.asarray(weight, np.float64) - np.asarray(approx, np.float64)
-    num = float(np.einsum("ij,ij->", diff, gram @ diff))
-    den = float(np.einsum("ij,ij->", weight, gram @ weight))
+def layer_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray, cross: np.ndarray | None = None,
+                original: np.ndarray | None = None) -> float:
+    """||X'W' − XW||_F / ||XW||_F from moments: ``gram`` = X'ᵀX', ``cross`` = X'ᵀX and
+    ``original`` = XᵀX (both None: X' = X, the error ||X(W − W')|| / ||XW||); 0 when XW is 0 and
+    so is the difference."""
+    w, new = np.asarray(weight, np.float64), np.asarray(approx, np.float64)
+    h = gram if original is None else original
+    den = float(np.einsum("ij,ij->", w, h @ w))
+    if cross is None:
+        diff = w - new
+        num = float(np.einsum("ij,ij->", diff, gram @ diff))
+    else:
+        num = den + float(np.einsum("ij,ij->", new, gram @ new)) - 2 * float(np.einsum("ij,ij->", new, cross @ w))
     if den <= 0:
         return 0.0 if num <= EPS else float("inf")
     return float(np.sqrt(max(num, 0.0) / den))

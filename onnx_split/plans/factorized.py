@@ -8,6 +8,7 @@ It approximates on purpose: verified against :meth:`FactorPlan.effective_weight`
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import ClassVar
@@ -29,6 +30,8 @@ class FactorPlan:
     """||X(W − W')|| / ||XW|| on the calibration samples the factors were fitted on."""
     held_out: float | None = None
     """The same on the held-out samples (None without any)."""
+    stored_bytes: int | None = None
+    """What the rewrite form stores for the factors (set by the planner, which knows the form)."""
     approximates: bool = True
     retained: float | None = None
     flops: float = 1.0
@@ -53,6 +56,9 @@ class FactorPlan:
         k, n = self.layer_shape(0)
         return k * n
 
+    def with_bytes(self, stored: int) -> "FactorPlan":
+        return dataclasses.replace(self, stored_bytes=int(stored))
+
     def effective_weight(self, layer: int, weight: np.ndarray) -> np.ndarray:
         product = reduce(np.matmul, [f.astype(np.float64) for f in self.factors])
         return product.astype(weight.dtype)
@@ -61,9 +67,11 @@ class FactorPlan:
         return bias
 
     def summary(self, layer: int) -> dict:
+        k, n = self.layer_shape(0)
         return {"parts": None, "factorized": {
             "method": self.method, "density": self.density, "nonzeros": self.nonzeros,
-            "factors": [list(f.shape) for f in self.factors], "error": self.error, "held_out": self.held_out}}
+            "factors": [list(f.shape) for f in self.factors], "error": self.error, "held_out": self.held_out,
+            "bytes_before": k * n * self.factors[0].dtype.itemsize, "bytes_after": self.stored_bytes}}
 
 
 def make_plan(fitted, dtype, error: float | None = None, held_out: float | None = None) -> FactorPlan:

@@ -4,7 +4,8 @@ decoded by a constant subgraph, and multiplied by the site's own single MatMul o
 Per factor F [R, C] (written in the orientation the node reads: the product transposed for Gemm
 transB), unless dense storage is no larger: the packed bits of F != 0 (uint8, R·C/8 bytes) and the
 non-zeros in row-major order. The decoder unpacks the bits (BitShift, Mod), numbers the kept
-entries (CumSum), picks their values (Gather) and zeroes the rest (Where); two factors meet in one
+entries (CumSum), picks their values (GatherElements: no Gather on activations is
+written) and zeroes the rest (Where); two factors meet in one
 MatMul of constants. Every input of the decoder is an initializer, so ONNX Runtime's constant
 folding (any optimization level but disabled) replaces it by the dense product at load: the
 model runs one dense MatMul, as the original does. With optimizations disabled the decoder runs
@@ -45,7 +46,7 @@ def decode(em: Emitter, local: str, matrix: np.ndarray, doc: str) -> str:
     count = em.node("Cast", [bit], f"{local}/count/Cast", doc, to=onnx.TensorProto.INT64)
     position = em.node("CumSum", [count, em.ints(f"{local}/axis", np.int64(0))], f"{local}/CumSum", doc)
     position = em.node("Sub", [position, em.ints(f"{local}/one", np.int64(1))], f"{local}/Sub", doc)
-    picked = em.node("Gather", [values, position], f"{local}/Gather", doc, axis=0)
+    picked = em.node("GatherElements", [values, position], f"{local}/GatherElements", doc, axis=0)
     zero = em.const(f"{local}/zero", np.zeros((), dtype=matrix.dtype))
     dense = em.node("Where", [keep, picked, zero], f"{local}/Where", doc)
     return em.reshape(dense, em.ints(f"{local}/shape", list(matrix.shape)), f"{local}/Reshape", doc)
