@@ -70,38 +70,43 @@ def plan_factorized(model: onnx.ModelProto, sites: list[Site], config: SplitConf
     level = fitting.levels(candidates, fitting.upstream(model, sites, candidates))
     plans: dict[int, object] = {}
     facts = MappingProxyType({"factorize": config.factorize})
-    for n, i in enumerate(sorted(candidates, key=lambda i: (level[i], i))):
-        progress("factorize", n, len(candidates))
-        weights = {j: plans[j].effective_weight(0, sites[j].weight) for j in plans if level[j] < level[i]}
-        moments = _moments(evaluator, sites, i, parts, originals, weights)
-        if moments["search"] is None:
-            decisions[i] = Kept("plan", "not factorized: its activation was not captured")
-            continue
-        plans[i] = _fit(sites[i], moments, config)
-        decisions[i] = Planned(plans[i], plans[i].label, facts)
-        log.info("factorized %s: %s, layer error %.4g (held out %s)", sites[i].name, plans[i].label,
-                 plans[i].error, "-" if plans[i].held_out is None else f"{plans[i].held_out:.4g}")
+    done = 0
+    for lvl in sorted(set(level.values())):
+        here = sorted(i for i in candidates if level[i] == lvl)
+        weights = {j: plan.effective_weight(0, sites[j].weight) for j, plan in plans.items()}  # levels below
+        news = {p: fitting.collect(evaluator, sites, here, b, weights=weights, original=True) if weights else {}
+                for p, b in parts.items()}
+        for i in here:
+            progress("factorize", done, len(candidates))
+            done += 1
+            moments = _moments(sites[i], originals, news if weights else None)
+            if moments["search"] is None:
+                decisions[i] = Kept("plan", "not factorized: its activation was not captured")
+                continue
+            plans[i] = _fit(sites[i], moments, config)
+            decisions[i] = Planned(plans[i], plans[i].label, facts)
+            log.info("factorized %s: %s, layer error %.4g (held out %s)", sites[i].name, plans[i].label,
+                     plans[i].error, "-" if plans[i].held_out is None else f"{plans[i].held_out:.4g}")
     progress("factorize", len(candidates), len(candidates))
     result.units = [Unit((i,), Chain([sites[i]], []), plans[i], (decisions[i].reason,)) for i in sorted(plans)]
     return result
 
 
-def _moments(evaluator, sites, i: int, parts: dict, originals: dict, weights: dict) -> dict:
-    """Per part of the samples: (X'ᵀX', X'ᵀX, XᵀX) of site ``i``'s activation (without the bias
-    row), X' = X when nothing upstream was factorized; None where nothing was captured."""
-    key, k = fitting._key(sites[i]), sites[i].weight.shape[0]
+def _moments(site: Site, originals: dict, news: dict | None) -> dict:
+    """Per part of the samples: (X'ᵀX', X'ᵀX, XᵀX) of ``site``'s activation without the bias row
+    (``news`` None: nothing upstream was factorized, X' = X, given as (XᵀX, None, None)); None
+    where nothing was captured."""
+    key, k = fitting._key(site), site.weight.shape[0]
     found = {}
-    for part, batches in parts.items():
-        original = originals[part].get(key)
-        if original is None or original.k != k or not original.count:
+    for part, moments in originals.items():
+        original = moments.get(key)
+        pair = None if news is None else news[part].get(key)
+        if original is None or original.k != k or not original.count or (news is not None and pair is None):
             found[part] = None
-            continue
-        h = original.sum[:-1, :-1]
-        if not weights:
-            found[part] = (h, None, None)
-            continue
-        new, cross = fitting.collect(evaluator, sites, [i], batches, weights=weights, original=True)[key]
-        found[part] = (new.sum[:-1, :-1], cross.sum[:-1, :-1], h)
+        elif news is None:
+            found[part] = (original.sum[:-1, :-1], None, None)
+        else:
+            found[part] = (pair[0].sum[:-1, :-1], pair[1].sum[:-1, :-1], original.sum[:-1, :-1])
     return found
 
 
