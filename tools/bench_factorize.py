@@ -7,6 +7,10 @@
   relative output error per method and density, every layer factorized in order.
 - The DSF model written at 50%: file size, load time and latency against the dense original
   (ORT CPU, optimizations on).
+- The encodings of one 50%-sparse 1024x1024 weight (``--encodings-only`` runs just this): dense,
+  the compressed form (bitmask + values, a decoder ORT folds at load), and ONNX sparse
+  initializers (COO, int64 indices): file size, load time, the ops left after ORT's optimizations,
+  latency with optimizations on and off.
 """
 from __future__ import annotations
 
@@ -18,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnx_split import SplitConfig, split_model  # noqa: E402
 from onnx_split.factorize import METHODS, fit  # noqa: E402
+from onnx_split.factorize.pruning import magnitude  # noqa: E402
 from onnx_split.runtime import CPU, make_session  # noqa: E402
 from benchdocs import meta_lines, run_meta, write_section  # noqa: E402
 
@@ -114,6 +121,77 @@ def written_dsf(model: onnx.ModelProto, seconds: float) -> list[str]:
     return lines
 
 
+def _matmul(weight: np.ndarray | None, sparse: onnx.SparseTensorProto | None = None, k: int = 1024,
+            n: int = 1024) -> onnx.ModelProto:
+    inits = [] if weight is None else [numpy_helper.from_array(weight, "W")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "layer",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", n])], inits,
+                              sparse_initializer=[] if sparse is None else [sparse])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _session(data: bytes, level: str, folded: Path | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{level}")
+    options.intra_op_num_threads = 1
+    if folded is not None:
+        options.optimized_model_filepath = str(folded)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(session, feeds: dict, seconds: float) -> float:
+    for _ in range(10):
+        session.run(None, feeds)
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def encodings(seconds: float, tmp: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((1024, 1024)) / 32).astype(np.float32)
+    pruned = magnitude(weight, None, weight.size // 2).astype(np.float32)
+    flat = np.flatnonzero(pruned.ravel())
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(pruned.ravel()[flat], "W"),
+                                       numpy_helper.from_array(flat.astype(np.int64), "W_indices"), [1024, 1024])
+    dense = _matmul(weight)
+    config = SplitConfig(factorize="magnitude", density=0.5, min_elements=0, verify=False, bench=False,
+                         input_shapes={"x": (8, 1024)})
+    models = {"dense": dense, "compressed form (bitmask + values)": split_model(dense, config).model,
+              "sparse initializer (COO, int64)": _matmul(None, sparse)}
+    feeds = {"x": rng.standard_normal((1, 1024)).astype(np.float32)}
+    lines = []
+    for name, model in models.items():
+        data = model.SerializeToString()
+        folded = tmp / "folded.onnx"
+        start = time.perf_counter()
+        on = _session(data, "ENABLE_ALL", folded)
+        load = (time.perf_counter() - start) * 1e3
+        ops = ", ".join(n.op_type for n in onnx.load(str(folded)).graph.node)
+        off = _session(data, "DISABLE_ALL")
+        want = feeds["x"] @ (weight if name == "dense" else pruned)
+        err = max(float(np.abs(s.run(None, feeds)[0] - want).max()) for s in (on, off))
+        lines.append(f"| {name} | {len(data) / 1e6:.2f} MB | {load:.0f} ms | {ops} | {_median_ms(on, feeds, seconds):.4f} ms"
+                     f" | {_median_ms(off, feeds, seconds):.4f} ms | {err:.1e} |")
+    return lines
+
+
+def _encodings_section(args, meta) -> list[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = encodings(args.seconds, Path(tmp))
+    return ["### Encodings of one 50%-sparse 1024x1024 weight", "", *meta, "",
+            "Batch 1, ORT CPU, 1 thread; ops: the graph ORT runs with ORT_ENABLE_ALL (its optimized model); "
+            "max |error| against x @ W', both levels:", "",
+            "| encoding | file | load (ENABLE_ALL) | ops after optimization | latency ENABLE_ALL | latency DISABLE_ALL "
+            "| max abs error |", "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--width", type=int, default=1024, help="side of the synthetic layer (1024)")
@@ -121,10 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seconds", type=float, default=2.0, help="timing per model and round")
     p.add_argument("--skip-synthetic", action="store_true")
+    p.add_argument("--encodings-only", action="store_true", help="only the encodings table (its own section)")
     p.add_argument("--out", default=str(ROOT / "docs" / "FACTORIZE.md"))
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     meta = meta_lines(run_meta(argv))
+    if args.encodings_only:
+        lines = _encodings_section(args, meta)
+        write_section(Path(args.out), "bench_factorize_encodings", lines)
+        print("\n".join(lines))
+        return 0
     lines = ["## Factorization at equal non-zeros (`tools/bench_factorize.py`)", "", *meta, ""]
     if not args.skip_synthetic:
         lines += [f"Synthetic Gaussian {args.width}x{args.width} layer, correlated activations with outlier "
