@@ -55,6 +55,7 @@ def test_dsf_budget_split_and_factor_shapes():
     assert budget((64, 128), 4096, 0.25) == (1024, 3072)   # K <= N: A is the square factor
     assert budget((128, 64), 4096, 0.25) == (3072, 1024)   # K > N: B is
     assert budget((64, 128), 200, 0.1) == (64, 136)        # the square factor keeps its diagonal
+    assert budget((64, 128), 50, 0.5) == (0, 50)           # no room for it: never more than the budget
     weight, x, _ = gaussian_layer(40, 24, rows=256, seed=2)
     (gram,) = grams(x)
     a, b = factor_pair(weight, gram, 480, 0.3, rounds=4)

@@ -47,10 +47,11 @@ def dsf(weight: np.ndarray, gram: np.ndarray, keep: int, rounds: int = ROUNDS,
 
 def budget(shape: tuple[int, int], keep: int, split: float) -> tuple[int, int]:
     """(non-zeros of A, of B) for a square factor's share ``split`` of ``keep``: the square factor
-    keeps at least its diagonal's r entries, the other at least one per column or row."""
+    at least its diagonal's r entries and the other at least r where the budget allows, never more
+    than ``keep`` in all."""
     k, n = shape
     r = min(k, n)
-    square = min(max(int(round(split * keep)), r), r * r, keep - r)
+    square = max(min(max(int(round(split * keep)), r), r * r, keep - r), 0)
     rest = keep - square
     return (square, rest) if k <= n else (rest, square)
 
