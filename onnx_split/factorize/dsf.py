@@ -13,19 +13,13 @@ and H = XᵀX:
 4. A ← D⁻¹A, and B refitted on its mask against the full ‖X(W − AB)‖² (column by column).
 
 The budget is split between the factors by trying ``splits`` (the fraction of ``keep`` given to
-the square factor) and keeping the one of least error on the calibration moments. One more
-candidate is the square factor left the identity, which needs no storage: W' is then one sparse
-matrix, the single-matrix ADMM solution (admm.py) with the whole budget, returned alone. So DSF is
-never worse on calibration than single-matrix ADMM; where it falls back to it, the report shows
-one factor.
+the square factor) and keeping the one of least error on the calibration moments.
 """
 from __future__ import annotations
 
-from functools import reduce
-
 import numpy as np
 
-from .admm import REFIT_DAMPING, ROUNDS, admm, rhos, solve
+from .admm import REFIT_DAMPING, ROUNDS, rhos, solve
 from .sparse import EPS, layer_error, refit_masked, topk_mask
 
 SPLITS = (0.15, 0.3, 0.45)
@@ -33,16 +27,15 @@ SPLITS = (0.15, 0.3, 0.45)
 
 
 def dsf(weight: np.ndarray, gram: np.ndarray, keep: int, rounds: int = ROUNDS,
-        splits=SPLITS) -> tuple[np.ndarray, ...]:
-    """(A [K, r], B [r, N]) of least calibration error over ``splits``, or (W',) where one sparse
-    matrix (the identity as the square factor) does better."""
+        splits=SPLITS) -> tuple[np.ndarray, np.ndarray]:
+    """(A [K, r], B [r, N]) of least calibration error over ``splits``."""
     best = None
-    candidates = [factor_pair(weight, gram, keep, split, rounds) for split in splits]
-    for factors in (*candidates, (admm(weight, gram, keep, rounds),)):
-        err = layer_error(weight, reduce(np.matmul, factors), gram)
+    for split in splits:
+        a, b = factor_pair(weight, gram, keep, split, rounds)
+        err = layer_error(weight, a @ b, gram)
         if best is None or err < best[0]:
-            best = (err, factors)
-    return best[1]
+            best = (err, a, b)
+    return best[1], best[2]
 
 
 def budget(shape: tuple[int, int], keep: int, split: float) -> tuple[int, int]:
