@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .version import __version__
-from .config import DEFAULT_LOSSY, LAYOUTS, PARTITIONERS, SCORES, SplitConfig
+from .config import DEFAULT_LOSSY, FACTORIZATIONS, LAYOUTS, PARTITIONERS, SCORES, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
 from .model_io import check_destination, plan_destinations, read_model, refuse_overwrite, stage_model
@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dynamic-form", choices=("auto", "kernel", "portable", "fallback"), default=D["dynamic_form"],
                    help="the compiled kernel, standard ONNX (one If per block), the kernel with a standard-ONNX "
                         "function as fallback (IR >= 10), or the faster measured (auto)")
+    g = p.add_argument_group("factorization (each weight replaced by sparse factors, stored compressed)")
+    g.add_argument("--factorize", choices=tuple(FACTORIZATIONS), default=None,
+                   help="dsf: W = A*B, both sparse (Double Sparse Factorization); magnitude, wanda, sparsegpt, admm: "
+                        "one sparse matrix; fitted per site on calibration data, in order")
+    g.add_argument("--density", type=float, default=None, metavar="D",
+                   help="--factorize: the fraction of each weight's entries kept as non-zeros")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
@@ -237,6 +243,7 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
         search_seconds=args.search_seconds, include=tuple(args.include), exclude=tuple(args.exclude),
         dynamic_keep=args.dynamic_keep, dynamic_rule=args.dynamic_rule, dynamic_block=args.dynamic_block,
         dynamic_score=args.dynamic_score, dynamic_form=args.dynamic_form, dynamic_compensate=args.dynamic_compensate,
+        factorize=args.factorize, density=args.density,
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")

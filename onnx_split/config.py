@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .errors import InputError
+from .factorize import METHODS as FACTORIZATIONS
 from .plans import PLANNERS
 from .rewrite.registry import layout_names
 from .where import compile_patterns
@@ -128,6 +129,12 @@ class SplitConfig:
     block), ``fallback`` (the kernel's node plus a model-local function of the portable form: the
     kernel where registered, standard ONNX elsewhere; IR >= 10), ``auto``: the faster measured, the
     kernel written as the fallback form where it can be."""
+    factorize: str | None = None
+    """Replace every eligible weight by sparse factors fitted on calibration data: ``dsf`` (W = A·B,
+    both sparse), or one sparse matrix by ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``
+    (factorize/); written compressed, one dense MatMul at run time. Needs ``density``."""
+    density: float | None = None
+    """``--factorize``: the fraction of each weight's entries kept as non-zeros (over both factors for dsf)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -225,6 +232,26 @@ class SplitConfig:
         if self.partitioner == "components" and budgets:
             object.__setattr__(self, "partitioner", DEFAULT_LOSSY)
         self._check_dynamic(budgets)
+        self._check_factorize(budgets)
+
+    def _check_factorize(self, budgets: list[str]) -> None:
+        if self.factorize is None:
+            if self.density is not None:
+                raise InputError("--density is the budget of --factorize: give --factorize METHOD too")
+            return
+        if self.factorize not in FACTORIZATIONS:
+            raise InputError(f"--factorize must be one of {', '.join(FACTORIZATIONS)}, not {self.factorize!r}")
+        if self.density is None:
+            raise InputError(f"--factorize {self.factorize} needs --density D (the fraction of each weight kept)")
+        _finite_number("density", self.density, "a fraction in (0, 1]")
+        if not 0 < self.density <= 1:
+            raise InputError(f"--density must be a fraction in (0, 1], got {self.density}")
+        if budgets:
+            raise InputError(f"--factorize takes --density as its budget, not --{budgets[0]}")
+        if self.dynamic_keep is not None:
+            raise InputError("--factorize does not combine with --dynamic-keep")
+        if self.partitioner != "components" or self.threshold > 0:
+            raise InputError("--factorize replaces the weights by factors: it takes no --partitioner or --threshold")
 
     def _check_dynamic(self, budgets: list[str]) -> None:
         if self.dynamic_keep is None:

@@ -25,6 +25,7 @@ from .errors import InputError
 from .inputs import verification_sets
 from .dynamic import AGAINST as DYNAMIC_AGAINST, dynamic_units, plan_dynamic, restrict_forms, with_dynamic, \
     written_dynamic
+from .factorization import AGAINST as FACTORIZED, plan_factorized
 from .lossy import SurveyRow, plan_lossy, survey
 from .rewrite.dynamic_fallback import FALLBACK_NOTE
 from .rewrite.dynamic_kernel import LOAD_NOTE
@@ -84,7 +85,11 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         notes += more
         points, inputs = measuring_points(original, config)
 
-    if config.dynamic_keep is not None:                    # plan: what each site would become
+    if config.factorize is not None:                       # plan: what each site would become
+        lossy = plan_factorized(model, sites, config, progress)
+        decisions, units = lossy.decisions, lossy.units
+        notes += lossy.notes
+    elif config.dynamic_keep is not None:
         lossy = plan_dynamic(model, sites, config, progress)
         decisions, units = lossy.decisions, dynamic_units(sites, lossy.decisions)
         notes += lossy.notes
@@ -99,11 +104,14 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
 
     clock.lap("analyse")
 
-    forms, tuning = _forms(original, units, config, points, providers, notes, progress)   # which form
+    if config.factorize is not None:                       # which form: one dense MatMul either way
+        forms, tuning = {u: "compressed" for u in range(len(units))}, {}
+    else:
+        forms, tuning = _forms(original, units, config, points, providers, notes, progress)
     if config.dynamic_keep is not None:
         forms = restrict_forms(units, forms, tuning, config, original)
     decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
-    if config.layout == AUTO:
+    if config.layout == AUTO and config.factorize is None:
         clock.lap("tune")
 
     written, refused = _rewrite(model, units, forms, config)                              # rewrite
@@ -126,6 +134,8 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     reference = reference_model(original, sites, approximated, biases) if approximated else original
     against = (REFITTED if any(getattr(units[u].plan, "refitted", False) for u in written) else PRUNED) \
         if approximated else (DYNAMIC_AGAINST if dynamic else "the original")
+    if config.factorize is not None and approximated:
+        against = FACTORIZED
     reference = with_dynamic(reference, sites, dynamic)
     n_split = sum(isinstance(d, Split) for d in decisions.values())
     entries = metadata_entries(config, n_split, len(sites), error)
@@ -149,7 +159,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     else:
         clock.lap("verify")
     why = None
-    if config.layout == AUTO and config.bench and points and n_split:   # the whole model must pay too
+    if config.layout == AUTO and config.bench and points and n_split and config.factorize is None:  # must pay
         why = whole_model_verdict(latency, config.min_speedup)
         if not any(e.status == "measured" and e.speedup for e in latency):
             notes.append("the whole rewritten model could not be timed: written without that check")

@@ -80,6 +80,8 @@ class ChainReport:
     into the weights)"""
     flops_before: int
     flops_after: int
+    label: str | None = None
+    """what a plan without parts writes, in its words (factorized plans: method, density, factors)"""
 
 
 @dataclass
@@ -166,7 +168,7 @@ class SplitReport:
         for c in self.chains:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
                     else f"split into {c.parts} part{'s' if c.parts != 1 else ''}" if c.parts is not None
-                    else "dynamic: skips input blocks per call")
+                    else c.label if c.label else "dynamic: skips input blocks per call")
             chains.append(f"{chain_label([names.get(n, n) for n in c.sites])}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
                           f"{'s' if c.boundary_gathers != 1 else ''} on activations")
         lines += _capped(chains, "rewrite")
@@ -444,7 +446,8 @@ def chain_report(unit: Unit, written: Written) -> ChainReport:
     chain, plan = unit.chain, unit.plan
     return ChainReport(sites=[s.name for s in chain.sites], scope=chain.first.scope, parts=plan.summary(0)["parts"],
                        layout=written.layout, boundary_gathers=written.gathers, flops_before=2 * plan.macs_dense(),
-                       flops_after=2 * FORMS[written.form].cost(plan, None))
+                       flops_after=2 * FORMS[written.form].cost(plan, None),
+                       label=plan.label if plan.kind == "factorized" else None)
 
 
 def build_report(*, config: dict, source: str | None, sites: list, decisions: dict, units: list[Unit],
@@ -474,6 +477,13 @@ def metadata_entries(config, n_split: int, n_sites: int, error: ErrorReport | No
         "onnx_split.options": config.to_json(),
         "onnx_split.summary": f"{n_split} of {n_sites} MatMul/Gemm sites split ({config.layout} layout)",
     }
+    if config.factorize is not None:
+        entries["onnx_split.factorize"] = (
+            f"--factorize {config.factorize} --density {config.density:g}: each weight replaced by the product of "
+            f"sparse factors, stored compressed and multiplied out at load; "
+            + (f"relative output error {error.search:.3g} on {error.search_samples} search samples, "
+               f"{error.held_out:.3g} on {error.held_out_samples} held-out samples ({error.data})"
+               if error is not None else "output error not measured"))
     if config.lossy:
         entries["onnx_split.lossy"] = (
             f"{config.budget}, {config.partitioner} partitioner: weights outside the parts' blocks are dropped; "

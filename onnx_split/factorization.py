@@ -1,0 +1,127 @@
+"""The factorizing side of the pass (``--factorize METHOD --density D``): every candidate weight
+replaced by sparse factors fitted on calibration data (factorize/), written compressed
+(rewrite/compressed.py) so that the model still runs one dense MatMul per site.
+
+Sites are fitted level by level in their dependency order (fitting.levels), each on the
+activations X' that the already-factorized sites before it produce, against the original output
+XW: the methods minimise ||X'(W̃ − W')|| with W̃ = (X'ᵀX' + λ)⁻¹X'ᵀX W, the weight that best
+reproduces XW from X' (W̃ = W at the first level, where X' = X). The layer error each site
+reports is ||X'W' − XW|| / ||XW||, on the search and on the held-out calibration samples; the
+output error of the whole model is measured as for lossy splits (lossy.Lossy.error).
+"""
+from __future__ import annotations
+
+import logging
+from types import MappingProxyType
+
+import numpy as np
+import onnx
+
+from . import fitting
+from .chains import Chain
+from .config import SplitConfig
+from .decisions import Kept, Planned, Unit
+from .factorize import fit
+from .factorize.sparse import layer_error
+from .lossy import Lossy, _calibration
+from .planning import site_decisions
+from .plans.factorized import make_plan
+from .pruned import Evaluator
+from .refit import DAMPING
+from .rewrite.compressed import MIN_OPSET, written_bytes
+from .sites import Site, default_opset
+
+log = logging.getLogger(__name__)
+
+AGAINST = "the factorized original (each weight replaced by its factors' product)"
+
+
+def factorize_reason(site: Site, opset: int) -> str | None:
+    """Why ``site`` is not factorized (None if it is)."""
+    if not fitting.refittable(site):
+        return "not factorized: calibration reaches main-graph sites only" if site.scope != "main" else \
+            "not factorized: Gemm alpha is 0"
+    if site.weight.dtype.kind != "f":
+        return f"not factorized: the weight is {site.weight.dtype}"
+    if opset < MIN_OPSET:
+        return f"not factorized: the compressed form needs opset >= {MIN_OPSET} (this model has {opset})"
+    return None
+
+
+def plan_factorized(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> Lossy:
+    """One decision per site (a factorized plan, or kept with why) and one unit per planned site."""
+    progress = progress or (lambda stage, done, total: None)
+    decisions = site_decisions(sites, config)
+    opset = default_opset(model)
+    candidates = []
+    for i, site in enumerate(sites):
+        if i not in decisions:
+            why = factorize_reason(site, opset)
+            if why is None:
+                candidates.append(i)
+            else:
+                decisions[i] = Kept("plan", why)
+    calibration = _calibration(model, config, required=True, wanted=True, purpose=f"--factorize {config.factorize}")
+    evaluator = Evaluator(model, sites, candidates, config.base_threads,
+                          capture=tuple(sites[i].activation for i in candidates))
+    result = Lossy(decisions, calibration, evaluator)
+    parts = {"search": calibration.batches("search"), "held_out": calibration.batches("held_out")}
+    originals = {p: fitting.collect(evaluator, sites, candidates, b) for p, b in parts.items()}
+    level = fitting.levels(candidates, fitting.upstream(model, sites, candidates))
+    plans: dict[int, object] = {}
+    facts = MappingProxyType({"factorize": config.factorize})
+    done = 0
+    for lvl in sorted(set(level.values())):
+        here = sorted(i for i in candidates if level[i] == lvl)
+        weights = {j: plan.effective_weight(0, sites[j].weight) for j, plan in plans.items()}  # levels below
+        news = {p: fitting.collect(evaluator, sites, here, b, weights=weights, original=True) if weights else {}
+                for p, b in parts.items()}
+        for i in here:
+            progress("factorize", done, len(candidates))
+            done += 1
+            moments = _moments(sites[i], originals, news if weights else None)
+            if moments["search"] is None:
+                decisions[i] = Kept("plan", "not factorized: its activation was not captured")
+                continue
+            plans[i] = _fit(sites[i], moments, config)
+            decisions[i] = Planned(plans[i], plans[i].label, facts)
+            log.info("factorized %s: %s, layer error %.4g (held out %s)", sites[i].name, plans[i].label,
+                     plans[i].error, "-" if plans[i].held_out is None else f"{plans[i].held_out:.4g}")
+    progress("factorize", len(candidates), len(candidates))
+    result.units = [Unit((i,), Chain([sites[i]], []), plans[i], (decisions[i].reason,)) for i in sorted(plans)]
+    return result
+
+
+def _moments(site: Site, originals: dict, news: dict | None) -> dict:
+    """Per part of the samples: (X'ᵀX', X'ᵀX, XᵀX) of ``site``'s activation without the bias row
+    (``news`` None: nothing upstream was factorized, X' = X, given as (XᵀX, None, None)); None
+    where nothing was captured."""
+    key, k = fitting._key(site), site.weight.shape[0]
+    found = {}
+    for part, moments in originals.items():
+        original = moments.get(key)
+        pair = None if news is None else news[part].get(key)
+        if original is None or original.k != k or not original.count or (news is not None and pair is None):
+            found[part] = None
+        elif news is None:
+            found[part] = (original.sum[:-1, :-1], None, None)
+        else:
+            found[part] = (pair[0].sum[:-1, :-1], pair[1].sum[:-1, :-1], original.sum[:-1, :-1])
+    return found
+
+
+def _fit(site: Site, moments: dict, config: SplitConfig):
+    weight = site.weight.astype(np.float64)
+    gram, cross, original = moments["search"]
+    target = weight
+    if cross is not None:  # the weight that best gives XW from X'
+        damped = gram + DAMPING * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(gram.shape[0])
+        target = np.linalg.solve(damped, cross @ weight)
+    fitted = fit(config.factorize, target, gram, config.density)
+    errors = [None if moments[p] is None else layer_error(weight, fitted.weight, *moments[p])
+              for p in ("search", "held_out")]
+    plan = make_plan(fitted, site.weight.dtype, *errors)
+    return plan.with_bytes(written_bytes(plan))
+
+
+__all__ = ["AGAINST", "factorize_reason", "plan_factorized"]
