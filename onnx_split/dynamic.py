@@ -26,7 +26,7 @@ from .decisions import Decision, Kept, Planned, Unit
 from .dynamic_reference import reference_model
 from .errors import InputError
 from .fitting import levels, upstream
-from .planning import site_decisions
+from .planning import eligible
 from .plans.dynamic import dynamic_reason, make_plan
 from .pruned import ErrorReport, ErrorSum
 from .runtime import CPU, capture, make_session, model_source
@@ -100,17 +100,13 @@ def plan_dynamic(model: onnx.ModelProto, sites: list[Site], config: SplitConfig,
     from .lossy import _calibration
 
     progress = progress or (lambda stage, done, total: None)
-    decisions = site_decisions(sites, config)
     opset = default_opset(model)
-    candidates = []
-    for i, site in enumerate(sites):
-        if i in decisions:
-            continue
+
+    def refusal(site):
         why = dynamic_reason(site, config.dynamic_block, opset)
-        if why is not None:
-            decisions[i] = Kept("plan", f"not dynamic: {why}")
-        else:
-            candidates.append(i)
+        return None if why is None else f"not dynamic: {why}"
+
+    decisions, candidates = eligible(sites, config, refusal)
     needs = config.dynamic_rule == "threshold" or config.dynamic_compensate or config.tolerance is not None
     purpose = ("--tolerance" if config.tolerance is not None else "--dynamic-rule threshold"
                if config.dynamic_rule == "threshold" else "--dynamic-compensate")

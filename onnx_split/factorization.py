@@ -24,7 +24,7 @@ from .decisions import Kept, Planned, Unit
 from .factorize import fit
 from .factorize.sparse import layer_error
 from .lossy import Lossy, _calibration
-from .planning import site_decisions
+from .planning import eligible
 from .plans.factorized import make_plan
 from .pruned import Evaluator
 from .refit import DAMPING
@@ -51,16 +51,8 @@ def factorize_reason(site: Site, opset: int) -> str | None:
 def plan_factorized(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> Lossy:
     """One decision per site (a factorized plan, or kept with why) and one unit per planned site."""
     progress = progress or (lambda stage, done, total: None)
-    decisions = site_decisions(sites, config)
     opset = default_opset(model)
-    candidates = []
-    for i, site in enumerate(sites):
-        if i not in decisions:
-            why = factorize_reason(site, opset)
-            if why is None:
-                candidates.append(i)
-            else:
-                decisions[i] = Kept("plan", why)
+    decisions, candidates = eligible(sites, config, lambda site: factorize_reason(site, opset))
     calibration = _calibration(model, config, required=True, wanted=True, purpose=f"--factorize {config.factorize}")
     evaluator = Evaluator(model, sites, candidates, config.base_threads,
                           capture=tuple(sites[i].activation for i in candidates))

@@ -39,6 +39,22 @@ def site_decisions(sites: list[Site], config: SplitConfig | None = None) -> dict
     return decisions
 
 
+def eligible(sites: list[Site], config: SplitConfig, reason) -> tuple[dict[int, Decision], list[int]]:
+    """:func:`site_decisions`, then every other site that ``reason(site)`` (a plan kind's own
+    refusal: a string, or None) refuses is kept with it; returns (decisions, candidate indices)."""
+    decisions = site_decisions(sites, config)
+    found = []
+    for i, site in enumerate(sites):
+        if i in decisions:
+            continue
+        why = reason(site)
+        if why is None:
+            found.append(i)
+        else:
+            decisions[i] = Kept("plan", why)
+    return decisions, found
+
+
 def plan_exact(sites: list[Site], config: SplitConfig, progress=None) -> dict[int, Decision]:
     """Exact components of every candidate site: a plan where splitting saves multiply-adds in the
     layout's form, else kept with why."""

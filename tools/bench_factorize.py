@@ -96,14 +96,7 @@ def _load_and_latency(model: onnx.ModelProto, feeds: dict, repeats: int, seconds
         start = time.perf_counter()
         session = make_session(data, CPU, "enabled", 1)
         loads.append(time.perf_counter() - start)
-    for _ in range(20):
-        session.run(None, feeds)
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(loads) * 1e3, statistics.median(times) * 1e3
+    return statistics.median(loads) * 1e3, _median_ms(session, feeds, seconds)
 
 
 def written_dsf(model: onnx.ModelProto, seconds: float) -> list[str]:
