@@ -121,11 +121,12 @@ class Fitter:
         self.folds = problems if len(problems) > 1 else []
         self.total = Problem.combined(problems) if len(problems) > 1 else problems[0]
 
-    def _on_folds(self, groups, news: list[np.ndarray]) -> float:
-        """The error over both folds of ``news[f]`` measured on fold f."""
+    def _on_folds(self, groups, news: list[np.ndarray], blocks: list[list[np.ndarray]]) -> float:
+        """The error over both folds of ``news[f]`` measured on fold f (``blocks[f]``: fold f's
+        :meth:`~onnx_split.refit.Problem.blocks` of ``groups``)."""
         num = den = 0.0
-        for problem, new in zip(self.folds, news):
-            e = problem.error(groups, new)
+        for problem, new, fold_blocks in zip(self.folds, news, blocks):
+            e = problem.error(groups, new, fold_blocks)
             num, den = num + e * e * problem.den, den + problem.den
         return float(np.sqrt(num / den)) if den > 0 else 0.0
 
@@ -140,22 +141,28 @@ class Fitter:
         """((weight, C) as the site stores them, or None for the masked original; the layer error)."""
         groups = column_groups(mask)
         if self.folds:
-            masked_err = self._on_folds(groups, [p.masked(mask) for p in self.folds])
+            blocks = [p.blocks(groups) for p in self.folds]
+            masked_err = self._on_folds(groups, [p.masked(mask) for p in self.folds], blocks)
         else:
-            masked_err = self.total.error(groups, self.total.masked(mask))
+            blocks = self.total.blocks(groups)
+            masked_err = self.total.error(groups, self.total.masked(mask), blocks)
         if not refit:
             return None, masked_err
+        new = None
         if self.folds:  # fitted on one half, measured on the other
-            a, b = self.folds
+            (a, b), (in_a, in_b) = self.folds, blocks
             tried = DAMPINGS if self.damping is None else (self.damping,)  # chosen once per site
-            err, damping = min((self._on_folds(groups, [b.solve(groups, d), a.solve(groups, d)]), d) for d in tried)
+            err, damping = min((self._on_folds(groups, [b.solve(groups, d, in_b), a.solve(groups, d, in_a)], blocks), d)
+                               for d in tried)
             self.damping = damping
         else:
             damping = DAMPING
-            err = self.total.error(groups, self.total.solve(groups, damping))
+            new = self.total.solve(groups, damping, blocks)
+            err = self.total.error(groups, new, blocks)
         if not err < masked_err or not final:
             return None, (masked_err if not err < masked_err else err)
-        new = self.total.solve(groups, damping)
+        if new is None:
+            new = self.total.solve(groups, damping)
         site, stored_c = self.site, None
         if self.has_bias:
             stored_c = (new[-1] / site.beta).astype(site.bias_value.dtype).reshape(np.shape(site.bias_value))

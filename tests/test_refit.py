@@ -171,6 +171,48 @@ def test_moments_stored_in_float32_solve_in_float64_as_the_float64_ones_do():
     assert stored.error(groups, new) == pytest.approx(exact.error(groups, new), rel=1e-4)
 
 
+def test_the_symmetric_solve_is_numpys_solve_and_falls_back_where_cholesky_cannot():
+    from onnx_split.refit import solve_system
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((40, 9))
+    spd, rhs = x.T @ x + 0.1 * np.eye(9), rng.standard_normal((9, 4))
+    np.testing.assert_allclose(solve_system(spd.copy(), rhs), np.linalg.solve(spd, rhs), rtol=1e-10, atol=1e-12)
+    indefinite = spd - 5 * np.eye(9) * np.linalg.eigvalsh(spd).max()  # symmetric, not positive definite
+    np.testing.assert_allclose(solve_system(indefinite.copy(), rhs), np.linalg.solve(indefinite, rhs),
+                               rtol=1e-10, atol=1e-12)
+    singular = np.ones((3, 3))
+    np.testing.assert_allclose(solve_system(singular.copy(), np.ones((3, 1))),
+                               np.linalg.lstsq(singular, np.ones((3, 1)), rcond=None)[0], atol=1e-12)
+
+
+def test_blocks_read_once_solve_and_measure_as_when_each_call_reads_its_own(monkeypatch):
+    from onnx_split import refit
+    from onnx_split.fitting import Fitter, Fold
+    from onnx_split.plans import planner_for
+    from onnx_split.sites import find_sites
+    from builders import matmul_model
+    rng = np.random.default_rng(24)
+    w, b = rng.standard_normal((24, 16)), rng.standard_normal(16)
+    m = Moments(24)
+    m.add(_inputs(rng, 200, k=24).astype(np.float64))
+    groups = column_groups(_block_mask(24, 16, 3, rng))
+    for bias in (b, None):
+        problem = Problem(w, bias, m.sum)
+        blocks = problem.blocks(groups)
+        for damping in (1e-3, 1.0):
+            np.testing.assert_array_equal(problem.solve(groups, damping, blocks), problem.solve(groups, damping))
+        new = problem.solve(groups, 1e-2)
+        assert problem.error(groups, new, blocks) == problem.error(groups, new)
+    # one fold: the fit whose error is measured is the one returned (one solve per group, not two)
+    calls = []
+    monkeypatch.setattr(refit, "solve_system", lambda h, rhs: calls.append(1) or np.linalg.solve(h, rhs))
+    w32 = w.astype(np.float32)
+    site = find_sites(matmul_model(w32, ["batch", 24]), min_elements=0)[0]
+    plan = planner_for(np.abs(w32).astype(np.float64), "metis", seed=0).for_parts(2)
+    Fitter(site, [Fold(m.sum)]).fit(plan)
+    assert len(calls) == len(column_groups(plan.masks[0]))
+
+
 def test_the_calibration_pass_stores_one_float32_moment_matrix_per_activation_and_fold(tmp_path, monkeypatch):
     from onnx_split import lossy
     from onnx_split.sites import find_sites
