@@ -213,6 +213,40 @@ def test_blocks_read_once_solve_and_measure_as_when_each_call_reads_its_own(monk
     assert len(calls) == len(column_groups(plan.masks[0]))
 
 
+def test_a_plan_measured_before_is_fitted_for_good_with_only_its_final_solves(monkeypatch):
+    from onnx_split import refit
+    from onnx_split.fitting import Fitter, Fold
+    from onnx_split.plans import planner_for
+    from onnx_split.sites import find_sites
+    from builders import matmul_model
+    rng = np.random.default_rng(25)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    site = find_sites(matmul_model(w, ["batch", 32]), min_elements=0)[0]
+    plan = planner_for(np.abs(w).astype(np.float64), "metis", seed=0).for_parts(2)
+    groups = len(column_groups(plan.masks[0]))
+
+    def folds():
+        out = []
+        for _ in range(2):
+            m = Moments(32)
+            m.add(_inputs(np.random.default_rng(26 + len(out)), 120, k=32).astype(np.float64))
+            out.append(Fold(m.sum))
+        return out
+
+    calls = []
+    monkeypatch.setattr(refit, "solve_system", lambda h, rhs: calls.append(1) or np.linalg.solve(h, rhs))
+    fresh_plan, fresh_err = Fitter(site, folds()).fit(plan)
+    fresh = len(calls)
+    assert fresh == groups * (2 * len(refit.DAMPINGS) + 1)  # both folds at every damping, then all rows
+    calls.clear()
+    fitter = Fitter(site, folds())
+    _, measured = fitter.fit(plan, final=False)  # the dry run reads the error first
+    again, err = fitter.fit(plan)
+    assert len(calls) == fresh  # as one fit: the second solved only on all rows (before: 2 * fresh - groups)
+    assert err == measured == fresh_err
+    np.testing.assert_array_equal(again.effective_weight(0, site.weight), fresh_plan.effective_weight(0, site.weight))
+
+
 def test_the_calibration_pass_stores_one_float32_moment_matrix_per_activation_and_fold(tmp_path, monkeypatch):
     from onnx_split import lossy
     from onnx_split.sites import find_sites
