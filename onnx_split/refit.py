@@ -24,7 +24,6 @@ folded in by the caller).
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lapack
 
 DAMPING = 0.001
 """lambda as a fraction of the mean diagonal of the group's H'_SS, when no held-out moments choose it."""
@@ -55,12 +54,9 @@ def _times(parts: tuple[np.ndarray, ...], old: np.ndarray) -> np.ndarray:
 
 
 def solve_system(h: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """h^-1 rhs for a symmetric h: Cholesky (LAPACK posv: on a damped 1537^2 system with 384
-    right-hand sides, 2.2x faster than numpy's LU), LU where h is not positive definite in floating
-    point, least squares where it is singular."""
-    _, solved, info = lapack.dposv(h, rhs)
-    if info == 0:
-        return solved
+    """h^-1 rhs: numpy's LU (LAPACK posv through scipy measured no faster inside a fit, where its
+    calls alternate with numpy's products on the other OpenBLAS copy), least squares where h is
+    singular."""
     try:
         return np.linalg.solve(h, rhs)
     except np.linalg.LinAlgError:

@@ -171,7 +171,7 @@ def test_moments_stored_in_float32_solve_in_float64_as_the_float64_ones_do():
     assert stored.error(groups, new) == pytest.approx(exact.error(groups, new), rel=1e-4)
 
 
-def test_the_symmetric_solve_is_numpys_solve_and_falls_back_where_cholesky_cannot():
+def test_the_solve_is_numpys_and_falls_back_to_least_squares_where_singular():
     from onnx_split.refit import solve_system
     rng = np.random.default_rng(23)
     x = rng.standard_normal((40, 9))
