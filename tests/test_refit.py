@@ -513,6 +513,28 @@ def test_linked_lossy_splits_are_partitioned_jointly_with_no_gather_between_them
     assert joint.report.error.held_out <= 1.25 * alone.report.error.held_out + 1e-3
 
 
+def test_a_joint_chain_does_not_refit_the_other_planned_sites_on_the_original_activations_again(tmp_path,
+                                                                                                 monkeypatch):
+    from onnx_split import lossy
+    from builders import chain_model, feature_wise, planted
+    rng = np.random.default_rng(16)
+    weights = [(planted(rng, 32, 32, 4, permute=False)[0] + 0.02 * rng.standard_normal((32, 32))).astype(np.float32)
+               for _ in range(3)]
+    model = chain_model(weights, [[feature_wise("Relu", rng)], [feature_wise("Relu", rng)]], ["batch", 32])
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=rng.standard_normal((200, 32)).astype(np.float32))
+    monkeypatch.setattr(lossy, "MAX_CHAIN", 2)  # one chain of the first two layers; the third is another site
+    opened = []
+    fitter = lossy._Context.fitter
+    monkeypatch.setattr(lossy._Context, "fitter", lambda self, i: opened.append(i) or fitter(self, i))
+    result = split_model(model, SplitConfig(parts=4, calibration=str(path), bench=False, layout="parallel",
+                                            min_elements=0, providers=("cpu",)))
+    assert sorted(len(c.sites) for c in result.report.chains) == [1, 2]
+    third = max(opened)
+    assert opened.count(third) == 1  # its own plan, fitted once; the joint chain reused that fit
+    assert all(opened.count(i) == 2 for i in set(opened) - {third})  # their own plans, then the joint layers
+
+
 def test_a_joint_chain_that_would_raise_the_error_is_not_joined(tmp_path):
     # the plain digits MLP: 8 joint sub-networks would each see 8 of the 64 pixels
     from pathlib import Path
