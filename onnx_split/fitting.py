@@ -120,12 +120,14 @@ class Fitter:
         problems = [Problem(weight, bias, f.gram, f.cross, f.original) for f in folds]
         self.folds = problems if len(problems) > 1 else []
         self.total = Problem.combined(problems) if len(problems) > 1 else problems[0]
+        self._measured: dict = {}  # (mask shape, packed mask, refit) -> (masked error, error, damping)
 
-    def _on_folds(self, groups, news: list[np.ndarray]) -> float:
-        """The error over both folds of ``news[f]`` measured on fold f."""
+    def _on_folds(self, groups, news: list[np.ndarray], blocks: list[list[np.ndarray]]) -> float:
+        """The error over both folds of ``news[f]`` measured on fold f (``blocks[f]``: fold f's
+        :meth:`~onnx_split.refit.Problem.blocks` of ``groups``)."""
         num = den = 0.0
-        for problem, new in zip(self.folds, news):
-            e = problem.error(groups, new)
+        for problem, new, fold_blocks in zip(self.folds, news, blocks):
+            e = problem.error(groups, new, fold_blocks)
             num, den = num + e * e * problem.den, den + problem.den
         return float(np.sqrt(num / den)) if den > 0 else 0.0
 
@@ -137,29 +139,48 @@ class Fitter:
         return (plan.with_fit(None) if found is None else plan.with_fit((found,))), err
 
     def fit_mask(self, mask: np.ndarray, refit: bool = True, final: bool = True):
-        """((weight, C) as the site stores them, or None for the masked original; the layer error)."""
+        """((weight, C) as the site stores them, or None for the masked original; the layer error).
+        A mask measured before (the dry run's probe, fitted for good after its error was read)
+        is not measured again: only its final solve is left."""
         groups = column_groups(mask)
-        if self.folds:
-            masked_err = self._on_folds(groups, [p.masked(mask) for p in self.folds])
+        key = (mask.shape, np.packbits(mask).tobytes(), refit)
+        new = None
+        if key in self._measured:
+            masked_err, err, damping = self._measured[key]
         else:
-            masked_err = self.total.error(groups, self.total.masked(mask))
+            masked_err, err, damping, new = self._measure(mask, groups, refit)
+            self._measured[key] = masked_err, err, damping
         if not refit:
             return None, masked_err
-        if self.folds:  # fitted on one half, measured on the other
-            a, b = self.folds
-            tried = DAMPINGS if self.damping is None else (self.damping,)  # chosen once per site
-            err, damping = min((self._on_folds(groups, [b.solve(groups, d), a.solve(groups, d)]), d) for d in tried)
-            self.damping = damping
-        else:
-            damping = DAMPING
-            err = self.total.error(groups, self.total.solve(groups, damping))
         if not err < masked_err or not final:
             return None, (masked_err if not err < masked_err else err)
-        new = self.total.solve(groups, damping)
+        if new is None:
+            new = self.total.solve(groups, damping)
         site, stored_c = self.site, None
         if self.has_bias:
             stored_c = (new[-1] / site.beta).astype(site.bias_value.dtype).reshape(np.shape(site.bias_value))
         return ((new[:-1] / site.alpha).astype(site.weight.dtype), stored_c), err
+
+    def _measure(self, mask: np.ndarray, groups, refit: bool):
+        """(masked error, refitted error, damping, the refit on all rows where it came for free):
+        the errors held out over the folds when there are two; None for what ``refit`` skips."""
+        if self.folds:
+            blocks = [p.blocks(groups) for p in self.folds]
+            masked_err = self._on_folds(groups, [p.masked(mask) for p in self.folds], blocks)
+        else:
+            blocks = self.total.blocks(groups)
+            masked_err = self.total.error(groups, self.total.masked(mask), blocks)
+        if not refit:
+            return masked_err, None, None, None
+        if self.folds:  # fitted on one half, measured on the other
+            (a, b), (in_a, in_b) = self.folds, blocks
+            tried = DAMPINGS if self.damping is None else (self.damping,)  # chosen once per site
+            err, damping = min((self._on_folds(groups, [b.solve(groups, d, in_b), a.solve(groups, d, in_a)], blocks), d)
+                               for d in tried)
+            self.damping = damping
+            return masked_err, err, damping, None
+        new = self.total.solve(groups, DAMPING, blocks)
+        return masked_err, self.total.error(groups, new, blocks), DAMPING, new
 
 
 def values(sites: list[Site], plans: dict) -> tuple[dict, dict]:

@@ -95,6 +95,9 @@ class _Context:
     deadline: float | None = None
     _fitters: dict = field(default_factory=dict)
     dampings: dict = field(default_factory=dict)
+    first_fits: dict = field(default_factory=dict)
+    """{site: (its plan's mask key, the plan refitted on the original activations)}: the last such
+    fit per site, so a joint chain's refit of the other planned sites does not redo theirs"""
 
     def gram(self, i: int):
         """Whether site ``i``'s input moments were captured (with the weight's K features): the
@@ -336,14 +339,27 @@ def _sequential(ctx: _Context, plain: dict, first: dict) -> tuple[dict, bool]:
                               ctx.deadline, lambda d, t: ctx.progress("refit", d, t), dampings)
 
 
+def _mask_key(plan) -> tuple:
+    return plan.label, plan.masks[0].shape, np.packbits(plan.masks[0]).tobytes()
+
+
+def _remember(ctx: _Context, i: int, fitted) -> None:
+    """Record ``fitted`` as site ``i``'s plan refitted on the original activations."""
+    ctx.first_fits[i] = (_mask_key(fitted), fitted)
+
+
 def _fit_once(ctx: _Context, i: int, plan):
     """``plan`` refitted on the original activations (as it is where no moments were captured);
-    the site's fitter is let go afterwards."""
+    the site's fitter is let go afterwards. The same mask fitted before is not fitted again."""
+    known = ctx.first_fits.get(i)
+    if known is not None and known[0] == _mask_key(plan):
+        return known[1]
     fitter = ctx.fitter(i)
     if fitter is None:
         return plan
     fitted = fitter.fit(plan)[0]
     ctx.done_with(i)
+    _remember(ctx, i, fitted)
     return fitted
 
 
@@ -457,6 +473,9 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
         else:
             choice = back_off(options, choice) or {}
     chosen = {i: options[i][r].plan for i, r in accepted.items()}
+    if config.refit:
+        for i, plan in chosen.items():
+            _remember(ctx, i, plan)
     if chosen and config.refit and ctx.evaluator is not None and len(chosen) > 1 and not ctx.out_of_time():
         plain = {i: unfitted[i][id(p)] for i, p in chosen.items()}
         seq, finished = _sequential(ctx, plain, chosen)

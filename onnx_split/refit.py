@@ -53,6 +53,16 @@ def _times(parts: tuple[np.ndarray, ...], old: np.ndarray) -> np.ndarray:
     return out
 
 
+def solve_system(h: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """h^-1 rhs: numpy's LU (LAPACK posv through scipy measured no faster inside a fit, where its
+    calls alternate with numpy's products on the other OpenBLAS copy), least squares where h is
+    singular."""
+    try:
+        return np.linalg.solve(h, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(h, rhs, rcond=None)[0]
+
+
 class Problem:
     """One weight [W; b] and the moments of one set of calibration rows."""
 
@@ -88,36 +98,41 @@ class Problem:
             block += g[np.ix_(rows, cols)]
         return block
 
-    def solve(self, groups, damping: float) -> np.ndarray:
-        """[W'; b'] (K+1) x N: zero outside each group's rows; b' solved or the original b."""
+    def blocks(self, groups) -> list[np.ndarray]:
+        """Per group, the float64 block (rows + bias row)^2 of the summed moments: read once and
+        passed to :meth:`solve` and :meth:`error`, so trying several dampings and measuring their
+        fits gathers each block once."""
+        return [self._gram(np.append(rows, self.k), np.append(rows, self.k)) for rows, _ in groups]
+
+    def solve(self, groups, damping: float, blocks: list[np.ndarray] | None = None) -> np.ndarray:
+        """[W'; b'] (K+1) x N: zero outside each group's rows; b' solved or the original b.
+        ``blocks``: this problem's :meth:`blocks` of ``groups``, if already read."""
         new = np.zeros_like(self.old)
         new[self.k] = self.old[self.k]
-        for rows, cols in groups:
+        blocks = self.blocks(groups) if blocks is None else blocks
+        for (rows, cols), full in zip(groups, blocks):
             keep = np.append(rows, self.k) if self.solve_bias else rows
             if keep.size == 0:
                 continue
-            h = self._gram(keep, keep)
+            h = full.copy() if self.solve_bias else full[:-1, :-1].copy()
             d = np.arange(rows.size)
             if rows.size:
                 h[d, d] += damping * max(float(np.mean(np.diag(h)[:rows.size])), 1e-12)
             rhs = self.target[np.ix_(keep, cols)]
             if not self.solve_bias:  # the fixed bias row's contribution moves to the right-hand side
-                rhs = rhs - self._gram(rows, np.array([self.k])) * self.old[self.k, cols][None, :]
-            try:  # numpy's LU here measured 2.8x faster than scipy's Cholesky on a 1536^2 system
-                solved = np.linalg.solve(h, rhs)
-            except np.linalg.LinAlgError:
-                solved = np.linalg.lstsq(h, rhs, rcond=None)[0]
-            new[np.ix_(keep, cols)] = solved
+                rhs = rhs - full[:-1, -1:] * self.old[self.k, cols][None, :]
+            new[np.ix_(keep, cols)] = solve_system(h, rhs)
         return new
 
-    def error(self, groups, new: np.ndarray) -> float:
+    def error(self, groups, new: np.ndarray, blocks: list[np.ndarray] | None = None) -> float:
         """||[X',1] new - [X,1][W; b]|| / ||[X,1][W; b]|| on this problem's rows, for a ``new`` that
-        is zero outside each group's rows (and the bias row)."""
+        is zero outside each group's rows (and the bias row). ``blocks`` as for :meth:`solve`."""
         num = self.den
-        for rows, cols in groups:
+        blocks = self.blocks(groups) if blocks is None else blocks
+        for (rows, cols), full in zip(groups, blocks):
             keep = np.append(rows, self.k)
             block = new[np.ix_(keep, cols)]
-            num += float(np.einsum("ij,ij->", block, self._gram(keep, keep) @ block))
+            num += float(np.einsum("ij,ij->", block, full @ block))
             num -= 2 * float(np.einsum("ij,ij->", block, self.target[np.ix_(keep, cols)]))
         if self.den <= 0:
             return 0.0 if num <= 1e-300 else float("inf")

@@ -171,6 +171,82 @@ def test_moments_stored_in_float32_solve_in_float64_as_the_float64_ones_do():
     assert stored.error(groups, new) == pytest.approx(exact.error(groups, new), rel=1e-4)
 
 
+def test_the_solve_is_numpys_and_falls_back_to_least_squares_where_singular():
+    from onnx_split.refit import solve_system
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((40, 9))
+    spd, rhs = x.T @ x + 0.1 * np.eye(9), rng.standard_normal((9, 4))
+    np.testing.assert_allclose(solve_system(spd.copy(), rhs), np.linalg.solve(spd, rhs), rtol=1e-10, atol=1e-12)
+    indefinite = spd - 5 * np.eye(9) * np.linalg.eigvalsh(spd).max()  # symmetric, not positive definite
+    np.testing.assert_allclose(solve_system(indefinite.copy(), rhs), np.linalg.solve(indefinite, rhs),
+                               rtol=1e-10, atol=1e-12)
+    singular = np.ones((3, 3))
+    np.testing.assert_allclose(solve_system(singular.copy(), np.ones((3, 1))),
+                               np.linalg.lstsq(singular, np.ones((3, 1)), rcond=None)[0], atol=1e-12)
+
+
+def test_blocks_read_once_solve_and_measure_as_when_each_call_reads_its_own(monkeypatch):
+    from onnx_split import refit
+    from onnx_split.fitting import Fitter, Fold
+    from onnx_split.plans import planner_for
+    from onnx_split.sites import find_sites
+    from builders import matmul_model
+    rng = np.random.default_rng(24)
+    w, b = rng.standard_normal((24, 16)), rng.standard_normal(16)
+    m = Moments(24)
+    m.add(_inputs(rng, 200, k=24).astype(np.float64))
+    groups = column_groups(_block_mask(24, 16, 3, rng))
+    for bias in (b, None):
+        problem = Problem(w, bias, m.sum)
+        blocks = problem.blocks(groups)
+        for damping in (1e-3, 1.0):
+            np.testing.assert_array_equal(problem.solve(groups, damping, blocks), problem.solve(groups, damping))
+        new = problem.solve(groups, 1e-2)
+        assert problem.error(groups, new, blocks) == problem.error(groups, new)
+    # one fold: the fit whose error is measured is the one returned (one solve per group, not two)
+    calls = []
+    monkeypatch.setattr(refit, "solve_system", lambda h, rhs: calls.append(1) or np.linalg.solve(h, rhs))
+    w32 = w.astype(np.float32)
+    site = find_sites(matmul_model(w32, ["batch", 24]), min_elements=0)[0]
+    plan = planner_for(np.abs(w32).astype(np.float64), "metis", seed=0).for_parts(2)
+    Fitter(site, [Fold(m.sum)]).fit(plan)
+    assert len(calls) == len(column_groups(plan.masks[0]))
+
+
+def test_a_plan_measured_before_is_fitted_for_good_with_only_its_final_solves(monkeypatch):
+    from onnx_split import refit
+    from onnx_split.fitting import Fitter, Fold
+    from onnx_split.plans import planner_for
+    from onnx_split.sites import find_sites
+    from builders import matmul_model
+    rng = np.random.default_rng(25)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    site = find_sites(matmul_model(w, ["batch", 32]), min_elements=0)[0]
+    plan = planner_for(np.abs(w).astype(np.float64), "metis", seed=0).for_parts(2)
+    groups = len(column_groups(plan.masks[0]))
+
+    def folds():
+        out = []
+        for _ in range(2):
+            m = Moments(32)
+            m.add(_inputs(np.random.default_rng(26 + len(out)), 120, k=32).astype(np.float64))
+            out.append(Fold(m.sum))
+        return out
+
+    calls = []
+    monkeypatch.setattr(refit, "solve_system", lambda h, rhs: calls.append(1) or np.linalg.solve(h, rhs))
+    fresh_plan, fresh_err = Fitter(site, folds()).fit(plan)
+    fresh = len(calls)
+    assert fresh == groups * (2 * len(refit.DAMPINGS) + 1)  # both folds at every damping, then all rows
+    calls.clear()
+    fitter = Fitter(site, folds())
+    _, measured = fitter.fit(plan, final=False)  # the dry run reads the error first
+    again, err = fitter.fit(plan)
+    assert len(calls) == fresh  # as one fit: the second solved only on all rows (before: 2 * fresh - groups)
+    assert err == measured == fresh_err
+    np.testing.assert_array_equal(again.effective_weight(0, site.weight), fresh_plan.effective_weight(0, site.weight))
+
+
 def test_the_calibration_pass_stores_one_float32_moment_matrix_per_activation_and_fold(tmp_path, monkeypatch):
     from onnx_split import lossy
     from onnx_split.sites import find_sites
@@ -435,6 +511,28 @@ def test_linked_lossy_splits_are_partitioned_jointly_with_no_gather_between_them
               any(x in producers and producers[x].op_type == "Relu" for x in n.input)]
     assert len(second) == 4
     assert joint.report.error.held_out <= 1.25 * alone.report.error.held_out + 1e-3
+
+
+def test_a_joint_chain_does_not_refit_the_other_planned_sites_on_the_original_activations_again(tmp_path,
+                                                                                                 monkeypatch):
+    from onnx_split import lossy
+    from builders import chain_model, feature_wise, planted
+    rng = np.random.default_rng(16)
+    weights = [(planted(rng, 32, 32, 4, permute=False)[0] + 0.02 * rng.standard_normal((32, 32))).astype(np.float32)
+               for _ in range(3)]
+    model = chain_model(weights, [[feature_wise("Relu", rng)], [feature_wise("Relu", rng)]], ["batch", 32])
+    path = tmp_path / "cal.npz"
+    np.savez(path, x=rng.standard_normal((200, 32)).astype(np.float32))
+    monkeypatch.setattr(lossy, "MAX_CHAIN", 2)  # one chain of the first two layers; the third is another site
+    opened = []
+    fitter = lossy._Context.fitter
+    monkeypatch.setattr(lossy._Context, "fitter", lambda self, i: opened.append(i) or fitter(self, i))
+    result = split_model(model, SplitConfig(parts=4, calibration=str(path), bench=False, layout="parallel",
+                                            min_elements=0, providers=("cpu",)))
+    assert sorted(len(c.sites) for c in result.report.chains) == [1, 2]
+    third = max(opened)
+    assert opened.count(third) == 1  # its own plan, fitted once; the joint chain reused that fit
+    assert all(opened.count(i) == 2 for i in set(opened) - {third})  # their own plans, then the joint layers
 
 
 def test_a_joint_chain_that_would_raise_the_error_is_not_joined(tmp_path):
