@@ -78,7 +78,7 @@ def portable_nodes(em: Emitter, site, plan, x: str | None = None, weight: str | 
     acc = em.node("ConstantOfShape", [out_shape], "zeros/ConstantOfShape", "the sum starts at zero",
                   value=onnx.helper.make_tensor("zero", dtype, [1], [0.0]))
     dense = np.asarray(site.weight, dtype=np.float32)
-    rows = plan.compensation(site.weight) if plan.fill is not None else None
+    rows = plan.compensation(site.weight) if plan.fill is not None and compensation is None else None
     for b in range(plan.n_blocks):
         start, end = b * plan.block, min(plan.k, (b + 1) * plan.block)
         local = f"block{b}"
@@ -92,7 +92,7 @@ def portable_nodes(em: Emitter, site, plan, x: str | None = None, weight: str | 
         part = em.node("MatMul", [xb, w_b], f"{local}/MatMul", f"x_b @ W_b of block {b} of '{site.name}'")
         added = em.node("Add", [acc, part], f"{local}/Add", f"add block {b}")
         then_nodes, em.nodes = em.nodes, []
-        if rows is None:
+        if plan.fill is None:
             passed = em.node("Identity", [acc], f"{local}/skip/Identity", f"block {b} skipped")
         else:
             c_b = (em.const(f"{local}/C", rows[b]) if compensation is None else
