@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .errors import InputError
-from .factorize import METHODS as FACTORIZATIONS
+from .factorize import CHOICES as FACTORIZATIONS
 from .plans import PLANNERS
 from .rewrite.registry import layout_names
 from .where import compile_patterns
@@ -134,7 +134,10 @@ class SplitConfig:
     both sparse), or one sparse matrix by ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``
     (factorize/); written compressed, one dense MatMul at run time. Needs ``density``."""
     density: float | None = None
-    """``--factorize``: the fraction of each weight's entries kept as non-zeros (over both factors for dsf)."""
+    """``--factorize``: the fraction of each weight's entries kept as non-zeros (over both factors for dsf);
+    for ``blocks`` and ``lowrank``, the factors' parameters as a fraction of the weight's."""
+    blocks: int | None = None
+    """``--factorize blocks``: the blocks of each block-diagonal factor (None: 4)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -235,6 +238,12 @@ class SplitConfig:
         self._check_factorize(budgets)
 
     def _check_factorize(self, budgets: list[str]) -> None:
+        if self.blocks is not None:
+            if self.factorize != "blocks":
+                raise InputError("--blocks is the block count of --factorize blocks: give --factorize blocks too")
+            if isinstance(self.blocks, bool) or not isinstance(self.blocks, numbers.Integral) or self.blocks < 2:
+                raise InputError(f"--blocks must be an integer >= 2 (--factorize lowrank is one block), "
+                                 f"got {self.blocks!r}")
         if self.factorize is None:
             if self.density is not None:
                 raise InputError("--density is the budget of --factorize: give --factorize METHOD too")
