@@ -5,6 +5,10 @@
 - The shipped digits MLP (models/digits_mlp.onnx, calibrated on models/digits_calibration.npz,
   tested on models/digits_test.npz, which no step of the pass sees): test accuracy and held-out
   relative output error per method and density, every layer factorized in order.
+- The shipped byte-level LM (models/byte_lm.onnx, calibrated on models/byte_lm_calibration.npz,
+  tested on models/byte_lm_test.npz, which no step of the pass sees; ``--lm-only`` runs just this,
+  in its own section): held-out bits per byte (``quality_dynamic.lm_metric``) and perplexity per
+  byte, held-out relative output error per method and density, every layer factorized in order.
 - The DSF model written at 50%: file size, load time and latency against the dense original
   (ORT CPU, optimizations on).
 - The encodings of one 50%-sparse 1024x1024 weight (``--encodings-only`` runs just this): dense,
@@ -31,6 +35,7 @@ from onnx_split.factorize import METHODS, fit  # noqa: E402
 from onnx_split.factorize.pruning import magnitude  # noqa: E402
 from onnx_split.runtime import CPU, make_session  # noqa: E402
 from benchdocs import meta_lines, run_meta, write_section  # noqa: E402
+from quality_dynamic import lm_metric  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSITIES = (0.5, 0.25, 0.1)
@@ -87,6 +92,49 @@ def digits(methods, densities) -> tuple[list[str], onnx.ModelProto | None]:
             if (method, density) == ("dsf", 0.5):
                 dsf_half = result.model
     return lines, dsf_half
+
+
+def lm(methods, densities) -> tuple[list[str], list[str], str]:
+    """The byte LM's rows (held-out bits per byte on byte_lm_test.npz), notes for sites not factorized, and
+    the calibration split the pass reported."""
+    model_path, cal = ROOT / "models" / "byte_lm.onnx", str(ROOT / "models" / "byte_lm_calibration.npz")
+    test = dict(np.load(ROOT / "models" / "byte_lm_test.npz"))
+    dense = lm_metric(onnx.load(str(model_path)), test)
+    lines, notes, split = [f"| dense | {dense:.4f} | {2 ** dense:.3f} | - | - |"], [], ""
+    print(lines[0], flush=True)
+    for method in methods:
+        for density in densities:
+            config = SplitConfig(factorize=method, density=density, calibration=cal, verify=False, bench=False)
+            start = time.perf_counter()
+            result = split_model(str(model_path), config)
+            seconds = time.perf_counter() - start
+            layers = []
+            for site in result.report.sites:
+                if site.decision == "split" and "factorized" in site.details:
+                    layers.append(f"{site.node} {site.details['factorized']['held_out']:.3f}")
+                else:
+                    layers.append(f"{site.node} kept")
+                    notes.append(f"{method} {density:.0%}: `{site.node}` ({site.op_type} {site.shape}) "
+                                 f"{site.decision}: {site.reason}")
+            split = result.report.error.data
+            bits = lm_metric(result.model, test)
+            lines.append(f"| {method} {density:.0%} | {bits:.4f} | {2 ** bits:.3f} | "
+                         f"{result.report.error.held_out:.4f} ({' / '.join(layers)}) | {seconds:.0f} s |")
+            print(lines[-1], flush=True)
+    return lines, notes, split
+
+
+def _lm_section(methods, meta) -> list[str]:
+    table, notes, split = lm(methods, DENSITIES)
+    return ["## Byte-level LM (models/byte_lm.onnx), every layer factorized in order", "", *meta, "",
+            "fc1 192x512, fc2 512x512, head 512x256 (the `embed` Gather is not a MatMul site); calibrated on "
+            f"models/byte_lm_calibration.npz ({split}); held-out bits per byte on "
+            "models/byte_lm_test.npz (4096 contexts, seen by no step of the pass), perplexity per byte = 2^bits; "
+            "held-out output error ||y' - y|| / ||y|| of the logits (per layer: held-out layer error), pass time:", "",
+            "| method, density | bits per byte | perplexity per byte | held-out output error (per layer) | pass time |",
+            "|---|---|---|---|---|", *table, "",
+            *(["Sites not factorized:", "", *(f"- {n}" for n in notes), ""] if notes else
+              ["Every run factorized every site the pass found.", ""])]
 
 
 def _load_and_latency(model: onnx.ModelProto, feeds: dict, repeats: int, seconds: float) -> tuple[float, float]:
@@ -193,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="timing per model and round")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--encodings-only", action="store_true", help="only the encodings table (its own section)")
+    p.add_argument("--lm-only", action="store_true", help="only the byte LM table (its own section)")
     p.add_argument("--out", default=str(ROOT / "docs" / "FACTORIZE.md"))
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -200,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.encodings_only:
         lines = _encodings_section(args, meta)
         write_section(Path(args.out), "bench_factorize_encodings", lines)
+        print("\n".join(lines))
+        return 0
+    if args.lm_only:
+        lines = _lm_section(methods, meta)
+        write_section(Path(args.out), "bench_factorize_lm", lines)
         print("\n".join(lines))
         return 0
     lines = ["## Factorization at equal non-zeros (`tools/bench_factorize.py`)", "", *meta, ""]
