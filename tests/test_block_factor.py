@@ -148,8 +148,9 @@ def test_factor_forms_are_verified_reported_and_cheaper(tmp_path, method, layout
     assert [o.version for o in result.model.opset_import] == [o.version for o in model.opset_import]
 
 
+@pytest.mark.parametrize("opset", [11, 17, 18])
 @pytest.mark.parametrize("batched", [True, False])
-def test_both_forms_compute_the_product_on_3d_activations_and_gemm(batched):
+def test_both_forms_compute_the_product_on_3d_activations_and_gemm(batched, opset):
     """Either form, on a [B, T, K] activation (flattened and restored) and on a Gemm with transA,
     alpha and bias, equals x @ W' with W' the factors' product, at both ORT optimization levels."""
     from onnx_split.chains import Chain
@@ -168,20 +169,21 @@ def test_both_forms_compute_the_product_on_3d_activations_and_gemm(batched):
     matmul = helper.make_model(helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "T", 48])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")]),
-        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", "T", 40])], [numpy_helper.from_array(w, "W")]),
+        opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
     bias = rng.standard_normal(40).astype(np.float32)
     xt = rng.standard_normal((48, 5)).astype(np.float32)
     gemm = helper.make_model(helper.make_graph(
         [helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="gm", transA=1, transB=1, alpha=0.5, beta=2.0)], "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [48, "M"])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["M", 40])],
         [numpy_helper.from_array(np.ascontiguousarray(w.T), "W"), numpy_helper.from_array(bias, "C")]),
-        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
     for model, x, want in ((matmul, x3, x3 @ want_w), (gemm, xt, 0.5 * xt.T @ want_w + 2.0 * bias)):
         site = find_sites(model, min_elements=0)[0]
         refused, _ = rewrite_model(model, [Job(Chain([site], []), plan, "factor-batched" if batched else "factor-parallel")])
         assert refused == {}
+        onnx.checker.check_model(model, full_check=True)
         for level in ("disabled", "enabled"):
             (got,) = ort_run(model, {"x": x}, level)
             assert got.shape == want.shape and np.allclose(got, want, atol=1e-4)

@@ -8,8 +8,8 @@ the input blocks and the output blocks are contiguous runs of K and N, so no Gat
   Transpose [G, M, K/G] -> MatMul B₁ [G, K/G, M/G] -> Π (Reshape [G, M, G, r], Transpose to
   [G, M, G, r] with the two block axes swapped, Reshape [G, M, G·r]) -> MatMul B₂ [G, G·r, N/G]
   -> Transpose [M, G, N/G] -> Reshape [M, N]. Best at few rows (measured in docs/FACTORIZE.md).
-- ``factor-parallel``: one MatMul per block of each factor (Slice -> MatMul -> Concat, then Π as
-  Reshape/Transpose/Reshape on [M, M_hidden], then Slice -> MatMul -> Concat).
+- ``factor-parallel``: one MatMul per block of each factor (Split -> MatMul -> Concat, then Π as
+  Reshape/Transpose/Reshape on [M, M_hidden], then Split -> MatMul -> Concat).
 
 Low rank (G = 1) is two MatMuls in either form. ``--layout auto`` times both against the dense node
 and keeps the fastest, or dense.
@@ -83,15 +83,13 @@ def emit_factor(em: Emitter, chain, plan, batched: bool) -> str:
         h = em.node("Transpose", [h], "outputs/Transpose", "the output blocks back in order", perm=[1, 0, 2])
         y = em.reshape(h, em.ints("outputs_shape", [-1, n]), "outputs/Reshape", f"the {n} outputs of '{site.name}'")
     else:
-        kg, mg = k // g, plan.first.shape[2]
-        hs = [em.node("MatMul", [em.slice(x, s * kg, (s + 1) * kg, 1, f"block{s}/Slice", f"input block {s} of {what}"),
-                                 em.const(f"block{s}/B1", plan.first[s])], f"block{s}/B1/MatMul",
+        xs = em.split(x, g, 1, "blocks/Split", f"the {g} input blocks of {what}")
+        hs = [em.node("MatMul", [xs[s], em.const(f"block{s}/B1", plan.first[s])], f"block{s}/B1/MatMul",
                       f"block {s} of B1 of {what}") for s in range(g)]
         h = em.node("Concat", hs, "B1/Concat", f"the hidden features of {what}", axis=1)
         h = _permute(em, h, g, r, False, mix)
-        ys = [em.node("MatMul", [em.slice(h, d * mg, (d + 1) * mg, 1, f"block{d}/hidden/Slice",
-                                          f"the features of output block {d}"),
-                                 em.const(f"block{d}/B2", plan.second[d])], f"block{d}/B2/MatMul",
+        zs = em.split(h, g, 1, "hidden/Split", f"the features of each output block of {what}")
+        ys = [em.node("MatMul", [zs[d], em.const(f"block{d}/B2", plan.second[d])], f"block{d}/B2/MatMul",
                       f"block {d} of B2 of {what}") for d in range(g)]
         y = em.node("Concat", ys, "B2/Concat", f"the {n} outputs of '{site.name}'", axis=1)
     return em.finish_gemm(_restore(em, y, site, n), site)
@@ -113,7 +111,7 @@ FORMS = (
     Form("factor-batched", frozenset({"block-factor"}), lambda em, chain, plan: emit_factor(em, chain, plan, True),
          factor_macs, refuse_factor, "B1, the stride permutation, B2: one MatMul over all blocks per factor"),
     Form("factor-parallel", frozenset({"block-factor"}), lambda em, chain, plan: emit_factor(em, chain, plan, False),
-         factor_macs, refuse_factor, "B1, the stride permutation, B2: one MatMul per block (Slice -> MatMul -> Concat)"),
+         factor_macs, refuse_factor, "B1, the stride permutation, B2: one MatMul per block (Split -> MatMul -> Concat)"),
 )
 register(*FORMS)
 
