@@ -1,9 +1,11 @@
-"""The BLAS threads of the pass's own numeric work (the fits of --factorize).
+"""The BLAS threads of the pass's own numeric work (the fits of --factorize, the refits of lossy
+budgets, the dry run's, the dynamic calibration).
 
 numpy and scipy call a BLAS that starts one thread per core by default. On a machine whose cores
 are shared, those threads wait on each other: fitting the digits MLP with ``--factorize blocks``
 took 240 s with the default threads and 16-19 s with one, on two cores under a load of about 4
-(docs/FACTORIZE.md). The fits therefore run with ``--threads`` BLAS threads (1 unless told), the
+(docs/FACTORIZE.md), and the dry run of a 2-layer BERT-sized encoder 121 s against 73 s
+(docs/SIGNIFICANCE.md). The fits therefore run with ``--threads`` BLAS threads (1 unless told), the
 count the ONNX Runtime sessions get; ``--workers`` adds processes, each with its own limit.
 threadpoolctl sets the limit on the BLAS libraries already loaded, for the duration of a block.
 """
