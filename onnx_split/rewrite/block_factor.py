@@ -7,12 +7,13 @@ the input blocks and the output blocks are contiguous runs of K and N, so no Gat
 - ``factor-batched``: one MatMul per factor over all blocks. x [M, K] -> Reshape [M, G, K/G] ->
   Transpose [G, M, K/G] -> MatMul B₁ [G, K/G, M/G] -> Π (Reshape [G, M, G, r], Transpose to
   [G, M, G, r] with the two block axes swapped, Reshape [G, M, G·r]) -> MatMul B₂ [G, G·r, N/G]
-  -> Transpose [M, G, N/G] -> Reshape [M, N]. Best at few rows (measured in docs/FACTORIZE.md).
+  -> Transpose [M, G, N/G] -> Reshape [M, N].
 - ``factor-parallel``: one MatMul per block of each factor (Split -> MatMul -> Concat, then Π as
   Reshape/Transpose/Reshape on [M, M_hidden], then Split -> MatMul -> Concat).
 
 Low rank (G = 1) is two MatMuls in either form. ``--layout auto`` times both against the dense node
-and keeps the fastest, or dense.
+and keeps the fastest, or dense; a static layout writes ``factor-parallel``, which was as fast or
+faster in most measured cells (docs/FACTORIZE.md).
 """
 from __future__ import annotations
 
@@ -107,11 +108,11 @@ def factor_macs(plan, layer: int | None = None) -> int:
     return plan.macs_factors()
 
 
-FORMS = (
-    Form("factor-batched", frozenset({"block-factor"}), lambda em, chain, plan: emit_factor(em, chain, plan, True),
-         factor_macs, refuse_factor, "B1, the stride permutation, B2: one MatMul over all blocks per factor"),
+FORMS = (  # the first is what a layout that does not measure writes: per block was faster or even in most cells
     Form("factor-parallel", frozenset({"block-factor"}), lambda em, chain, plan: emit_factor(em, chain, plan, False),
          factor_macs, refuse_factor, "B1, the stride permutation, B2: one MatMul per block (Split -> MatMul -> Concat)"),
+    Form("factor-batched", frozenset({"block-factor"}), lambda em, chain, plan: emit_factor(em, chain, plan, True),
+         factor_macs, refuse_factor, "B1, the stride permutation, B2: one MatMul over all blocks per factor"),
 )
 register(*FORMS)
 
