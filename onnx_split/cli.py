@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "one sparse matrix; fitted per site on calibration data, in order")
     g.add_argument("--density", type=float, default=None, metavar="D",
                    help="--factorize: the fraction of each weight's entries kept as non-zeros")
+    g.add_argument("--workers", type=int, default=D["workers"], metavar="N",
+                   help="--factorize: fit up to N independent sites at once, in N worker processes, each with "
+                        "cpus/N BLAS threads; the factors are the same as with 1 (default: 1, in this process)")
+    g.add_argument("--fit-seconds", type=float, default=None, metavar="S",
+                   help="--factorize: do not start a site whose estimated fit would end more than S s after the "
+                        "first fit started; it stays dense, its reason giving the estimate (running fits finish)")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
@@ -243,7 +249,7 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
         search_seconds=args.search_seconds, include=tuple(args.include), exclude=tuple(args.exclude),
         dynamic_keep=args.dynamic_keep, dynamic_rule=args.dynamic_rule, dynamic_block=args.dynamic_block,
         dynamic_score=args.dynamic_score, dynamic_form=args.dynamic_form, dynamic_compensate=args.dynamic_compensate,
-        factorize=args.factorize, density=args.density,
+        factorize=args.factorize, density=args.density, workers=args.workers, fit_seconds=args.fit_seconds,
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")
