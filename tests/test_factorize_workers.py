@@ -52,7 +52,9 @@ def _config(tmp_path, **more):
                        bench=False, input_shapes={"x": (2, K)}, **more)
 
 
-def test_two_workers_fit_the_same_factors_as_one_and_report_the_times(tmp_path, caplog):
+def test_two_workers_fit_the_same_factors_as_one_and_report_the_times(tmp_path, caplog, monkeypatch):
+    # each worker gets cpus // 2 BLAS threads: 1 as here (one_blas_thread), on any machine
+    monkeypatch.setattr(fit_pool.os, "cpu_count", lambda: 2)
     results, events = {}, {}
     for workers in (1, 2):
         seen = []
@@ -174,3 +176,16 @@ def test_library_validates_workers_and_budget():
     with pytest.raises(InputError, match="--fit-seconds must be > 0"):
         SplitConfig(factorize="admm", density=0.5, fit_seconds=-1.0)
     assert SplitConfig(factorize="admm", density=0.5, workers=np.int64(3)).workers == 3
+
+
+def _blas_threads(*args):
+    from threadpoolctl import threadpool_info
+
+    return sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+
+
+def test_each_worker_limits_its_blas_threads(monkeypatch):
+    monkeypatch.setattr(fit_pool.os, "cpu_count", lambda: 6)
+    with FitPool("magnitude", 0.5, workers=3) as pool:
+        assert pool.threads == 2
+        assert pool._executor().submit(_blas_threads).result() == [2]
