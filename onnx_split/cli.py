@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cpus/N BLAS threads; the factors are the same as with 1 (default: 1, in this process)")
     g.add_argument("--fit-seconds", type=float, default=None, metavar="S",
                    help="--factorize: do not start a site whose estimated fit would end more than S s after the "
-                        "first fit started; it stays dense, its reason giving the estimate (running fits finish)")
+                        "fitting began; it stays dense, its reason giving the estimate (running fits finish)")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "

@@ -140,7 +140,7 @@ class SplitConfig:
     (fit_pool.py; 1: in this process). The factors are the same whatever the count."""
     fit_seconds: float | None = None
     """``--factorize``: a site whose fit, by its estimate, would end more than this many seconds
-    after the first fit started is not started (it stays dense, the reason saying so)."""
+    after the fitting began (its first estimate) is not started (it stays dense, the reason saying so)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

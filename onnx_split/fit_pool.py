@@ -150,8 +150,8 @@ class FitPool:
     ``workers`` 1 fits in this process; more start a pool of at most that many processes (spawned,
     not forked: this process holds ONNX Runtime sessions) on first use, kept for the run's levels,
     each worker's BLAS limited to max(1, cpus // workers) threads. ``fit_seconds``: a site whose
-    estimate would end past that many seconds after the first fit's start is not started (those
-    running finish)."""
+    estimate would end past that many seconds after the fitting began (the clock starts with the
+    first site's estimate, its probes included) is not started (those running finish)."""
 
     def __init__(self, method: str, density: float, workers: int = 1, fit_seconds: float | None = None,
                  clock=time.monotonic):
