@@ -189,3 +189,29 @@ def test_each_worker_limits_its_blas_threads(monkeypatch):
     with FitPool("magnitude", 0.5, workers=3) as pool:
         assert pool.threads == 2
         assert pool._executor().submit(_blas_threads).result() == [2]
+
+
+def _sleep(marker):
+    import time
+    from pathlib import Path
+
+    Path(marker).touch()
+    time.sleep(120)
+
+
+def test_an_abandoned_pool_kills_its_running_fits_instead_of_waiting(tmp_path):
+    """An error or an interrupt in the parent ends the run at once, not after the running fits."""
+    import time
+
+    pool = FitPool("magnitude", 0.5, workers=2)
+    markers = [tmp_path / f"running{i}" for i in range(2)]
+    futures = [pool._executor().submit(_sleep, str(m)) for m in markers]
+    deadline = time.monotonic() + 60
+    while not all(m.exists() for m in markers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(m.exists() for m in markers)  # both workers are in their fits
+    processes = list(pool._pool._processes.values())
+    start = time.monotonic()
+    pool.close(abandon=True)
+    assert time.monotonic() - start < 30 and not any(p.is_alive() for p in processes)
+    assert all(f.done() for f in futures)
