@@ -116,12 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dynamic-form", choices=("auto", "kernel", "portable", "fallback"), default=D["dynamic_form"],
                    help="the compiled kernel, standard ONNX (one If per block), the kernel with a standard-ONNX "
                         "function as fallback (IR >= 10), or the faster measured (auto)")
-    g = p.add_argument_group("factorization (each weight replaced by sparse factors, stored compressed)")
+    g = p.add_argument_group("factorization (each weight replaced by factors fitted on calibration data)")
     g.add_argument("--factorize", choices=tuple(FACTORIZATIONS), default=None,
                    help="dsf: W = A*B, both sparse (Double Sparse Factorization); magnitude, wanda, sparsegpt, admm: "
-                        "one sparse matrix; fitted per site on calibration data, in order")
+                        "one sparse matrix (these are stored compressed: smaller file, same speed); blocks: "
+                        "W = B1*P*B2 with block-diagonal factors, lowrank: W = U*V (these run as two smaller "
+                        "MatMuls); fitted per site on calibration data, in order")
     g.add_argument("--density", type=float, default=None, metavar="D",
-                   help="--factorize: the fraction of each weight's entries kept as non-zeros")
+                   help="--factorize: the fraction of each weight's entries kept as non-zeros (blocks, lowrank: the "
+                        "factors' parameters as a fraction of the weight's)")
+    g.add_argument("--blocks", type=int, default=None, metavar="G",
+                   help="--factorize blocks: the blocks of each factor (4); input and output features must divide by G")
     g.add_argument("--workers", type=int, default=D["workers"], metavar="N",
                    help="--factorize: fit up to N independent sites at once, in N worker processes, each with "
                         "cpus/N BLAS threads; the factors are the same as with 1 (default: 1, in this process)")
@@ -249,7 +254,8 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
         search_seconds=args.search_seconds, include=tuple(args.include), exclude=tuple(args.exclude),
         dynamic_keep=args.dynamic_keep, dynamic_rule=args.dynamic_rule, dynamic_block=args.dynamic_block,
         dynamic_score=args.dynamic_score, dynamic_form=args.dynamic_form, dynamic_compensate=args.dynamic_compensate,
-        factorize=args.factorize, density=args.density, workers=args.workers, fit_seconds=args.fit_seconds,
+        factorize=args.factorize, density=args.density, blocks=args.blocks, workers=args.workers,
+        fit_seconds=args.fit_seconds,
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .errors import InputError
-from .factorize import METHODS as FACTORIZATIONS
+from .factorize import CHOICES as FACTORIZATIONS
 from .plans import PLANNERS
 from .rewrite.registry import layout_names
 from .where import compile_patterns
@@ -134,7 +134,10 @@ class SplitConfig:
     both sparse), or one sparse matrix by ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``
     (factorize/); written compressed, one dense MatMul at run time. Needs ``density``."""
     density: float | None = None
-    """``--factorize``: the fraction of each weight's entries kept as non-zeros (over both factors for dsf)."""
+    """``--factorize``: the fraction of each weight's entries kept as non-zeros (over both factors for dsf);
+    for ``blocks`` and ``lowrank``, the factors' parameters as a fraction of the weight's."""
+    blocks: int | None = None
+    """``--factorize blocks``: the blocks of each block-diagonal factor (None: 4)."""
     workers: int = 1
     """``--factorize``: fit the sites of one dependency level in this many worker processes at once
     (fit_pool.py; 1: in this process). The factors are the same whatever the count."""
@@ -248,6 +251,12 @@ class SplitConfig:
             _finite_number("fit-seconds", self.fit_seconds, "> 0")
             if not self.fit_seconds > 0:
                 raise InputError(f"--fit-seconds must be > 0, got {self.fit_seconds}")
+        if self.blocks is not None:
+            if self.factorize != "blocks":
+                raise InputError("--blocks is the block count of --factorize blocks: give --factorize blocks too")
+            if isinstance(self.blocks, bool) or not isinstance(self.blocks, numbers.Integral) or self.blocks < 2:
+                raise InputError(f"--blocks must be an integer >= 2 (--factorize lowrank is one block), "
+                                 f"got {self.blocks!r}")
         if self.factorize is None:
             if self.density is not None:
                 raise InputError("--density is the budget of --factorize: give --factorize METHOD too")

@@ -4,7 +4,8 @@ in a pool of worker processes (``--workers N``), each site's time estimated befo
 ``--fit-seconds`` not started.
 
 The unit of work is one site's :func:`onnx_split.factorize.fit` ``(method, target, gram,
-density)``: numpy arrays and plain values in, the fitted factors out (float64, the same
+density)`` (:func:`~onnx_split.factorize.fit_structured` for ``blocks`` and ``lowrank``, which
+take the block count too): numpy arrays and plain values in, the fitted factors out (float64, the same
 computation wherever it runs). The sites of one level are independent of each other; levels are
 sequential (a level is fitted on the activations the levels before it produce), so the planner
 hands over one level at a time and builds the plans from what comes back.
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .factorize import Fitted, fit
+from .blas import limited
+from .factorize import DEFAULT_BLOCKS, STRUCTURED, Fitted, fit, fit_structured
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +66,46 @@ class Job:
 @dataclass(frozen=True, eq=False)
 class Outcome:
     site: int
-    estimated_seconds: float
-    fitted: Fitted | None = None
+    estimated_seconds: float | None
+    """None where nothing could be measured to estimate it from."""
+    fitted: object = None
+    """The :class:`~onnx_split.factorize.Fitted` (or ``Structured``) factors; None: not fitted."""
     fit_seconds: float | None = None
     """Wall-clock seconds of the fit itself, where it ran (None: not fitted)."""
     reason: str | None = None
     """Why the site was not fitted (None when it was)."""
 
 
-def fit_timed(method: str, target: np.ndarray, gram: np.ndarray, density: float) -> tuple[Fitted, float]:
+def fit_any(method: str, target: np.ndarray, gram: np.ndarray, density: float, groups: int = DEFAULT_BLOCKS):
+    """:func:`~onnx_split.factorize.fit`, or ``fit_structured`` for the structured methods."""
+    if method in STRUCTURED:
+        return fit_structured(method, target, gram, density, groups)
+    return fit(method, target, gram, density)
+
+
+def fit_timed(method: str, target: np.ndarray, gram: np.ndarray, density: float,
+              groups: int = DEFAULT_BLOCKS) -> tuple[Fitted, float]:
     """(the fit, its seconds): what a worker runs for one site."""
     start = time.perf_counter()
-    fitted = fit(method, target, gram, density)
+    fitted = fit_any(method, target, gram, density, groups)
     return fitted, time.perf_counter() - start
 
 
-def probe(method: str, size: int, density: float) -> float:
-    """Seconds of one fit of ``method`` on a seeded random ``size`` x ``size`` layer."""
-    rng = np.random.default_rng(size)
-    x = rng.standard_normal((2 * size, size))
-    weight = rng.standard_normal((size, size)) / np.sqrt(size)
-    return fit_timed(method, weight, x.T @ x, density)[1]
+def probe(method: str, size: int, density: float, groups: int = DEFAULT_BLOCKS) -> tuple[int, float] | None:
+    """(the side, the seconds) of one fit of ``method`` on a seeded random square layer of about
+    ``size`` (a multiple of ``groups`` for ``blocks``; doubled, up to 8 times, while the method
+    refuses it at ``density``), or None if it refuses them all."""
+    if method == "blocks":
+        size = groups * max(1, -(-size // groups))
+    for side in (size, 2 * size, 4 * size, 8 * size):
+        rng = np.random.default_rng(side)
+        x = rng.standard_normal((2 * side, side))
+        weight = rng.standard_normal((side, side)) / np.sqrt(side)
+        try:
+            return side, fit_timed(method, weight, x.T @ x, density, groups)[1]
+        except ValueError:  # a structured method's refusal (too low a density for this side)
+            continue
+    return None
 
 
 _LIMIT = None
@@ -113,17 +134,23 @@ class Estimator:
     def __init__(self, method: str, density: float, run_probe):
         self.method, self.density, self._run_probe = method, density, run_probe
         self.probes: list[tuple[float, float]] = []
+        self.tried = 0
         self.finished: list[tuple[float, float]] = []
 
-    def estimate(self, k: int, n: int) -> float:
+    def estimate(self, k: int, n: int) -> float | None:
+        """Seconds; None where nothing could be measured (no probe the method accepts, no fit finished)."""
         w = work(self.method, k, n)
         if len({p[0] for p in self.finished}) < 2:  # the probes this site needs, not yet timed
-            for size in PROBE_SIZES[len(self.probes):]:
-                if any(p[0] >= w for p in self.finished + self.probes):
-                    break
-                seconds = self._run_probe(self.method, size, self.density)
-                self.probes.append((work(self.method, size, size), float(seconds)))
-        a, b = _affine(self.finished if len({p[0] for p in self.finished}) > 1 else self.finished + self.probes)
+            while self.tried < len(PROBE_SIZES) and not any(p[0] >= w for p in self.finished + self.probes):
+                found = self._run_probe(self.method, PROBE_SIZES[self.tried], self.density)
+                self.tried += 1
+                if found is not None:
+                    side, seconds = found
+                    self.probes.append((work(self.method, side, side), float(seconds)))
+        points = self.finished if len({p[0] for p in self.finished}) > 1 else self.finished + self.probes
+        if not points:
+            return None
+        a, b = _affine(points)
         return a + b * w
 
     def record(self, k: int, n: int, seconds: float) -> None:
@@ -147,18 +174,21 @@ def _affine(points: list[tuple[float, float]]) -> tuple[float, float]:
 class FitPool:
     """The fits of one run (``with FitPool(...) as pool: for outcome in pool.level(jobs): ...``).
 
-    ``workers`` 1 fits in this process; more start a pool of at most that many processes (spawned,
-    not forked: this process holds ONNX Runtime sessions) on first use, kept for the run's levels,
-    each worker's BLAS limited to max(1, cpus // workers) threads. ``fit_seconds``: a site whose
+    ``workers`` 1 fits in this process, BLAS limited to ``threads`` (``--threads``, blas.py); more
+    start a pool of at most that many processes (spawned, not forked: this process holds ONNX
+    Runtime sessions) on first use, kept for the run's levels, each worker's BLAS limited to
+    max(1, min(threads, cpus // workers)) threads: its share of the cores, and never more than one
+    process would use (more threads than that only wait on each other on shared cores, blas.py). ``fit_seconds``: a site whose
     estimate would end past that many seconds after the fitting began (the clock starts with the
     first site's estimate, its probes included) is not started (those running finish)."""
 
     def __init__(self, method: str, density: float, workers: int = 1, fit_seconds: float | None = None,
-                 clock=time.monotonic):
+                 threads: int = 1, groups: int = DEFAULT_BLOCKS, clock=time.monotonic):
         self.method, self.density, self.workers, self.fit_seconds = method, density, int(workers), fit_seconds
-        self.clock = clock
+        self.groups, self.clock = groups, clock
         self.started: float | None = None
-        self.threads = max(1, (os.cpu_count() or 1) // self.workers)
+        self.threads = max(1, int(threads))
+        self.worker_threads = max(1, min(self.threads, (os.cpu_count() or 1) // self.workers))
         self._pool: cf.ProcessPoolExecutor | None = None
         self.estimator = Estimator(method, density, self._probe)
 
@@ -181,7 +211,7 @@ class FitPool:
     def _executor(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_worker_start, initargs=(self.threads,))
+                                                initializer=_worker_start, initargs=(self.worker_threads,))
         return self._pool
 
     def _drop(self) -> None:
@@ -189,31 +219,31 @@ class FitPool:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _probe(self, method: str, size: int, density: float) -> float:
-        if self.workers == 1:
-            return probe(method, size, density)
-        try:
-            return self._executor().submit(probe, method, size, density).result()
-        except cf.process.BrokenProcessPool:
-            self._drop()
-            return probe(method, size, density)  # measured here then; the fits will tell
+    def _probe(self, method: str, size: int, density: float):
+        if self.workers > 1:
+            try:
+                return self._executor().submit(probe, method, size, density, self.groups).result()
+            except cf.process.BrokenProcessPool:
+                self._drop()  # measured here then; the fits will tell
+        with limited(self.threads):
+            return probe(method, size, density, self.groups)
 
-    def _start(self, job: Job) -> tuple[float, str | None]:
-        """(the job's estimated seconds, why it is not started or None)."""
+    def _start(self, job: Job) -> tuple[float | None, str | None]:
+        """(the job's estimated seconds or None, why it is not started or None)."""
         if self.started is None:
             self.started = self.clock()
         k, n = job.target.shape
         estimate = self.estimator.estimate(k, n)
         elapsed = self.clock() - self.started
-        if self.fit_seconds is not None and elapsed + estimate > self.fit_seconds:
+        if self.fit_seconds is not None and estimate is not None and elapsed + estimate > self.fit_seconds:
             return estimate, (f"not factorized: its fit was estimated at {estimate:.3g} s, which would end past "
                               f"--fit-seconds {self.fit_seconds:g} ({elapsed:.3g} s of fitting had passed)")
-        log.info("fitting %s (%s, %dx%d): estimated %.3g s", job.name, self.method, k, n, estimate)
+        log.info("fitting %s (%s, %dx%d): estimated %s", job.name, self.method, k, n, _seconds(estimate))
         return estimate, None
 
-    def _done(self, job: Job, estimate: float, fitted: Fitted, seconds: float) -> Outcome:
+    def _done(self, job: Job, estimate: float | None, fitted, seconds: float) -> Outcome:
         self.estimator.record(*job.target.shape, seconds)
-        log.info("fitted %s in %.3g s (estimated %.3g s)", job.name, seconds, estimate)
+        log.info("fitted %s in %.3g s (estimated %s)", job.name, seconds, _seconds(estimate))
         return Outcome(job.site, estimate, fitted, seconds)
 
     def level(self, jobs: list[Job]):
@@ -224,7 +254,8 @@ class FitPool:
                 if why is not None:
                     yield Outcome(job.site, estimate, reason=why)
                     continue
-                fitted, seconds = fit_timed(self.method, job.target, job.gram, self.density)
+                with limited(self.threads):
+                    fitted, seconds = fit_timed(self.method, job.target, job.gram, self.density, self.groups)
                 yield self._done(job, estimate, fitted, seconds)
             return
         waiting, running = collections.deque(jobs), {}
@@ -235,7 +266,8 @@ class FitPool:
                 if why is not None:
                     yield Outcome(job.site, estimate, reason=why)
                     continue
-                future = self._executor().submit(fit_timed, self.method, job.target, job.gram, self.density)
+                future = self._executor().submit(fit_timed, self.method, job.target, job.gram, self.density,
+                                                 self.groups)
                 running[future] = job, estimate
             if not running:
                 break
@@ -253,6 +285,10 @@ class FitPool:
                 yield self._done(job, estimate, fitted, seconds)
 
 
+def _seconds(estimate: float | None) -> str:
+    return "-" if estimate is None else f"{estimate:.3g} s"
+
+
 def _terminate(pool: cf.ProcessPoolExecutor) -> None:
     for process in list((getattr(pool, "_processes", None) or {}).values()):
         try:
@@ -261,4 +297,4 @@ def _terminate(pool: cf.ProcessPoolExecutor) -> None:
             pass
 
 
-__all__ = ["FitPool", "Job", "Outcome", "PROBE_SIZES", "fit_timed", "probe", "work"]
+__all__ = ["FitPool", "Job", "Outcome", "PROBE_SIZES", "fit_any", "fit_timed", "probe", "work"]

@@ -114,7 +114,7 @@ def test_the_estimate_is_measured_on_probes_then_on_the_finished_fits():
 
     def run_probe(method, size, density):
         timed.append(size)
-        return {64: 1.0, 128: 3.0}[size]
+        return size, {64: 1.0, 128: 3.0}[size]
 
     estimator = fit_pool.Estimator("admm", 0.5, run_probe)
     small, large = fit_pool.work("admm", 64, 64), fit_pool.work("admm", 128, 128)
@@ -185,10 +185,32 @@ def _blas_threads(*args):
 
 
 def test_each_worker_limits_its_blas_threads(monkeypatch):
+    """Its share of the cores, and never more than a fit in this process gets (--threads)."""
     monkeypatch.setattr(fit_pool.os, "cpu_count", lambda: 6)
-    with FitPool("magnitude", 0.5, workers=3) as pool:
-        assert pool.threads == 2
+    assert FitPool("magnitude", 0.5, workers=3).worker_threads == 1  # --threads 1, the default
+    assert FitPool("magnitude", 0.5, workers=2, threads=8).worker_threads == 3
+    with FitPool("magnitude", 0.5, workers=3, threads=4) as pool:
+        assert pool.worker_threads == 2
         assert pool._executor().submit(_blas_threads).result() == [2]
+
+
+def test_structured_fits_in_workers_are_the_same_as_in_one_process(tmp_path, monkeypatch):
+    from onnx_split.factorization import plan_factorized
+    from onnx_split.sites import find_sites
+
+    monkeypatch.setattr(fit_pool.os, "cpu_count", lambda: 2)
+    model, found = _branches_model(), {}
+    for workers in (1, 2):
+        config = SplitConfig(factorize="blocks", density=0.5, calibration=str(_calibration(tmp_path)),
+                             min_elements=0, workers=workers)
+        planning = plan_factorized(model, find_sites(model, min_elements=0), config)
+        found[workers] = {u.sites[0]: u.plan for u in planning.units}
+    assert sorted(found[1]) == sorted(found[2]) == [0, 1, 2, 3]
+    for i, plan in found[1].items():
+        other = found[2][i]
+        assert np.array_equal(plan.first, other.first) and np.array_equal(plan.second, other.second)
+        assert plan.error == other.error and plan.fit_seconds > 0 and plan.estimated_seconds > 0
+        assert other.summary(0)["factorized"]["estimated_seconds"] == other.estimated_seconds
 
 
 def _sleep(marker):
