@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--factorize blocks: the blocks of each factor (4); input and output features must divide by G")
     g.add_argument("--workers", type=int, default=D["workers"], metavar="N",
                    help="--factorize: fit up to N independent sites at once, in N worker processes, each with "
-                        "cpus/N BLAS threads; the factors are the same as with 1 (default: 1, in this process)")
+                        "min(--threads, cpus/N) BLAS threads; the factors are the same as with 1 (default: 1, in "
+                        "this process)")
     g.add_argument("--fit-seconds", type=float, default=None, metavar="S",
                    help="--factorize: do not start a site whose estimated fit would end more than S s after the "
                         "fitting began; it stays dense, its reason giving the estimate (running fits finish)")
