@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "factors' parameters as a fraction of the weight's)")
     g.add_argument("--blocks", type=int, default=None, metavar="G",
                    help="--factorize blocks: the blocks of each factor (4); input and output features must divide by G")
+    g.add_argument("--workers", type=int, default=D["workers"], metavar="N",
+                   help="--factorize: fit up to N independent sites at once, in N worker processes, each with "
+                        "min(--threads, cpus/N) BLAS threads; the factors are the same as with 1 (default: 1, in "
+                        "this process)")
+    g.add_argument("--fit-seconds", type=float, default=None, metavar="S",
+                   help="--factorize: do not start a site whose estimated fit would end more than S s after the "
+                        "fitting began; it stays dense, its reason giving the estimate (running fits finish)")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
@@ -248,7 +255,8 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
         search_seconds=args.search_seconds, include=tuple(args.include), exclude=tuple(args.exclude),
         dynamic_keep=args.dynamic_keep, dynamic_rule=args.dynamic_rule, dynamic_block=args.dynamic_block,
         dynamic_score=args.dynamic_score, dynamic_form=args.dynamic_form, dynamic_compensate=args.dynamic_compensate,
-        factorize=args.factorize, density=args.density, blocks=args.blocks,
+        factorize=args.factorize, density=args.density, blocks=args.blocks, workers=args.workers,
+        fit_seconds=args.fit_seconds,
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")

@@ -138,6 +138,12 @@ class SplitConfig:
     for ``blocks`` and ``lowrank``, the factors' parameters as a fraction of the weight's."""
     blocks: int | None = None
     """``--factorize blocks``: the blocks of each block-diagonal factor (None: 4)."""
+    workers: int = 1
+    """``--factorize``: fit the sites of one dependency level in this many worker processes at once
+    (fit_pool.py; 1: in this process). The factors are the same whatever the count."""
+    fit_seconds: float | None = None
+    """``--factorize``: a site whose fit, by its estimate, would end more than this many seconds
+    after the fitting began (its first estimate) is not started (it stays dense, the reason saying so)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -238,6 +244,13 @@ class SplitConfig:
         self._check_factorize(budgets)
 
     def _check_factorize(self, budgets: list[str]) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, numbers.Integral) or self.workers < 1:
+            raise InputError(f"--workers must be a whole number >= 1, got {self.workers!r}")
+        object.__setattr__(self, "workers", int(self.workers))
+        if self.fit_seconds is not None:
+            _finite_number("fit-seconds", self.fit_seconds, "> 0")
+            if not self.fit_seconds > 0:
+                raise InputError(f"--fit-seconds must be > 0, got {self.fit_seconds}")
         if self.blocks is not None:
             if self.factorize != "blocks":
                 raise InputError("--blocks is the block count of --factorize blocks: give --factorize blocks too")
@@ -247,6 +260,9 @@ class SplitConfig:
         if self.factorize is None:
             if self.density is not None:
                 raise InputError("--density is the budget of --factorize: give --factorize METHOD too")
+            for name, given in (("workers", self.workers != 1), ("fit-seconds", self.fit_seconds is not None)):
+                if given:
+                    raise InputError(f"--{name} applies to the fits of --factorize: give --factorize METHOD too")
             return
         if self.factorize not in FACTORIZATIONS:
             raise InputError(f"--factorize must be one of {', '.join(FACTORIZATIONS)}, not {self.factorize!r}")

@@ -13,6 +13,7 @@ output error of the whole model is measured as for lossy splits (lossy.Lossy.err
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import MappingProxyType
 
@@ -24,8 +25,9 @@ from .blas import limited
 from .chains import Chain
 from .config import SplitConfig
 from .decisions import Kept, Planned, Unit
-from .factorize import DEFAULT_BLOCKS, STRUCTURED, fit, fit_structured, structured_refusal
+from .factorize import DEFAULT_BLOCKS, STRUCTURED, structured_refusal
 from .factorize.sparse import layer_error
+from .fit_pool import FitPool, Job, fit_any
 from .lossy import Lossy, _calibration
 from .planning import eligible
 from .plans.block_factor import make_block_plan
@@ -84,23 +86,36 @@ def plan_factorized(model: onnx.ModelProto, sites: list[Site], config: SplitConf
     plans: dict[int, object] = {}
     facts = MappingProxyType({"factorize": config.factorize})
     done = 0
-    for lvl in sorted(set(level.values())):
-        here = sorted(i for i in candidates if level[i] == lvl)
-        weights = {j: plan.effective_weight(0, sites[j].weight) for j, plan in plans.items()}  # levels below
-        news = {p: fitting.collect(evaluator, sites, here, b, weights=weights, original=True) if weights else {}
-                for p, b in parts.items()}
-        for i in here:
-            progress("factorize", done, len(candidates))
-            done += 1
-            moments = _moments(sites[i], originals, news if weights else None)
-            if moments["search"] is None:
-                decisions[i] = Kept("plan", "not factorized: its activation was not captured")
-                continue
-            plans[i] = _fit(sites[i], moments, config)
-            decisions[i] = Planned(plans[i], plans[i].label, facts)
-            log.info("factorized %s: %s, layer error %.4g (held out %s)", sites[i].name, plans[i].label,
-                     plans[i].error, "-" if plans[i].held_out is None else f"{plans[i].held_out:.4g}")
-    progress("factorize", len(candidates), len(candidates))
+    progress("factorize", done, len(candidates))
+    with FitPool(config.factorize, config.density, config.workers, config.fit_seconds,
+                 threads=config.base_threads, groups=groups(config)) as pool:
+        for lvl in sorted(set(level.values())):
+            here = sorted(i for i in candidates if level[i] == lvl)
+            weights = {j: plan.effective_weight(0, sites[j].weight) for j, plan in plans.items()}  # levels below
+            news = {p: fitting.collect(evaluator, sites, here, b, weights=weights, original=True) if weights else {}
+                    for p, b in parts.items()}
+            jobs, found = [], {}
+            for i in here:
+                found[i] = _moments(sites[i], originals, news if weights else None)
+                if found[i]["search"] is None:
+                    decisions[i] = Kept("plan", "not factorized: its activation was not captured")
+                    done += 1
+                    progress("factorize", done, len(candidates))
+                    continue
+                jobs.append(Job(i, sites[i].name, *_target(sites[i], found[i])))
+            for outcome in pool.level(jobs):  # as the fits finish
+                i = outcome.site
+                if outcome.fitted is None:
+                    decisions[i] = Kept("plan", outcome.reason)
+                else:
+                    plans[i] = dataclasses.replace(_fit(sites[i], found[i], config, outcome.fitted),
+                                                   fit_seconds=outcome.fit_seconds,
+                                                   estimated_seconds=outcome.estimated_seconds)
+                    decisions[i] = Planned(plans[i], plans[i].label, facts)
+                    log.info("factorized %s: %s, layer error %.4g (held out %s)", sites[i].name, plans[i].label,
+                             plans[i].error, "-" if plans[i].held_out is None else f"{plans[i].held_out:.4g}")
+                done += 1
+                progress("factorize", done, len(candidates))
     result.units = [Unit((i,), Chain([sites[i]], []), plans[i], (decisions[i].reason,)) for i in sorted(plans)]
     return result
 
@@ -123,18 +138,26 @@ def _moments(site: Site, originals: dict, news: dict | None) -> dict:
     return found
 
 
-def _fit(site: Site, moments: dict, config: SplitConfig):
+def _target(site: Site, moments: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(the weight the site's factors approximate, X'ᵀX' of the search samples): float64, what
+    ``fit`` gets, here or in a worker of fit_pool."""
     weight = site.weight.astype(np.float64)
     gram, cross, original = moments["search"]
     target = weight
     if cross is not None:  # the weight that best gives XW from X'
         damped = gram + DAMPING * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(gram.shape[0])
         target = np.linalg.solve(damped, cross @ weight)
-    with limited(config.base_threads):  # blas.py: the default threads wait on each other on shared cores
-        if structured(config):
-            fitted = fit_structured(config.factorize, target, gram, config.density, groups(config))
-        else:
-            fitted = fit(config.factorize, target, gram, config.density)
+    return target, gram
+
+
+def _fit(site: Site, moments: dict, config: SplitConfig, fitted=None):
+    """The site's plan; ``fitted``: its factors, fitted by fit_pool on :func:`_target`'s problem
+    (None: fitted here)."""
+    weight = site.weight.astype(np.float64)
+    if fitted is None:
+        target, gram = _target(site, moments)
+        with limited(config.base_threads):  # blas.py: the default threads wait on each other on shared cores
+            fitted = fit_any(config.factorize, target, gram, config.density, groups(config))
     errors = [None if moments[p] is None else layer_error(weight, fitted.weight, *moments[p])
               for p in ("search", "held_out")]
     if structured(config):

@@ -18,6 +18,10 @@
   the compressed form (bitmask + values, a decoder ORT folds at load), and ONNX sparse
   initializers (COO, int64 indices): file size, load time, the ops left after ORT's optimizations,
   latency with optimizations on and off.
+- ``--workers-only``: the pass (``split_model``, verification and latency off) on a model of
+  ``--sites`` parallel ``--width`` square MatMuls reading one input (one level: independent fits),
+  ``--workers 1`` against ``--workers 2``, ``--runs`` interleaved rounds, the median; the load
+  average before each run, and the factors checked equal bit for bit across the counts.
 """
 from __future__ import annotations
 
@@ -237,6 +241,70 @@ def encodings(seconds: float, tmp: Path) -> list[str]:
     return lines
 
 
+def parallel_model(width: int, sites: int, seed: int = 0) -> onnx.ModelProto:
+    """x [batch, width] -> ``sites`` MatMuls by independent width x width weights -> Sum -> y."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32),
+                                     f"W{i}") for i in range(sites)]
+    nodes = [helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"fc{i}") for i in range(sites)]
+    nodes.append(helper.make_node("Sum", [f"h{i}" for i in range(sites)], ["y"], name="sum"))
+    graph = helper.make_graph(nodes, "parallel", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                ["batch", width])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (the pool's workers, once joined)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def workers(args, tmp: Path) -> list[str]:
+    model = parallel_model(args.width, args.sites)
+    _, cal, _ = gaussian_layer(args.width, args.rows)
+    np.savez(tmp / "cal.npz", x=cal.astype(np.float32))
+    counts = [int(c) for c in args.workers.split(",")]
+    times: dict[int, list[float]] = {c: [] for c in counts}
+    factors: dict[int, list] = {}
+    rows = []
+    for run in range(args.runs):
+        for count in counts:  # interleaved: each round runs every count once
+            config = SplitConfig(factorize=args.method, density=args.density, calibration=str(tmp / "cal.npz"),
+                                 min_elements=0, verify=False, bench=False, workers=count)
+            load = _load()
+            before = _cpu()
+            start = time.perf_counter()
+            result = split_model(model, config)
+            seconds = time.perf_counter() - start
+            cores = (_cpu() - before) / seconds
+            times[count].append(seconds)
+            fits = [s.details["factorized"]["fit_seconds"] for s in result.report.sites]
+            estimates = [s.details["factorized"]["estimated_seconds"] for s in result.report.sites]
+            found = [numpy_helper.to_array(t) for t in result.model.graph.initializer]
+            factors.setdefault(count, found)
+            same = all(np.array_equal(a, b) for a, b in zip(found, factors[counts[0]]))
+            rows.append(f"| {run + 1} | {count} | {seconds:.1f} s | {' / '.join(f'{f:.1f}' for f in fits)} s | "
+                        f"{' / '.join(f'{e:.1f}' for e in estimates)} s | {load} | {cores:.2f} | "
+                        f"{'yes' if same else 'NO'} |")
+            print(rows[-1], flush=True)
+    medians = {c: statistics.median(t) for c, t in times.items()}
+    summary = [f"| {c} | {medians[c]:.1f} s | {medians[counts[0]] / medians[c]:.2f}x |" for c in counts]
+    return (["| round | workers | pass time | fit time per site | estimate per site | load average (1/5/15 min) "
+             "before | cores obtained (CPU s / wall s) | factors equal to the first count's |",
+             "|---|---|---|---|---|---|---|---|", *rows, "",
+             "| workers | median pass time | speedup |", "|---|---|---|", *summary])
+
+
 def _encodings_section(args, meta) -> list[str]:
     import tempfile
 
@@ -357,10 +425,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--structured-only", action="store_true",
                    help="only the structured factorizations (blocks, lowrank): trained-layer latency and error, the "
                         "synthetic layer, digits and the byte LM (its own section)")
+    p.add_argument("--workers-only", action="store_true", help="only --workers 1 against 2 (its own section)")
+    p.add_argument("--workers", default="1,2", help="--workers-only: the worker counts compared (1,2)")
+    p.add_argument("--sites", type=int, default=4, help="--workers-only: parallel sites of the model (4)")
+    p.add_argument("--method", default="dsf", choices=(*METHODS, *STRUCTURED), help="--workers-only: the method (dsf)")
+    p.add_argument("--density", type=float, default=0.5, help="--workers-only: the density (0.5)")
+    p.add_argument("--runs", type=int, default=3, help="--workers-only: interleaved rounds (3)")
     p.add_argument("--out", default=str(ROOT / "docs" / "FACTORIZE.md"))
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     meta = meta_lines(run_meta(argv))
+    if args.workers_only:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            table = workers(args, Path(tmp))
+        lines = [f"### --workers on {args.sites} parallel {args.width}x{args.width} sites ({args.method} at "
+                 f"{args.density:.0%}, {args.rows} calibration rows)", "", *meta, "", *table, ""]
+        write_section(Path(args.out), "bench_factorize_workers", lines)
+        print("\n".join(lines))
+        return 0
     if args.encodings_only:
         lines = _encodings_section(args, meta)
         write_section(Path(args.out), "bench_factorize_encodings", lines)
@@ -400,5 +484,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the guard --workers' spawned processes need
     sys.exit(main())

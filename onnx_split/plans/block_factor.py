@@ -32,6 +32,10 @@ class BlockFactorPlan:
     """||X(W − W')|| / ||XW|| on the calibration samples the factors were fitted on."""
     held_out: float | None = None
     stored_bytes: int | None = None
+    fit_seconds: float | None = None
+    """Wall-clock seconds of the fit (fit_pool.py), where it ran."""
+    estimated_seconds: float | None = None
+    """What the fit was estimated to take before it started (fit_pool.Estimator)."""
     approximates: bool = True
     retained: float | None = None
 
@@ -91,7 +95,8 @@ class BlockFactorPlan:
             "method": self.method, "density": self.flops, "blocks": self.groups, "rank": self.rank,
             "hidden": self.hidden, "factors": [list(self.first.shape), list(self.second.shape)],
             "error": self.error, "held_out": self.held_out,
-            "bytes_before": k * n * self.first.dtype.itemsize, "bytes_after": self.stored_bytes}}
+            "bytes_before": k * n * self.first.dtype.itemsize, "bytes_after": self.stored_bytes,
+            "fit_seconds": self.fit_seconds, "estimated_seconds": self.estimated_seconds}}
 
 
 def make_block_plan(fitted, dtype, error: float | None = None, held_out: float | None = None) -> BlockFactorPlan:

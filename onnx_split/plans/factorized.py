@@ -32,6 +32,10 @@ class FactorPlan:
     """The same on the held-out samples (None without any)."""
     stored_bytes: int | None = None
     """What the rewrite form stores for the factors (set by the planner, which knows the form)."""
+    fit_seconds: float | None = None
+    """Wall-clock seconds of the fit (fit_pool.py), where it ran."""
+    estimated_seconds: float | None = None
+    """What the fit was estimated to take before it started (fit_pool.Estimator)."""
     approximates: bool = True
     retained: float | None = None
     flops: float = 1.0
@@ -71,7 +75,8 @@ class FactorPlan:
         return {"parts": None, "factorized": {
             "method": self.method, "density": self.density, "nonzeros": self.nonzeros,
             "factors": [list(f.shape) for f in self.factors], "error": self.error, "held_out": self.held_out,
-            "bytes_before": k * n * self.factors[0].dtype.itemsize, "bytes_after": self.stored_bytes}}
+            "bytes_before": k * n * self.factors[0].dtype.itemsize, "bytes_after": self.stored_bytes,
+            "fit_seconds": self.fit_seconds, "estimated_seconds": self.estimated_seconds}}
 
 
 def make_plan(fitted, dtype, error: float | None = None, held_out: float | None = None) -> FactorPlan:
