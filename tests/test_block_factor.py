@@ -201,21 +201,6 @@ def test_auto_layout_keeps_dense_where_the_factors_are_slower(tmp_path):
         assert s.decision == "split" or "kept dense" in s.reason
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--blocks", "4"], "--blocks is the block count of --factorize blocks"),
-    (["--factorize", "lowrank", "--density", "0.5", "--blocks", "4"], "--blocks is the block count"),
-    (["--factorize", "blocks", "--density", "0.5", "--blocks", "1"], "--blocks must be an integer >= 2"),
-])
-def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
-    model, _ = _mlp()
-    path, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
-    onnx.save(model, str(path))
-    code = main([str(path), str(out), *argv])
-    _, err = capsys.readouterr()
-    assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
-
-
 def test_cli_blocks_with_a_block_count(tmp_path, capsys):
     model, _ = _mlp()
     path, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"

@@ -97,6 +97,9 @@ def test_sites_are_fitted_on_the_factorized_outputs_before_them(tmp_path):
     (["--factorize", "dsf", "--density", "1.5"], "--density must be a fraction"),
     (["--factorize", "dsf", "--density", "0.5", "--parts", "4"], "--factorize takes --density"),
     (["--factorize", "wanda", "--density", "0.5", "--dynamic-keep", "0.5"], "does not combine"),
+    (["--blocks", "4"], "--blocks is the block count of --factorize blocks"),
+    (["--factorize", "lowrank", "--density", "0.5", "--blocks", "4"], "--blocks is the block count"),
+    (["--factorize", "blocks", "--density", "0.5", "--blocks", "1"], "--blocks must be an integer >= 2"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, message):
     model, _ = _mlp()

@@ -413,6 +413,13 @@ def _structured_section(args, meta) -> list[str]:
     return lines
 
 
+def _emit(args, name: str, lines: list[str]) -> int:
+    """Write ``lines`` as the section ``bench_factorize_<name>`` of ``--out`` and print them."""
+    write_section(Path(args.out), f"bench_factorize_{name}", lines)
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--width", type=int, default=1024, help="side of the synthetic layer (1024)")
@@ -442,24 +449,13 @@ def main(argv: list[str] | None = None) -> int:
             table = workers(args, Path(tmp))
         lines = [f"### --workers on {args.sites} parallel {args.width}x{args.width} sites ({args.method} at "
                  f"{args.density:.0%}, {args.rows} calibration rows)", "", *meta, "", *table, ""]
-        write_section(Path(args.out), "bench_factorize_workers", lines)
-        print("\n".join(lines))
-        return 0
+        return _emit(args, "workers", lines)
     if args.encodings_only:
-        lines = _encodings_section(args, meta)
-        write_section(Path(args.out), "bench_factorize_encodings", lines)
-        print("\n".join(lines))
-        return 0
+        return _emit(args, "encodings", _encodings_section(args, meta))
     if args.structured_only:
-        lines = _structured_section(args, meta)
-        write_section(Path(args.out), "bench_factorize_structured", lines)
-        print("\n".join(lines))
-        return 0
+        return _emit(args, "structured", _structured_section(args, meta))
     if args.lm_only:
-        lines = _lm_section(methods, meta)
-        write_section(Path(args.out), "bench_factorize_lm", lines)
-        print("\n".join(lines))
-        return 0
+        return _emit(args, "lm", _lm_section(methods, meta))
     lines = ["## Factorization at equal non-zeros (`tools/bench_factorize.py`)", "", *meta, ""]
     if not args.skip_synthetic:
         lines += [f"Synthetic Gaussian {args.width}x{args.width} layer, correlated activations with outlier "

@@ -41,17 +41,11 @@ TOLERANCE = 1e-5
 STRUCTURED = ("blocks", "lowrank")
 
 
-@dataclass(frozen=True, eq=False)
-class Structured:
-    """W' = B₁·Π·B₂ in the ``x @ W`` orientation (float64)."""
+class BlockShapes:
+    """The shapes of B₁'s blocks ``first`` [G, K/G, M/G] and B₂'s ``second`` [G, M/G, N/G]."""
 
-    method: str
-    density: float
-    """The parameters of both factors as a fraction of K·N."""
     first: np.ndarray
-    """B₁'s blocks [G, K/G, M/G]; column t·r + u of block s feeds output block t."""
     second: np.ndarray
-    """B₂'s blocks [G, M/G, N/G]; row s·r + u of block d comes from input block s."""
 
     @property
     def groups(self) -> int:
@@ -64,7 +58,20 @@ class Structured:
 
     @property
     def hidden(self) -> int:
-        return int(self.first.shape[0] * self.first.shape[2])
+        return int(self.groups * self.first.shape[2])
+
+
+@dataclass(frozen=True, eq=False)
+class Structured(BlockShapes):
+    """W' = B₁·Π·B₂ in the ``x @ W`` orientation (float64)."""
+
+    method: str
+    density: float
+    """The parameters of both factors as a fraction of K·N."""
+    first: np.ndarray
+    """B₁'s blocks [G, K/G, M/G]; column t·r + u of block s feeds output block t."""
+    second: np.ndarray
+    """B₂'s blocks [G, M/G, N/G]; row s·r + u of block d comes from input block s."""
 
     @property
     def params(self) -> int:
@@ -202,4 +209,4 @@ def _fit_output_block(target: np.ndarray, gram: np.ndarray, g: int, r: int, roun
     return p, [stacked[s * r:(s + 1) * r] for s in range(g)]
 
 
-__all__ = ["STRUCTURED", "Structured", "blocks", "lowrank", "pair_rank", "product", "refusal"]
+__all__ = ["BlockShapes", "STRUCTURED", "Structured", "blocks", "lowrank", "pair_rank", "product", "refusal"]

@@ -14,12 +14,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..factorize.structured import product
+from ..factorize.structured import BlockShapes, product
 from ..text import percent
 
 
 @dataclass(frozen=True, eq=False)
-class BlockFactorPlan:
+class BlockFactorPlan(BlockShapes):
     kind: ClassVar[str] = "block-factor"
     method: str
     density: float
@@ -38,18 +38,6 @@ class BlockFactorPlan:
     """What the fit was estimated to take before it started (fit_pool.Estimator)."""
     approximates: bool = True
     retained: float | None = None
-
-    @property
-    def groups(self) -> int:
-        return int(self.first.shape[0])
-
-    @property
-    def rank(self) -> int:
-        return int(self.first.shape[2] // self.groups)
-
-    @property
-    def hidden(self) -> int:
-        return int(self.groups * self.first.shape[2])
 
     @property
     def flops(self) -> float:
