@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dsf: W = A*B, both sparse (Double Sparse Factorization); magnitude, wanda, sparsegpt, admm: "
                         "one sparse matrix; fitted per site on calibration data, in order")
     g.add_argument("--density", type=float, default=None, metavar="D",
-                   help="--factorize: the fraction of each weight's entries kept as non-zeros")
+                   help="--factorize: the fraction of each weight's entries kept as non-zeros (or, instead, "
+                        "--tolerance E: a density per site, the output error within E)")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "

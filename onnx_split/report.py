@@ -479,7 +479,10 @@ def metadata_entries(config, n_split: int, n_sites: int, error: ErrorReport | No
     }
     if config.factorize is not None:
         entries["onnx_split.factorize"] = (
-            f"--factorize {config.factorize} --density {config.density:g}: each weight replaced by the product of "
+            f"--factorize {config.factorize} "
+            + (f"--density {config.density:g}" if config.density is not None else
+               f"--tolerance {config.tolerance:g} (a density per site)")
+            + ": each weight replaced by the product of "
             f"sparse factors, stored compressed and multiplied out at load; "
             + (f"relative output error {error.search:.3g} on {error.search_samples} search samples, "
                f"{error.held_out:.3g} on {error.held_out_samples} held-out samples ({error.data})"
