@@ -45,7 +45,7 @@ def test_tolerance_chooses_densities_within_it_and_a_looser_one_stores_no_more()
         for s in split:
             facts = s.details["factorized"]
             assert facts["method"] == "sparsegpt" and facts["bytes_after"] < facts["bytes_before"]
-            assert facts["nonzeros"] == int(facts["density"] * np.prod(s.shape) + 1e-9)
+            assert 0 < facts["nonzeros"] <= int(facts["density"] * np.prod(s.shape) + 1e-9)  # within its density
             assert "estimated output error" in s.reason and "alone" in s.reason
         assert report.verified_against.startswith("the factorized original")
         assert {v.optimization for v in report.verification} == {"disabled", "enabled"}
