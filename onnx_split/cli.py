@@ -116,13 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dynamic-form", choices=("auto", "kernel", "portable", "fallback"), default=D["dynamic_form"],
                    help="the compiled kernel, standard ONNX (one If per block), the kernel with a standard-ONNX "
                         "function as fallback (IR >= 10), or the faster measured (auto)")
-    g = p.add_argument_group("factorization (each weight replaced by sparse factors, stored compressed)")
+    g = p.add_argument_group("factorization (each weight replaced by factors fitted on calibration data)")
     g.add_argument("--factorize", choices=tuple(FACTORIZATIONS), default=None,
                    help="dsf: W = A*B, both sparse (Double Sparse Factorization); magnitude, wanda, sparsegpt, admm: "
-                        "one sparse matrix; fitted per site on calibration data, in order")
+                        "one sparse matrix (these are stored compressed: smaller file, same speed); blocks: "
+                        "W = B1*P*B2 with block-diagonal factors, lowrank: W = U*V (these run as two smaller "
+                        "MatMuls); fitted per site on calibration data, in order")
     g.add_argument("--density", type=float, default=None, metavar="D",
-                   help="--factorize: the fraction of each weight's entries kept as non-zeros (or, instead, "
-                        "--tolerance E: a density per site, the output error within E)")
+                   help="--factorize: the fraction of each weight's entries kept as non-zeros (blocks, lowrank: the "
+                        "factors' parameters as a fraction of the weight's); or, instead, --tolerance E: a density "
+                        "per site, the output error within E")
+    g.add_argument("--blocks", type=int, default=None, metavar="G",
+                   help="--factorize blocks: the blocks of each factor (4); input and output features must divide by G")
     g = p.add_argument_group("autotuning (--layout auto)")
     g.add_argument("--batch", default=None, metavar="B1,B2,..",
                    help="batch sizes to tune and time at: the first dim of every input whose first dim is dynamic "
@@ -244,7 +249,7 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
         search_seconds=args.search_seconds, include=tuple(args.include), exclude=tuple(args.exclude),
         dynamic_keep=args.dynamic_keep, dynamic_rule=args.dynamic_rule, dynamic_block=args.dynamic_block,
         dynamic_score=args.dynamic_score, dynamic_form=args.dynamic_form, dynamic_compensate=args.dynamic_compensate,
-        factorize=args.factorize, density=args.density,
+        factorize=args.factorize, density=args.density, blocks=args.blocks,
     )
     if args.partitioner == "components" and config.budget is not None:
         raise OnnxSplitError(f"--partitioner components is exact and lossless: it takes no budget ({config.budget})")

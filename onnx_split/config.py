@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .errors import InputError
-from .factorize import METHODS as FACTORIZATIONS
+from .factorize import CHOICES as FACTORIZATIONS
+from .factorize import METHODS as SPARSE_FACTORIZATIONS
 from .plans import PLANNERS
 from .rewrite.registry import layout_names
 from .where import compile_patterns
@@ -132,10 +133,14 @@ class SplitConfig:
     factorize: str | None = None
     """Replace every eligible weight by sparse factors fitted on calibration data: ``dsf`` (W = A·B,
     both sparse), or one sparse matrix by ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``
-    (factorize/); written compressed, one dense MatMul at run time. Needs ``density`` or ``tolerance``
-    (a density per site from factor_budget.LADDER, the output error within it; factor_budget.py)."""
+    (factorize/); written compressed, one dense MatMul at run time. Needs ``density``, or for the
+    sparse methods ``tolerance`` (a density per site from factor_budget.LADDER, the output error within
+    it; factor_budget.py)."""
     density: float | None = None
-    """``--factorize``: the fraction of each weight's entries kept as non-zeros (over both factors for dsf)."""
+    """``--factorize``: the fraction of each weight's entries kept as non-zeros (over both factors for dsf);
+    for ``blocks`` and ``lowrank``, the factors' parameters as a fraction of the weight's."""
+    blocks: int | None = None
+    """``--factorize blocks``: the blocks of each block-diagonal factor (None: 4)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -236,6 +241,12 @@ class SplitConfig:
         self._check_factorize(budgets)
 
     def _check_factorize(self, budgets: list[str]) -> None:
+        if self.blocks is not None:
+            if self.factorize != "blocks":
+                raise InputError("--blocks is the block count of --factorize blocks: give --factorize blocks too")
+            if isinstance(self.blocks, bool) or not isinstance(self.blocks, numbers.Integral) or self.blocks < 2:
+                raise InputError(f"--blocks must be an integer >= 2 (--factorize lowrank is one block), "
+                                 f"got {self.blocks!r}")
         if self.factorize is None:
             if self.density is not None:
                 raise InputError("--density is the budget of --factorize: give --factorize METHOD too")
@@ -248,6 +259,9 @@ class SplitConfig:
         if self.density is not None and self.tolerance is not None:
             raise InputError("--factorize takes one budget: --density D (every site) or --tolerance E (a density "
                              "per site, chosen within E), not both")
+        if self.tolerance is not None and self.factorize not in SPARSE_FACTORIZATIONS:
+            raise InputError(f"--tolerance chooses a density per site for the sparse methods "
+                             f"({', '.join(SPARSE_FACTORIZATIONS)}); --factorize {self.factorize} takes --density D")
         if self.density is None and self.tolerance is None:
             raise InputError(f"--factorize {self.factorize} needs --density D (the fraction of each weight kept) "
                              f"or --tolerance E")

@@ -69,7 +69,7 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
     out_of_time = lambda: deadline is not None and time.monotonic() > deadline  # noqa: E731
     tol = config.tolerance
     opset = default_opset(model)
-    decisions, candidates = eligible(sites, config, lambda site: factorize_reason(site, opset))
+    decisions, candidates = eligible(sites, config, lambda site: factorize_reason(site, opset, config))
     calibration = _calibration(model, config, required=True, wanted=True,
                                purpose=f"--factorize {config.factorize} --tolerance")
     evaluator = Evaluator(model, sites, candidates, config.base_threads,

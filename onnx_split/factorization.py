@@ -1,6 +1,8 @@
 """The factorizing side of the pass (``--factorize METHOD --density D``): every candidate weight
-replaced by sparse factors fitted on calibration data (factorize/), written compressed
-(rewrite/compressed.py) so that the model still runs one dense MatMul per site.
+replaced by factors fitted on calibration data (factorize/). The sparse methods are written
+compressed (rewrite/compressed.py), so that the model still runs one dense MatMul per site; the
+structured ones (``blocks``, ``lowrank``) as two smaller MatMuls (rewrite/block_factor.py), which
+``--layout auto`` keeps only where they are measured faster.
 
 Sites are fitted level by level in their dependency order (fitting.levels), each on the
 activations X' that the already-factorized sites before it produce, against the original output
@@ -21,10 +23,11 @@ from . import fitting
 from .chains import Chain
 from .config import SplitConfig
 from .decisions import Kept, Planned, Unit
-from .factorize import fit
+from .factorize import DEFAULT_BLOCKS, STRUCTURED, fit, fit_structured, structured_refusal
 from .factorize.sparse import layer_error
 from .lossy import Lossy, _calibration
 from .planning import eligible
+from .plans.block_factor import make_block_plan
 from .plans.factorized import make_plan
 from .pruned import Evaluator
 from .refit import DAMPING
@@ -34,15 +37,32 @@ from .sites import Site, default_opset
 log = logging.getLogger(__name__)
 
 AGAINST = "the factorized original (each weight replaced by its factors' product)"
+STRUCTURED_MIN_OPSET = 5
+"""The block-factor forms' Reshape takes its shape as an input from opset 5 on."""
 
 
-def factorize_reason(site: Site, opset: int) -> str | None:
-    """Why ``site`` is not factorized (None if it is)."""
+def structured(config: SplitConfig) -> bool:
+    """True when ``--factorize`` names a structured method (two run-time MatMuls, not compressed)."""
+    return config.factorize in STRUCTURED
+
+
+def groups(config: SplitConfig) -> int:
+    """The blocks of each factor: ``--blocks`` for ``blocks`` (4 unless told), 1 for ``lowrank``."""
+    return (config.blocks or DEFAULT_BLOCKS) if config.factorize == "blocks" else 1
+
+
+def factorize_reason(site: Site, opset: int, config: SplitConfig | None = None) -> str | None:
+    """Why ``site`` is not factorized (None if it is); ``config`` adds what its method needs."""
     if not fitting.refittable(site):
         return "not factorized: calibration reaches main-graph sites only" if site.scope != "main" else \
             "not factorized: Gemm alpha is 0"
     if site.weight.dtype.kind != "f":
         return f"not factorized: the weight is {site.weight.dtype}"
+    if config is not None and structured(config):
+        if opset < STRUCTURED_MIN_OPSET:
+            return f"not factorized: the block-factor forms need opset >= {STRUCTURED_MIN_OPSET} (this model has {opset})"
+        why = structured_refusal(tuple(site.weight.shape), config.density, groups(config))
+        return None if why is None else f"not factorized: {why}"
     if opset < MIN_OPSET:
         return f"not factorized: the compressed form needs opset >= {MIN_OPSET} (this model has {opset})"
     return None
@@ -56,7 +76,7 @@ def plan_factorized(model: onnx.ModelProto, sites: list[Site], config: SplitConf
         return plan_factorized_within(model, sites, config, progress)
     progress = progress or (lambda stage, done, total: None)
     opset = default_opset(model)
-    decisions, candidates = eligible(sites, config, lambda site: factorize_reason(site, opset))
+    decisions, candidates = eligible(sites, config, lambda site: factorize_reason(site, opset, config))
     calibration = _calibration(model, config, required=True, wanted=True, purpose=f"--factorize {config.factorize}")
     evaluator = Evaluator(model, sites, candidates, config.base_threads,
                           capture=tuple(sites[i].activation for i in candidates))
@@ -113,11 +133,16 @@ def _fit(site: Site, moments: dict, config: SplitConfig):
     if cross is not None:  # the weight that best gives XW from X'
         damped = gram + DAMPING * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(gram.shape[0])
         target = np.linalg.solve(damped, cross @ weight)
-    fitted = fit(config.factorize, target, gram, config.density)
+    if structured(config):
+        fitted = fit_structured(config.factorize, target, gram, config.density, groups(config))
+    else:
+        fitted = fit(config.factorize, target, gram, config.density)
     errors = [None if moments[p] is None else layer_error(weight, fitted.weight, *moments[p])
               for p in ("search", "held_out")]
+    if structured(config):
+        return make_block_plan(fitted, site.weight.dtype, *errors)
     plan = make_plan(fitted, site.weight.dtype, *errors)
     return plan.with_bytes(written_bytes(plan))
 
 
-__all__ = ["AGAINST", "factorize_reason", "plan_factorized"]
+__all__ = ["AGAINST", "factorize_reason", "groups", "plan_factorized", "structured"]

@@ -25,7 +25,7 @@ from .errors import InputError
 from .inputs import verification_sets
 from .dynamic import AGAINST as DYNAMIC_AGAINST, dynamic_units, plan_dynamic, restrict_forms, with_dynamic, \
     written_dynamic
-from .factorization import AGAINST as FACTORIZED, plan_factorized
+from .factorization import AGAINST as FACTORIZED, plan_factorized, structured
 from .lossy import SurveyRow, plan_lossy, survey
 from .rewrite.dynamic_fallback import FALLBACK_NOTE
 from .rewrite.dynamic_kernel import LOAD_NOTE
@@ -34,7 +34,7 @@ from .planning import exact_units, plan_exact
 from .points import measuring_points, providers_for
 from .pruned import reference_model
 from .report import SplitReport, Written, build_report, metadata_entries, size
-from .rewrite import AUTO, LAYOUTS, Job, rewrite_model
+from .rewrite import AUTO, FORMS, LAYOUTS, Job, rewrite_model
 from .sites import find_sites
 from .stats import model_stats
 from .structure import SiteStructure, site_structures
@@ -104,14 +104,15 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
 
     clock.lap("analyse")
 
-    if config.factorize is not None:                       # which form: one dense MatMul either way
+    compressed = config.factorize is not None and not structured(config)
+    if compressed:                                         # which form: one dense MatMul either way
         forms, tuning = {u: "compressed" for u in range(len(units))}, {}
     else:
         forms, tuning = _forms(original, units, config, points, providers, notes, progress)
     if config.dynamic_keep is not None:
         forms = restrict_forms(units, forms, tuning, config, original)
     decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
-    if config.layout == AUTO and config.factorize is None:
+    if config.layout == AUTO and not compressed:
         clock.lap("tune")
 
     written, refused = _rewrite(model, units, forms, config)                              # rewrite
@@ -159,7 +160,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     else:
         clock.lap("verify")
     why = None
-    if config.layout == AUTO and config.bench and points and n_split and config.factorize is None:  # must pay
+    if config.layout == AUTO and config.bench and points and n_split and not compressed:  # must pay
         why = whole_model_verdict(latency, config.min_speedup)
         if not any(e.status == "measured" and e.speedup for e in latency):
             notes.append("the whole rewritten model could not be timed: written without that check")
@@ -285,7 +286,8 @@ def _speed(original, config: SplitConfig, points, providers, progress):
 def _forms(original, units, config: SplitConfig, points, providers, notes: list[str], progress):
     """{unit: form or "dense"} and, with ``--layout auto``, {unit: its TuneResult}."""
     if config.layout != AUTO:
-        return {u: LAYOUTS[config.layout].pick(unit.chain, unit.plan) if unit.plan.kind != "dynamic"
+        layout = LAYOUTS[config.layout]
+        return {u: layout.pick(unit.chain, unit.plan) if unit.plan.kind in FORMS[layout.cost_form].accepts
                 else static_choice(unit.chain, unit.plan) for u, unit in enumerate(units)}, {}
     why = None if points else "no inputs to measure with"
     if why is None:

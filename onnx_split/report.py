@@ -447,7 +447,7 @@ def chain_report(unit: Unit, written: Written) -> ChainReport:
     return ChainReport(sites=[s.name for s in chain.sites], scope=chain.first.scope, parts=plan.summary(0)["parts"],
                        layout=written.layout, boundary_gathers=written.gathers, flops_before=2 * plan.macs_dense(),
                        flops_after=2 * FORMS[written.form].cost(plan, None),
-                       label=plan.label if plan.kind == "factorized" else None)
+                       label=plan.label if plan.kind in ("factorized", "block-factor") else None)
 
 
 def build_report(*, config: dict, source: str | None, sites: list, decisions: dict, units: list[Unit],
@@ -470,6 +470,15 @@ def build_report(*, config: dict, source: str | None, sites: list, decisions: di
     return report
 
 
+FACTORIZE_HOW = {
+    None: "each weight replaced by the product of sparse factors, stored compressed and multiplied out at load",
+    "blocks": "each weight replaced by B1 * P * B2, B1 and B2 block-diagonal with {blocks} blocks and P the stride "
+              "permutation, computed as two MatMuls",
+    "lowrank": "each weight replaced by U * V of lower rank, computed as two MatMuls",
+}
+"""What ``--factorize METHOD`` wrote, for the model metadata (None: the sparse, compressed methods)."""
+
+
 def metadata_entries(config, n_split: int, n_sites: int, error: ErrorReport | None) -> dict[str, str]:
     """The ``onnx_split.*`` metadata of the written model (Netron shows it)."""
     entries = {
@@ -478,12 +487,12 @@ def metadata_entries(config, n_split: int, n_sites: int, error: ErrorReport | No
         "onnx_split.summary": f"{n_split} of {n_sites} MatMul/Gemm sites split ({config.layout} layout)",
     }
     if config.factorize is not None:
+        how = FACTORIZE_HOW.get(config.factorize, FACTORIZE_HOW[None]).format(blocks=config.blocks or 4)
         entries["onnx_split.factorize"] = (
             f"--factorize {config.factorize} "
             + (f"--density {config.density:g}" if config.density is not None else
                f"--tolerance {config.tolerance:g} (a density per site)")
-            + ": each weight replaced by the product of "
-            f"sparse factors, stored compressed and multiplied out at load; "
+            + f": {how}; "
             + (f"relative output error {error.search:.3g} on {error.search_samples} search samples, "
                f"{error.held_out:.3g} on {error.held_out_samples} held-out samples ({error.data})"
                if error is not None else "output error not measured"))

@@ -5,6 +5,13 @@
 - The shipped digits MLP (models/digits_mlp.onnx, calibrated on models/digits_calibration.npz,
   tested on models/digits_test.npz, which no step of the pass sees): test accuracy and held-out
   relative output error per method and density, every layer factorized in order.
+- The shipped byte-level LM (models/byte_lm.onnx, calibrated on models/byte_lm_calibration.npz,
+  tested on models/byte_lm_test.npz, which no step of the pass sees; ``--lm-only`` runs just this,
+  in its own section): held-out bits per byte (``quality_dynamic.lm_metric``) and perplexity per
+  byte, held-out relative output error per method and density, every layer factorized in order.
+- The structured factorizations (``--structured-only``, their own section): the trained digits fc2
+  alone, its held-out layer error and the latency of each form (blocks of 4 and 8, low rank) against
+  the dense Gemm at batch 1/8/64; then the synthetic layer, the digits MLP and the byte LM.
 - The DSF model written at 50%: file size, load time and latency against the dense original
   (ORT CPU, optimizations on).
 - The encodings of one 50%-sparse 1024x1024 weight (``--encodings-only`` runs just this): dense,
@@ -27,13 +34,26 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnx_split import SplitConfig, split_model  # noqa: E402
-from onnx_split.factorize import METHODS, fit  # noqa: E402
+from onnx_split.bench import Runner, round_robin  # noqa: E402
+from onnx_split.chains import Chain  # noqa: E402
+from onnx_split.factorization import plan_factorized  # noqa: E402
+from onnx_split.factorize import METHODS, STRUCTURED, fit, fit_structured  # noqa: E402
+from onnx_split.rewrite import Job, rewrite_model  # noqa: E402
+from onnx_split.sites import find_sites  # noqa: E402
 from onnx_split.factorize.pruning import magnitude  # noqa: E402
 from onnx_split.runtime import CPU, make_session  # noqa: E402
 from benchdocs import meta_lines, run_meta, write_section  # noqa: E402
+from quality_dynamic import lm_metric  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSITIES = (0.5, 0.25, 0.1)
+
+
+def _config(method: str, density: float, cal: str, **more) -> SplitConfig:
+    """The pass as these tables run it: no verification or timing, and the static layout, so that a
+    structured factorization is written whatever its speed (the tables measure its quality)."""
+    return SplitConfig(factorize=method, density=density, calibration=cal, verify=False, bench=False,
+                       layout="parallel", **more)
 
 
 def gaussian_layer(k: int, rows: int, seed: int = 0):
@@ -56,7 +76,8 @@ def synthetic(width: int, rows: int, methods) -> list[str]:
         cells, seconds = [], []
         for density in DENSITIES:
             start = time.perf_counter()
-            found = fit(method, weight, gram, density)
+            found = fit_structured(method, weight, gram, density) if method in STRUCTURED else \
+                fit(method, weight, gram, density)
             seconds.append(time.perf_counter() - start)
             cells.append(f"{found.error(weight, held_gram):.3f}")
         lines.append(f"| {method} | {' | '.join(cells)} | {' / '.join(f'{s:.1f}' for s in seconds)} s |")
@@ -76,7 +97,7 @@ def digits(methods, densities) -> tuple[list[str], onnx.ModelProto | None]:
     lines, dsf_half = [f"| dense | {dense:.2f}% | - | - |"], None
     for method in methods:
         for density in densities:
-            config = SplitConfig(factorize=method, density=density, calibration=cal, verify=False, bench=False)
+            config = _config(method, density, cal)
             start = time.perf_counter()
             result = split_model(str(model_path), config)
             seconds = time.perf_counter() - start
@@ -87,6 +108,49 @@ def digits(methods, densities) -> tuple[list[str], onnx.ModelProto | None]:
             if (method, density) == ("dsf", 0.5):
                 dsf_half = result.model
     return lines, dsf_half
+
+
+def lm(methods, densities) -> tuple[list[str], list[str], str]:
+    """The byte LM's rows (held-out bits per byte on byte_lm_test.npz), notes for sites not factorized, and
+    the calibration split the pass reported."""
+    model_path, cal = ROOT / "models" / "byte_lm.onnx", str(ROOT / "models" / "byte_lm_calibration.npz")
+    test = dict(np.load(ROOT / "models" / "byte_lm_test.npz"))
+    dense = lm_metric(onnx.load(str(model_path)), test)
+    lines, notes, split = [f"| dense | {dense:.4f} | {2 ** dense:.3f} | - | - |"], [], ""
+    print(lines[0], flush=True)
+    for method in methods:
+        for density in densities:
+            config = _config(method, density, cal)
+            start = time.perf_counter()
+            result = split_model(str(model_path), config)
+            seconds = time.perf_counter() - start
+            layers = []
+            for site in result.report.sites:
+                if site.decision == "split" and "factorized" in site.details:
+                    layers.append(f"{site.node} {site.details['factorized']['held_out']:.3f}")
+                else:
+                    layers.append(f"{site.node} kept")
+                    notes.append(f"{method} {density:.0%}: `{site.node}` ({site.op_type} {site.shape}) "
+                                 f"{site.decision}: {site.reason}")
+            split = result.report.error.data
+            bits = lm_metric(result.model, test)
+            lines.append(f"| {method} {density:.0%} | {bits:.4f} | {2 ** bits:.3f} | "
+                         f"{result.report.error.held_out:.4f} ({' / '.join(layers)}) | {seconds:.0f} s |")
+            print(lines[-1], flush=True)
+    return lines, notes, split
+
+
+def _lm_section(methods, meta) -> list[str]:
+    table, notes, split = lm(methods, DENSITIES)
+    return ["## Byte-level LM (models/byte_lm.onnx), every layer factorized in order", "", *meta, "",
+            "fc1 192x512, fc2 512x512, head 512x256 (the `embed` Gather is not a MatMul site); calibrated on "
+            f"models/byte_lm_calibration.npz ({split}); held-out bits per byte on "
+            "models/byte_lm_test.npz (4096 contexts, seen by no step of the pass), perplexity per byte = 2^bits; "
+            "held-out output error ||y' - y|| / ||y|| of the logits (per layer: held-out layer error), pass time:", "",
+            "| method, density | bits per byte | perplexity per byte | held-out output error (per layer) | pass time |",
+            "|---|---|---|---|---|", *table, "",
+            *(["Sites not factorized:", "", *(f"- {n}" for n in notes), ""] if notes else
+              ["Every run factorized every site the pass found.", ""])]
 
 
 def _load_and_latency(model: onnx.ModelProto, feeds: dict, repeats: int, seconds: float) -> tuple[float, float]:
@@ -185,6 +249,101 @@ def _encodings_section(args, meta) -> list[str]:
             "| max abs error |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def trained_layer(tmp: Path) -> tuple[onnx.ModelProto, str, np.ndarray]:
+    """The digits MLP's fc2 alone (a trained 1024x1024 Gemm with its bias, as exported), the path of
+    its calibration samples (fc1's ReLU outputs on models/digits_calibration.npz), and those outputs."""
+    model = onnx.load(str(ROOT / "models" / "digits_mlp.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    pixels = np.load(ROOT / "models" / "digits_calibration.npz")["pixels"]
+    hidden = np.maximum(pixels @ inits["fc1.weight"].T + inits["fc1.bias"], 0).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "fc2.weight", "fc2.bias"], ["y"], name="/fc2/Gemm", transB=1)
+    graph = helper.make_graph([node], "fc2", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 1024])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 1024])],
+                              [numpy_helper.from_array(inits[n], n) for n in ("fc2.weight", "fc2.bias")])
+    layer = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    path = tmp / "fc2_calibration.npz"
+    np.savez(path, x=hidden)
+    return layer, str(path), hidden
+
+
+def _written(layer: onnx.ModelProto, plan, form: str) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(layer)
+    refused, _ = rewrite_model(copy, [Job(Chain([find_sites(copy, min_elements=0)[0]], []), plan, form)])
+    if refused:
+        raise RuntimeError(f"{form}: {refused[0]}")
+    return copy
+
+
+def structured_layer(variants, densities, batches, seconds: float) -> list[str]:
+    """Per structured variant and density: the trained fc2's held-out layer error, and the latency of
+    each form against the dense Gemm (ORT CPU, optimizations on, 1 thread; all models of one batch
+    timed in one round robin, the median of each)."""
+    import tempfile
+
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        layer, cal, hidden = trained_layer(Path(tmp))
+        site = find_sites(layer, min_elements=0)
+        for density in densities:
+            models, labels = {"dense": layer}, {}
+            for method, blocks in variants:
+                config = _config(method, density, cal, min_elements=0, **({"blocks": blocks} if blocks else {}))
+                (unit,) = plan_factorized(layer, site, config).units
+                plan = unit.plan
+                labels[(method, blocks)] = plan
+                for form in ("factor-batched", "factor-parallel") if plan.groups > 1 else ("factor-batched",):
+                    written = _written(layer, plan, form)
+                    want = hidden[:8] @ plan.effective_weight(0, site[0].weight).astype(np.float64) + \
+                        numpy_helper.to_array(layer.graph.initializer[1])
+                    got = make_session(written.SerializeToString(), CPU, "enabled", 1).run(None, {"x": hidden[:8]})[0]
+                    assert np.allclose(got, want, atol=1e-3 * np.abs(want).max()), (method, form)
+                    models[(method, blocks, form)] = written
+            cells = {key: [] for key in models if key != "dense"}
+            for batch in batches:
+                feeds = {"x": np.ascontiguousarray(np.resize(hidden, (batch, 1024)))}
+                keys = list(models)
+                runs = [Runner(models[k].SerializeToString(), CPU, feeds, 1) for k in keys]
+                times = round_robin(runs, seconds=seconds * len(runs), warmup=20, min_rounds=50)
+                medians = {k: statistics.median(t) for k, t in zip(keys, times)}
+                for k in cells:
+                    cells[k].append(f"{medians[k] * 1e3:.1f} us ({medians['dense'] / medians[k]:.2f}x)")
+                print(batch, {str(k): round(v * 1e3, 1) for k, v in medians.items()}, flush=True)
+            for (method, blocks, form), row in cells.items():
+                plan = labels[(method, blocks)]
+                lines.append(f"| {method}{f' --blocks {blocks}' if blocks else ''} {density:.0%} | {plan.label} | "
+                             f"{plan.held_out:.3f} | {form} | {' | '.join(row)} |")
+    return lines
+
+
+def _structured_section(args, meta) -> list[str]:
+    batches = (1, 8, 64)
+    variants = [("blocks", 4), ("blocks", 8), ("lowrank", None)]
+    layer = structured_layer(variants, (0.5, 0.25), batches, args.seconds)
+    lines = ["## Structured factorizations (`--factorize blocks`, `--factorize lowrank`)", "", *meta, "",
+             "The digits MLP's trained fc2 (1024x1024 Gemm, bias) alone, calibrated on fc1's ReLU outputs of the 269 "
+             "search samples (90 held out): held-out layer error ||X(W - W')|| / ||XW||, and median latency of each "
+             "form against the dense Gemm (ORT CPU, ORT_ENABLE_ALL, 1 thread, every model of a batch size timed in "
+             "one round robin; speed-up over dense in brackets):", "",
+             f"| method, parameters | plan | held-out layer error | form | {' | '.join(f'batch {b}' for b in batches)} |",
+             "|---|---|---|---|" + "---|" * len(batches), *layer, ""]
+    if not args.skip_synthetic:
+        lines += [f"Synthetic Gaussian {args.width}x{args.width} layer (as above): held-out ||X(W - W')|| / ||XW|| "
+                  f"at 50 / 25 / 10% of the parameters (fit time per density):", "",
+                  "| method | 50% | 25% | 10% | fit time |", "|---|---|---|---|---|",
+                  *synthetic(args.width, args.rows, list(STRUCTURED)), ""]
+    table, _ = digits(list(STRUCTURED), DENSITIES)
+    lines += ["Digits MLP, every layer factorized in order (a layer whose sides 4 does not divide stays dense under "
+              "`blocks`: fc3, 1024x10), written whatever its speed (`--layout parallel`):", "",
+              "| method, parameters | test accuracy | held-out output error (per layer) | pass time |",
+              "|---|---|---|---|", *table, ""]
+    table, notes, split = lm(list(STRUCTURED), DENSITIES)
+    lines += ["Byte LM, every layer factorized in order (as above):", "",
+              "| method, parameters | bits per byte | perplexity per byte | held-out output error (per layer) | pass time |",
+              "|---|---|---|---|---|", *table, *notes, ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--width", type=int, default=1024, help="side of the synthetic layer (1024)")
@@ -193,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="timing per model and round")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--encodings-only", action="store_true", help="only the encodings table (its own section)")
+    p.add_argument("--lm-only", action="store_true", help="only the byte LM table (its own section)")
+    p.add_argument("--structured-only", action="store_true",
+                   help="only the structured factorizations (blocks, lowrank): trained-layer latency and error, the "
+                        "synthetic layer, digits and the byte LM (its own section)")
     p.add_argument("--out", default=str(ROOT / "docs" / "FACTORIZE.md"))
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -200,6 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.encodings_only:
         lines = _encodings_section(args, meta)
         write_section(Path(args.out), "bench_factorize_encodings", lines)
+        print("\n".join(lines))
+        return 0
+    if args.structured_only:
+        lines = _structured_section(args, meta)
+        write_section(Path(args.out), "bench_factorize_structured", lines)
+        print("\n".join(lines))
+        return 0
+    if args.lm_only:
+        lines = _lm_section(methods, meta)
+        write_section(Path(args.out), "bench_factorize_lm", lines)
         print("\n".join(lines))
         return 0
     lines = ["## Factorization at equal non-zeros (`tools/bench_factorize.py`)", "", *meta, ""]

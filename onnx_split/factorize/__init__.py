@@ -2,7 +2,9 @@
 non-zeros, by one of :data:`METHODS`.
 
 - ``dsf``: W ≈ A·B, both sparse, the non-zeros counted over both (dsf.py);
-- ``magnitude``, ``wanda``, ``sparsegpt`` (pruning.py) and ``admm`` (admm.py): one sparse matrix.
+- ``magnitude``, ``wanda``, ``sparsegpt`` (pruning.py) and ``admm`` (admm.py): one sparse matrix;
+- ``blocks`` (W ≈ B₁·Π·B₂, block-diagonal factors) and ``lowrank`` (W ≈ U·V): the structured
+  factorizations of blocks.py, which run as two smaller MatMuls (:func:`fit_structured`).
 
 ``fit(method, weight, gram, density)`` returns a :class:`Fitted` whose ``factors`` multiply to the
 approximation; ``density`` is the fraction of W's K·N entries kept (all factors together), and 1
@@ -18,6 +20,8 @@ from functools import reduce
 import numpy as np
 
 from . import admm, dsf, pruning
+from .blocks import STRUCTURED, Structured, blocks, lowrank
+from .blocks import refusal as structured_refusal
 from .sparse import layer_error
 
 METHODS = {
@@ -27,7 +31,12 @@ METHODS = {
     "sparsegpt": pruning.sparsegpt,
     "admm": admm.admm,
 }
-"""``--factorize`` choices -> (weight, gram, keep) -> the factors (one array, or a pair)."""
+"""The sparse ``--factorize`` choices -> (weight, gram, keep) -> the factors (one array, or a pair)."""
+
+CHOICES = (*METHODS, *STRUCTURED)
+"""Every ``--factorize`` choice: the sparse methods (written compressed), then the structured ones."""
+DEFAULT_BLOCKS = 4
+"""``--factorize blocks``: the blocks of each factor unless ``--blocks`` says otherwise."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,4 +79,20 @@ def fit(method: str, weight: np.ndarray, gram: np.ndarray, density: float) -> Fi
     return Fitted(method, density, found if isinstance(found, tuple) else (found,), keep)
 
 
-__all__ = ["Fitted", "METHODS", "fit", "keep_count", "layer_error"]
+def fit_structured(method: str, weight: np.ndarray, gram: np.ndarray, density: float,
+                   groups: int = DEFAULT_BLOCKS) -> Structured:
+    """``weight`` as B₁·Π·B₂ with ``groups`` blocks (``blocks``) or U·V (``lowrank``), with
+    ``density`` × K·N parameters; ValueError says why a weight cannot be (see blocks.refusal)."""
+    if method not in STRUCTURED:
+        raise ValueError(f"unknown structured factorization {method!r} (choose from {', '.join(STRUCTURED)})")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"the density must be in (0, 1], not {density:g}")
+    w, h = np.asarray(weight, dtype=np.float64), np.asarray(gram, dtype=np.float64)
+    why = structured_refusal(w.shape, density, groups if method == "blocks" else 1)
+    if why is not None:
+        raise ValueError(why)
+    return blocks(w, h, density, groups) if method == "blocks" else lowrank(w, h, density)
+
+
+__all__ = ["CHOICES", "DEFAULT_BLOCKS", "Fitted", "METHODS", "STRUCTURED", "Structured", "fit", "fit_structured",
+           "keep_count", "layer_error", "structured_refusal"]

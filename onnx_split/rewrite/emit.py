@@ -103,6 +103,18 @@ class Emitter:
             return self.node("Slice", inputs, local, doc)
         return self.node("Slice", [x], local, doc, starts=[start], ends=[end], axes=[axis])
 
+    def split(self, x: str, parts: int, axis: int, local: str, doc: str) -> list[str]:
+        """``parts`` equal pieces of ``x`` along ``axis`` (a non-negative axis), in one Split node:
+        opset 18 names the count (``num_outputs``), older opsets split equally when given no sizes."""
+        node_name = self.name(local)
+        outs = [self.name(f"{local}_out{i}") for i in range(parts)]
+        attrs = {"axis": axis, **({"num_outputs": parts} if self.opset >= 18 else {})}
+        node = onnx.helper.make_node("Split", [x], outs, name=node_name, **attrs)
+        node.doc_string = f"onnx_split {__version__} ({self.layout} layout): {doc}"
+        tag(node, self.source, self.ir_version, (("onnx_split.site", self.site), ("onnx_split.layout", self.layout)))
+        self.nodes.append(node)
+        return outs
+
     def take(self, x: str, index: np.ndarray, axis: int, rank: int | None, local: str, doc: str,
              size: int | None = None) -> str:
         """x[..., index] along ``axis``: nothing when ``index`` is all of ``size``, a Slice when it
