@@ -1,6 +1,6 @@
 """``--factorize METHOD --tolerance E``: a density per site, chosen so that the model's relative
 output error stays within E on the calibration search samples (the counterpart, for factorized
-weights, of lossy.py's ``--tolerance`` search; same steps, same progress stages).
+weights, of lossy.py's ``--tolerance`` search; its progress stages, and ``refit``).
 
 1. ``fit``: every candidate site is fitted at each density of :data:`LADDER`, on the moments of
    its *original* activations over the search samples (the first-level moments, X' = X, as if no
@@ -18,8 +18,8 @@ weights, of lossy.py's ``--tolerance`` search; same steps, same progress stages)
 4. ``confirm``: whole-model runs on every search sample bisect that path for a choice whose
    measured output error is within E (the empty choice is): about log2 of its length runs, and
    since neither the fits nor the estimates depend on E, a looser tolerance never ends on an
-   earlier step of the same path (never more stored bytes). The estimates only order the steps;
-   the measured errors decide how far along to go.
+   earlier step of the same path (never more stored bytes; the refit keeps the densities). The
+   estimates only order the steps; the measured errors decide how far along to go.
 5. ``refit``: the chosen densities are fitted again level by level as plan_factorized does (each
    site on what the already-factorized sites before it hand on, against the original output),
    and that is kept only if it measures no worse on the search samples (and within E).
@@ -41,7 +41,7 @@ from types import MappingProxyType
 import onnx
 
 from . import fitting
-from .allocate import Option, allocate, back_off, estimate
+from .allocate import Option, allocate, estimate
 from .chains import Chain
 from .config import SplitConfig
 from .decisions import Kept, Planned, Unit
@@ -56,9 +56,6 @@ log = logging.getLogger(__name__)
 LADDER = (0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
 """The densities each site is fitted at for ``--tolerance`` (the fraction of the weight's entries
 kept as non-zeros, over all factors), from the safest to the smallest."""
-
-SHRINKS = 3
-"""Confirmations that ask the allocation for a smaller estimate before backing off site by site."""
 
 
 def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> Lossy:
