@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from . import fitting
+from .blas import limited
 from .chains import Chain
 from .config import SplitConfig
 from .decisions import Kept, Planned, Unit
@@ -133,10 +134,11 @@ def _fit(site: Site, moments: dict, config: SplitConfig):
     if cross is not None:  # the weight that best gives XW from X'
         damped = gram + DAMPING * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(gram.shape[0])
         target = np.linalg.solve(damped, cross @ weight)
-    if structured(config):
-        fitted = fit_structured(config.factorize, target, gram, config.density, groups(config))
-    else:
-        fitted = fit(config.factorize, target, gram, config.density)
+    with limited(config.base_threads):  # blas.py: the default threads wait on each other on shared cores
+        if structured(config):
+            fitted = fit_structured(config.factorize, target, gram, config.density, groups(config))
+        else:
+            fitted = fit(config.factorize, target, gram, config.density)
     errors = [None if moments[p] is None else layer_error(weight, fitted.weight, *moments[p])
               for p in ("search", "held_out")]
     if structured(config):

@@ -19,6 +19,7 @@ from typing import Callable
 import onnx
 
 from .bench import benchmark_models
+from .blas import limited
 from .config import DEFAULT_LOSSY, SplitConfig
 from .decisions import Split, after_forms, after_rewrite, undone
 from .errors import InputError
@@ -90,11 +91,14 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         decisions, units = lossy.decisions, lossy.units
         notes += lossy.notes
     elif config.dynamic_keep is not None:
-        lossy = plan_dynamic(model, sites, config, progress)
+        with limited(config.base_threads):                 # blas.py: the calibration's numpy on --threads
+            lossy = plan_dynamic(model, sites, config, progress)
         decisions, units = lossy.decisions, dynamic_units(sites, lossy.decisions)
         notes += lossy.notes
     elif config.lossy:
-        lossy = plan_lossy(model, sites, config, progress, speed=_speed(original, config, points, providers, progress))
+        speed = _speed(original, config, points, providers, progress)
+        with limited(config.base_threads):                 # blas.py: the refits' solves on --threads
+            lossy = plan_lossy(model, sites, config, progress, speed=speed)
         decisions, units = lossy.decisions, lossy.units
         notes += lossy.notes
     else:
@@ -242,7 +246,8 @@ def survey_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spl
     if not config.lossy:
         config = dataclasses.replace(config, partitioner=DEFAULT_LOSSY)
     _, model = _load(model_or_path, "survey_model")
-    return survey(model, find_sites(model, min_elements=config.min_elements), config, progress)
+    with limited(config.base_threads):  # blas.py: the refits' solves on --threads BLAS threads
+        return survey(model, find_sites(model, min_elements=config.min_elements), config, progress)
 
 
 def _load(model_or_path, caller: str) -> tuple[str | None, onnx.ModelProto]:

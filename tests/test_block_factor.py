@@ -15,7 +15,7 @@ from onnx_split import SplitConfig, split_model
 from onnx_split.cli import main
 from onnx_split.errors import InputError
 from onnx_split.factorize import fit_structured
-from onnx_split.factorize.blocks import DAMPING, _fit_output_block, blocks, lowrank, pair_rank, product
+from onnx_split.factorize.structured import DAMPING, _fit_output_block, blocks, lowrank, pair_rank, product
 from onnx_split.factorize.sparse import layer_error
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")

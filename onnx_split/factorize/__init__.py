@@ -4,7 +4,7 @@ non-zeros, by one of :data:`METHODS`.
 - ``dsf``: W ≈ A·B, both sparse, the non-zeros counted over both (dsf.py);
 - ``magnitude``, ``wanda``, ``sparsegpt`` (pruning.py) and ``admm`` (admm.py): one sparse matrix;
 - ``blocks`` (W ≈ B₁·Π·B₂, block-diagonal factors) and ``lowrank`` (W ≈ U·V): the structured
-  factorizations of blocks.py, which run as two smaller MatMuls (:func:`fit_structured`).
+  factorizations of structured.py, which run as two smaller MatMuls (:func:`fit_structured`).
 
 ``fit(method, weight, gram, density)`` returns a :class:`Fitted` whose ``factors`` multiply to the
 approximation; ``density`` is the fraction of W's K·N entries kept (all factors together), and 1
@@ -20,8 +20,8 @@ from functools import reduce
 import numpy as np
 
 from . import admm, dsf, pruning
-from .blocks import STRUCTURED, Structured, blocks, lowrank
-from .blocks import refusal as structured_refusal
+from .structured import STRUCTURED, Structured, blocks, lowrank
+from .structured import refusal as structured_refusal
 from .sparse import layer_error
 
 METHODS = {

@@ -1,6 +1,6 @@
 """``block-factor`` plans: a site's weight replaced by W' = B₁·Π·B₂ (``--factorize blocks``: B₁, B₂
 block-diagonal with G blocks, Π the stride permutation) or by W' = U·V (``--factorize lowrank``,
-G = 1), fitted on calibration data (factorize/blocks.py).
+G = 1), fitted on calibration data (factorize/structured.py).
 
 Unlike the compressed factorizations, the rewrite computes the two factors at run time (two
 MatMuls, rewrite/block_factor.py), so the plan saves multiply-adds: ``flops`` is the factors'
@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..factorize.blocks import product
+from ..factorize.structured import product
 from ..text import percent
 
 
@@ -95,7 +95,7 @@ class BlockFactorPlan:
 
 
 def make_block_plan(fitted, dtype, error: float | None = None, held_out: float | None = None) -> BlockFactorPlan:
-    """The plan of a :class:`~onnx_split.factorize.blocks.Structured`, its factors stored in ``dtype``."""
+    """The plan of a :class:`~onnx_split.factorize.structured.Structured`, its factors stored in ``dtype``."""
     first, second = (np.ascontiguousarray(f.astype(dtype)) for f in (fitted.first, fitted.second))
     plan = BlockFactorPlan(fitted.method, fitted.density, first, second, error, held_out)
     return plan.with_bytes(first.nbytes + second.nbytes)
