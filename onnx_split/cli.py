@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MatMuls); fitted per site on calibration data, in order")
     g.add_argument("--density", type=float, default=None, metavar="D",
                    help="--factorize: the fraction of each weight's entries kept as non-zeros (blocks, lowrank: the "
-                        "factors' parameters as a fraction of the weight's)")
+                        "factors' parameters as a fraction of the weight's); or, instead, --tolerance E: a density "
+                        "per site, the output error within E")
     g.add_argument("--blocks", type=int, default=None, metavar="G",
                    help="--factorize blocks: the blocks of each factor (4); input and output features must divide by G")
     g.add_argument("--workers", type=int, default=D["workers"], metavar="N",

@@ -11,6 +11,7 @@ from typing import Mapping
 
 from .errors import InputError
 from .factorize import CHOICES as FACTORIZATIONS
+from .factorize import METHODS as SPARSE_FACTORIZATIONS
 from .plans import PLANNERS
 from .rewrite.registry import layout_names
 from .where import compile_patterns
@@ -132,7 +133,9 @@ class SplitConfig:
     factorize: str | None = None
     """Replace every eligible weight by sparse factors fitted on calibration data: ``dsf`` (W = A·B,
     both sparse), or one sparse matrix by ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``
-    (factorize/); written compressed, one dense MatMul at run time. Needs ``density``."""
+    (factorize/); written compressed, one dense MatMul at run time. Needs ``density``, or for the
+    sparse methods ``tolerance`` (a density per site from factor_budget.LADDER, the output error within
+    it; factor_budget.py)."""
     density: float | None = None
     """``--factorize``: the fraction of each weight's entries kept as non-zeros (over both factors for dsf);
     for ``blocks`` and ``lowrank``, the factors' parameters as a fraction of the weight's."""
@@ -238,7 +241,7 @@ class SplitConfig:
         if budgets and self.threshold > 0:
             raise InputError(f"--threshold applies to the exact partitioner; a budget ({budgets[0]}) chooses what "
                              f"to drop by significance instead")
-        if self.partitioner == "components" and budgets:
+        if self.partitioner == "components" and budgets and self.factorize is None:
             object.__setattr__(self, "partitioner", DEFAULT_LOSSY)
         self._check_dynamic(budgets)
         self._check_factorize(budgets)
@@ -266,13 +269,22 @@ class SplitConfig:
             return
         if self.factorize not in FACTORIZATIONS:
             raise InputError(f"--factorize must be one of {', '.join(FACTORIZATIONS)}, not {self.factorize!r}")
-        if self.density is None:
-            raise InputError(f"--factorize {self.factorize} needs --density D (the fraction of each weight kept)")
-        _finite_number("density", self.density, "a fraction in (0, 1]")
-        if not 0 < self.density <= 1:
-            raise InputError(f"--density must be a fraction in (0, 1], got {self.density}")
-        if budgets:
-            raise InputError(f"--factorize takes --density as its budget, not --{budgets[0]}")
+        others = [b for b in budgets if b != "tolerance"]
+        if others:
+            raise InputError(f"--factorize takes --density or --tolerance as its budget, not --{others[0]}")
+        if self.density is not None and self.tolerance is not None:
+            raise InputError("--factorize takes one budget: --density D (every site) or --tolerance E (a density "
+                             "per site, chosen within E), not both")
+        if self.tolerance is not None and self.factorize not in SPARSE_FACTORIZATIONS:
+            raise InputError(f"--tolerance chooses a density per site for the sparse methods "
+                             f"({', '.join(SPARSE_FACTORIZATIONS)}); --factorize {self.factorize} takes --density D")
+        if self.density is None and self.tolerance is None:
+            raise InputError(f"--factorize {self.factorize} needs --density D (the fraction of each weight kept) "
+                             f"or --tolerance E")
+        if self.density is not None:
+            _finite_number("density", self.density, "a fraction in (0, 1]")
+            if not 0 < self.density <= 1:
+                raise InputError(f"--density must be a fraction in (0, 1], got {self.density}")
         if self.dynamic_keep is not None:
             raise InputError("--factorize does not combine with --dynamic-keep")
         if self.partitioner != "components" or self.threshold > 0:

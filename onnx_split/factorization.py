@@ -73,6 +73,10 @@ def factorize_reason(site: Site, opset: int, config: SplitConfig | None = None) 
 
 def plan_factorized(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None) -> Lossy:
     """One decision per site (a factorized plan, or kept with why) and one unit per planned site."""
+    if config.tolerance is not None:  # a density per site, chosen within the tolerance
+        from .factor_budget import plan_factorized_within
+
+        return plan_factorized_within(model, sites, config, progress)
     progress = progress or (lambda stage, done, total: None)
     opset = default_opset(model)
     decisions, candidates = eligible(sites, config, lambda site: factorize_reason(site, opset, config))

@@ -489,7 +489,10 @@ def metadata_entries(config, n_split: int, n_sites: int, error: ErrorReport | No
     if config.factorize is not None:
         how = FACTORIZE_HOW.get(config.factorize, FACTORIZE_HOW[None]).format(blocks=config.blocks or 4)
         entries["onnx_split.factorize"] = (
-            f"--factorize {config.factorize} --density {config.density:g}: {how}; "
+            f"--factorize {config.factorize} "
+            + (f"--density {config.density:g}" if config.density is not None else
+               f"--tolerance {config.tolerance:g} (a density per site)")
+            + f": {how}; "
             + (f"relative output error {error.search:.3g} on {error.search_samples} search samples, "
                f"{error.held_out:.3g} on {error.held_out_samples} held-out samples ({error.data})"
                if error is not None else "output error not measured"))
