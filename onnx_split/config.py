@@ -278,6 +278,9 @@ class SplitConfig:
         if self.tolerance is not None and self.factorize not in SPARSE_FACTORIZATIONS:
             raise InputError(f"--tolerance chooses a density per site for the sparse methods "
                              f"({', '.join(SPARSE_FACTORIZATIONS)}); --factorize {self.factorize} takes --density D")
+        if self.tolerance is not None and (self.workers != 1 or self.fit_seconds is not None):
+            raise InputError("--workers and --fit-seconds apply to --factorize with --density; the --tolerance "
+                             "search fits its ladder in this process, without a time budget")
         if self.density is None and self.tolerance is None:
             raise InputError(f"--factorize {self.factorize} needs --density D (the fraction of each weight kept) "
                              f"or --tolerance E")

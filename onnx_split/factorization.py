@@ -86,7 +86,8 @@ def plan_factorized(model: onnx.ModelProto, sites: list[Site], config: SplitConf
     result = Lossy(decisions, calibration, evaluator)
     parts = {"search": calibration.batches("search"), "held_out": calibration.batches("held_out")}
     originals = {p: fitting.collect(evaluator, sites, candidates, b) for p, b in parts.items()}
-    level = fitting.levels(candidates, fitting.upstream(model, sites, candidates))
+    ups = fitting.upstream(model, sites, candidates)
+    level = fitting.levels(candidates, ups)
     plans: dict[int, object] = {}
     facts = MappingProxyType({"factorize": config.factorize})
     done = 0
@@ -100,7 +101,8 @@ def plan_factorized(model: onnx.ModelProto, sites: list[Site], config: SplitConf
                     for p, b in parts.items()}
             jobs, found = [], {}
             for i in here:
-                found[i] = _moments(sites[i], originals, news if weights else None)
+                changed = weights and ups.get(i, set()) & plans.keys()  # X' = X unless a site before it was factorized
+                found[i] = _moments(sites[i], originals, news if changed else None)
                 if found[i]["search"] is None:
                     decisions[i] = Kept("plan", "not factorized: its activation was not captured")
                     done += 1

@@ -214,10 +214,26 @@ class FitPool:
                                                 initializer=_worker_start, initargs=(self.worker_threads,))
         return self._pool
 
-    def _drop(self) -> None:
+    def _drop(self, broken: cf.ProcessPoolExecutor | None = None) -> None:
+        """End the current pool (the next job starts a new one); with ``broken``, only if that is
+        still the current pool (a future of a pool already replaced must not end its successor)."""
+        if broken is not None and broken is not self._pool:
+            return
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, job: Job):
+        """(the pool, the future) of ``job``'s fit; a pool found broken (a worker died while this
+        process was busy elsewhere) is replaced once."""
+        for attempt in (0, 1):
+            pool = self._executor()
+            try:
+                return pool, pool.submit(fit_timed, self.method, job.target, job.gram, self.density, self.groups)
+            except cf.process.BrokenProcessPool:
+                self._drop(pool)
+                if attempt:
+                    raise
 
     def _probe(self, method: str, size: int, density: float):
         if self.workers > 1:
@@ -266,21 +282,25 @@ class FitPool:
                 if why is not None:
                     yield Outcome(job.site, estimate, reason=why)
                     continue
-                future = self._executor().submit(fit_timed, self.method, job.target, job.gram, self.density,
-                                                 self.groups)
-                running[future] = job, estimate
+                try:
+                    pool, future = self._submit(job)
+                except cf.process.BrokenProcessPool:
+                    yield Outcome(job.site, estimate, reason="not factorized: no worker process could be started "
+                                                             "for its fit")
+                    continue
+                running[future] = job, estimate, pool
             if not running:
                 break
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for future in sorted(finished, key=lambda f: running[f][0].site):
-                job, estimate = running.pop(future)
+                job, estimate, pool = running.pop(future)
                 try:
                     fitted, seconds = future.result()
-                except cf.process.BrokenProcessPool:
-                    self._drop()  # a new pool for the jobs left (the broken one is unusable)
-                    log.warning("the worker process fitting %s died", job.name)
-                    yield Outcome(job.site, estimate, reason="not factorized: the worker process fitting it died "
-                                                             "(killed, or out of memory?)")
+                except (cf.process.BrokenProcessPool, cf.CancelledError):
+                    self._drop(pool)  # a new pool for the jobs left (the broken one is unusable)
+                    log.warning("a worker process died while %s was being fitted", job.name)
+                    yield Outcome(job.site, estimate, reason="not factorized: a worker process of the pool died "
+                                                             "while it was being fitted (killed, or out of memory?)")
                     continue
                 yield self._done(job, estimate, fitted, seconds)
 

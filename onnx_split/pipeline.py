@@ -87,7 +87,8 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         points, inputs = measuring_points(original, config)
 
     if config.factorize is not None:                       # plan: what each site would become
-        lossy = plan_factorized(model, sites, config, progress)
+        with limited(config.base_threads):                 # blas.py: moments, targets, errors (workers: their own)
+            lossy = plan_factorized(model, sites, config, progress)
         decisions, units = lossy.decisions, lossy.units
         notes += lossy.notes
     elif config.dynamic_keep is not None:

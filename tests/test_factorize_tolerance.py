@@ -83,6 +83,8 @@ def test_search_seconds_keeps_the_sites_it_had_no_time_for():
     (["--factorize", "magnitude", "--tolerance", "-1"], "--tolerance must be >= 0"),
     (["--factorize", "magnitude"], "needs --density D (the fraction of each weight kept) or --tolerance E"),
     (["--factorize", "lowrank", "--tolerance", "0.05"], "takes --density D"),
+    (["--factorize", "magnitude", "--tolerance", "0.05", "--workers", "2"], "--workers and --fit-seconds apply"),
+    (["--factorize", "magnitude", "--tolerance", "0.05", "--fit-seconds", "9"], "--workers and --fit-seconds apply"),
 ])
 def test_cli_budget_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "out.onnx"

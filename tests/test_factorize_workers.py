@@ -146,7 +146,7 @@ def test_a_worker_that_dies_keeps_its_site_with_a_reason(tmp_path, monkeypatch, 
     assert code == 0 and "Traceback" not in err and "Traceback" not in text
     sites = json.loads(report.read_text())["sites"]
     assert len(sites) == 4
-    assert all(s["decision"] == "kept" and "worker process fitting it died" in s["reason"] for s in sites)
+    assert all(s["decision"] == "kept" and "worker process of the pool died" in s["reason"] for s in sites)
 
 
 @pytest.mark.parametrize("argv, message", [
