@@ -16,8 +16,8 @@ Both minimise the layer error ||X(W − W')||_F on the calibration moments H = X
   depend only on the P_sd and Q_ds of that d), so each is fitted on its own: it starts from the
   pairs' whitened rank-r SVDs (each input block whitened by its own H_ss), then alternates an exact
   refit of all Q_ds (one least squares over its G·r hidden features) with one Gauss-Seidel sweep
-  over the input blocks, each P_sd set to its exact minimiser with the others fixed. Every step
-  lowers the error; it stops when a round gains less than ``TOLERANCE`` of it.
+  over the input blocks, each P_sd set to its exact minimiser with the others fixed (each solve
+  damped by ``DAMPING``); it stops when a round gains less than ``TOLERANCE`` of the error.
 
 The parameter budget: ``density`` × K·N parameters over both factors. With G blocks and r
 features per pair the factors hold G·r·(K + N) numbers, so r = ⌊density·K·N / (G·(K + N))⌋.
@@ -183,11 +183,7 @@ def _fit_output_block(target: np.ndarray, gram: np.ndarray, g: int, r: int, roun
     den = max(float(np.einsum("ij,ij->", target, ht)), EPS)
     previous = math.inf
     for _ in range(rounds):
-        # all Q_s at once: the hidden features are Z = X·blockdiag(P_s), [K, G·r] block-diagonal
-        hp = np.concatenate([gram[:, at] @ p[s] for s, at in enumerate(rows)], axis=1)   # H·B₁ [K, G·r]
-        zz = np.concatenate([p[s].T @ hp[at] for s, at in enumerate(rows)], axis=0)      # B₁ᵀHB₁
-        zy = np.concatenate([p[s].T @ ht[at] for s, at in enumerate(rows)], axis=0)      # B₁ᵀHW
-        stacked = _solve(zz, zy)
+        hp, zz, zy, stacked = _refit_q(gram, ht, p, rows)
         q = [stacked[s * r:(s + 1) * r] for s in range(g)]
         # residual gradient T = H(W − Σ_s E_s P_s Q_s), then each P_s exactly with the others fixed
         t = ht - hp @ stacked
@@ -201,12 +197,17 @@ def _fit_output_block(target: np.ndarray, gram: np.ndarray, g: int, r: int, roun
         if previous - err < TOLERANCE * max(err, EPS * den):
             break
         previous = err
-    # the last sweep moved P: refit Q once more on it (exact for the final P)
+    stacked = _refit_q(gram, ht, p, rows)[3]  # the last sweep moved P: Q once more, for the final P
+    return p, [stacked[s * r:(s + 1) * r] for s in range(g)]
+
+
+def _refit_q(gram: np.ndarray, ht: np.ndarray, p: list, rows: list):
+    """(H·B₁, B₁ᵀHB₁, B₁ᵀHW, the stacked Q_s): all Q_s at once, the least squares on the hidden
+    features Z = X·B₁ (B₁ = blockdiag(P_s), [K, G·r]) for the output block's H·W = ``ht``."""
     hp = np.concatenate([gram[:, at] @ p[s] for s, at in enumerate(rows)], axis=1)
     zz = np.concatenate([p[s].T @ hp[at] for s, at in enumerate(rows)], axis=0)
     zy = np.concatenate([p[s].T @ ht[at] for s, at in enumerate(rows)], axis=0)
-    stacked = _solve(zz, zy)
-    return p, [stacked[s * r:(s + 1) * r] for s in range(g)]
+    return hp, zz, zy, _solve(zz, zy)
 
 
 __all__ = ["BlockShapes", "STRUCTURED", "Structured", "blocks", "lowrank", "pair_rank", "product", "refusal"]
