@@ -86,26 +86,10 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         notes += more
         points, inputs = measuring_points(original, config)
 
-    if config.factorize is not None:                       # plan: what each site would become
-        with limited(config.base_threads):                 # blas.py: moments, targets, errors (workers: their own)
-            lossy = plan_factorized(model, sites, config, progress)
-        decisions, units = lossy.decisions, lossy.units
+    with limited(config.base_threads):                     # blas.py: the planners' numpy on --threads BLAS threads
+        lossy, decisions, units = _plan(model, original, sites, config, points, providers, progress)
+    if lossy is not None:
         notes += lossy.notes
-    elif config.dynamic_keep is not None:
-        with limited(config.base_threads):                 # blas.py: the calibration's numpy on --threads
-            lossy = plan_dynamic(model, sites, config, progress)
-        decisions, units = lossy.decisions, dynamic_units(sites, lossy.decisions)
-        notes += lossy.notes
-    elif config.lossy:
-        speed = _speed(original, config, points, providers, progress)
-        with limited(config.base_threads):                 # blas.py: the refits' solves on --threads
-            lossy = plan_lossy(model, sites, config, progress, speed=speed)
-        decisions, units = lossy.decisions, lossy.units
-        notes += lossy.notes
-    else:
-        lossy = None
-        decisions = plan_exact(sites, config, progress)
-        units = exact_units(sites, decisions, config)
 
     clock.lap("analyse")
 
@@ -187,6 +171,21 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
                   for i, s in enumerate(report.sites)}
         pictures = site_structures(sites, decisions, units, labels)
     return SplitResult(model, report, pictures)
+
+
+def _plan(model, original, sites, config: SplitConfig, points, providers, progress):
+    """(the lossy planning or None, a decision per site, the units): what each site would become."""
+    if config.factorize is not None:
+        lossy = plan_factorized(model, sites, config, progress)
+        return lossy, lossy.decisions, lossy.units
+    if config.dynamic_keep is not None:
+        lossy = plan_dynamic(model, sites, config, progress)
+        return lossy, lossy.decisions, dynamic_units(sites, lossy.decisions)
+    if config.lossy:
+        lossy = plan_lossy(model, sites, config, progress, speed=_speed(original, config, points, providers, progress))
+        return lossy, lossy.decisions, lossy.units
+    decisions = plan_exact(sites, config, progress)
+    return None, decisions, exact_units(sites, decisions, config)
 
 
 def shared_weight_notes(sites, decisions: dict, units, written: dict[int, Written]) -> list[str]:
