@@ -9,7 +9,7 @@ weights, of lossy.py's ``--tolerance`` search; its progress stages, and ``refit`
    saves (the dense weight's bytes minus what the compressed form writes, rewrite/compressed.py);
    its local error ||X(W − W')|| / ||XW|| is read off the moments (no model run).
 2. ``sensitivity``: one whole-model run per site (its option of median local error, on the first
-   ``lossy.SENSITIVITY_SAMPLES`` search samples, as lossy.survey estimates) measures how its local
+   ``lossy.sensitivity_samples`` search samples, as lossy.survey estimates) measures how its local
    error reaches the outputs; every option's estimated output error is its local error times that
    factor.
 3. allocate.py orders the choices: its greedy knapsack, run without a limit, gives a path of
@@ -46,7 +46,7 @@ from .chains import Chain
 from .config import SplitConfig
 from .decisions import Kept, Planned, Unit
 from .factorization import _fit, _moments, factorize_reason
-from .lossy import SENSITIVITY_SAMPLES, Lossy, _calibration
+from .lossy import Lossy, _calibration, sensitivity_samples
 from .planning import eligible
 from .pruned import Evaluator
 from .sites import Site, default_opset
@@ -103,6 +103,7 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
     search = lambda plans, limit=None: evaluator.error(  # noqa: E731
         calibration.batches("search", limit), *fitting.values(sites, plans))
     options: dict[int, list[Option]] = {}
+    samples = sensitivity_samples(evaluator, calibration) if raw else 0
     for n, i in enumerate(raw):
         progress("sensitivity", n, len(raw))
         if out_of_time():
@@ -110,7 +111,7 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
             continue
         opts = raw[i]
         probe = sorted(range(len(opts)), key=lambda r: opts[r][0].error)[len(opts) // 2]  # as lossy.survey
-        out = search({i: opts[probe][0]}, SENSITIVITY_SAMPLES)
+        out = search({i: opts[probe][0]}, samples)
         local = opts[probe][0].error
         factor = out / local if local > 0 else (0.0 if out == 0 else math.inf)
         errors = [factor * p.error if p.error > 0 else 0.0 for p, _ in opts]

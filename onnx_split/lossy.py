@@ -39,8 +39,24 @@ from .text import percent
 log = logging.getLogger(__name__)
 
 SENSITIVITY_SAMPLES = 32
-"""How many search samples the one propagation run per site uses (it scales layer errors to an
-estimate; the choice is then confirmed on every search sample)."""
+"""At most this many search samples feed the one propagation run per site (it scales layer errors
+to an estimate; the choice is then confirmed on every search sample)."""
+SENSITIVITY_ELEMENTS = 1 << 16
+"""... and no more of them than give this many floating-point output values (at least
+:data:`MIN_SENSITIVITY_SAMPLES`): the run measures a ratio of output norms, which a few sequences
+of a transformer estimate as well as 32 (on the 12-site BERT-sized encoder, 4 samples' estimates
+were within 2% of 32 samples'), while a run per site over all of them made most of the pass time."""
+MIN_SENSITIVITY_SAMPLES = 4
+
+
+def sensitivity_samples(evaluator: Evaluator, calibration: Calibration) -> int:
+    """How many search samples a propagation run uses (:data:`SENSITIVITY_ELEMENTS`): the model's
+    floating-point output values per sample read off one run on the first sample."""
+    first = calibration.batches("search", 1)
+    if not first:
+        return SENSITIVITY_SAMPLES
+    per_sample = sum(o.size for o in evaluator.run(first[0], {}) if isinstance(o, np.ndarray) and o.dtype.kind == "f")
+    return max(MIN_SENSITIVITY_SAMPLES, min(SENSITIVITY_SAMPLES, math.ceil(SENSITIVITY_ELEMENTS / max(per_sample, 1))))
 
 
 @dataclass
@@ -94,6 +110,7 @@ class _Context:
     """the same over each half of the search samples (two folds; one when there are too few)"""
     deadline: float | None = None
     _fitters: dict = field(default_factory=dict)
+    _sensitivity: int | None = None
     dampings: dict = field(default_factory=dict)
     first_fits: dict = field(default_factory=dict)
     """{site: (its plan's mask key, the plan refitted on the original activations)}: the last such
@@ -125,6 +142,12 @@ class _Context:
         n = len(self.fold_moments)
         return [self.calibration.batches("search", fold=f) for f in range(n)] if n > 1 else \
             [self.calibration.batches("search")]
+
+    def sensitivity(self, plans: dict) -> float:
+        """The output error of ``plans`` on the first :func:`sensitivity_samples` search samples."""
+        if self._sensitivity is None:
+            self._sensitivity = sensitivity_samples(self.evaluator, self.calibration)
+        return self.search_error(plans, self._sensitivity)
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -424,7 +447,7 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
         opts = raw[i]
         if all(o[3] is not None for o in opts):
             probe = min(opts, key=lambda o: abs(math.log(max(o[3], 1e-12) / max(tol, 1e-12))))
-            out = ctx.search_error({i: probe[1]}, SENSITIVITY_SAMPLES)
+            out = ctx.sensitivity({i: probe[1]})
             factor = out / probe[3] if probe[3] > 0 else (0.0 if out == 0 else math.inf)
             errors = [factor * o[3] if o[3] > 0 else 0.0 for o in opts]
             errors[opts.index(probe)] = out
@@ -632,7 +655,7 @@ def _estimates(ctx: _Context, i: int, fitted: list, local: list) -> list[float]:
         return [ctx.search_error({i: plan}) for plan in fitted]
     probe = sorted(range(len(local)), key=lambda r: local[r])[len(local) // 2]
     plan = ctx.fitter(i).fit(fitted[probe], ctx.config.refit)[0]  # the dry run fitted none for good
-    out = ctx.search_error({i: plan}, SENSITIVITY_SAMPLES)
+    out = ctx.sensitivity({i: plan})
     factor = out / local[probe] if local[probe] > 0 else 0.0
     errors = [factor * loc for loc in local]
     errors[probe] = out

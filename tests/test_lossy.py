@@ -980,3 +980,17 @@ def test_dry_run_with_a_calibration_file_measures_each_level_alone(tmp_path, cap
     # without calibration data nothing is run: no error column
     rows = survey_model(str(src), _config())
     assert all(level["error"] is None for row in rows for level in row.levels)
+
+
+@pytest.mark.parametrize("width, expected", [(8, 32), (4096, 16), (1 << 16, 4)])
+def test_a_propagation_run_reads_as_many_samples_as_give_enough_output_values(width, expected):
+    """lossy.sensitivity_samples: at most 32 samples, at least 4, else enough for 2^16 output values."""
+    from onnx_split.lossy import sensitivity_samples
+    from onnx_split.pruned import Evaluator
+    rng = np.random.default_rng(3)
+    model = matmul_model(rng.standard_normal((8, width)).astype(np.float32), ["batch", 8])
+    sites = find_sites(model, min_elements=0)
+    cal = random_calibration(model, {"x": (8,)}, samples=48)
+    evaluator = Evaluator(model, sites, [0])
+    assert sensitivity_samples(evaluator, cal) == expected
+    assert evaluator.runs == 1  # one run on one sample told the output's size
