@@ -30,7 +30,7 @@ from .partition.lossy_chain import joint_balanced
 from .planning import CHAIN_SLACK, MAX_CHAIN, site_decisions
 from .plans.balanced import BalancedPlanner
 from .plans.blocks import BlockPlan, coverage
-from .pruned import ErrorReport, Evaluator
+from .pruned import ErrorReport, Evaluator, counted
 from .rewrite import cost_form, cost_rule
 from .significance import site_scores
 from .sites import Site
@@ -42,9 +42,9 @@ SENSITIVITY_SAMPLES = 32
 """At most this many search samples feed the one propagation run per site (it scales layer errors
 to an estimate; the choice is then confirmed on every search sample)."""
 SENSITIVITY_ELEMENTS = 1 << 16
-"""... and no more of them than give this many floating-point output values (at least
-:data:`MIN_SENSITIVITY_SAMPLES`): the run measures a ratio of output norms, which a few sequences
-of a transformer estimate as well as 32 (on the 12-site BERT-sized encoder, 4 samples' estimates
+"""The run reads no more samples than give this many floating-point output values (but at least
+:data:`MIN_SENSITIVITY_SAMPLES`): it measures a ratio of output norms, which a few sequences of a
+transformer estimate as well as 32 do (on the 12-site BERT-sized encoder, 4 samples' estimates
 were within 2% of 32 samples'), while a run per site over all of them made most of the pass time."""
 MIN_SENSITIVITY_SAMPLES = 4
 
@@ -55,7 +55,7 @@ def sensitivity_samples(evaluator: Evaluator, calibration: Calibration) -> int:
     first = calibration.batches("search", 1)
     if not first:
         return SENSITIVITY_SAMPLES
-    per_sample = sum(o.size for o in evaluator.run(first[0], {}) if isinstance(o, np.ndarray) and o.dtype.kind == "f")
+    per_sample = sum(o.size for o in evaluator.run(first[0], {}) if counted(o))
     return max(MIN_SENSITIVITY_SAMPLES, min(SENSITIVITY_SAMPLES, math.ceil(SENSITIVITY_ELEMENTS / max(per_sample, 1))))
 
 

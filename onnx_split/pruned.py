@@ -36,6 +36,12 @@ def relative_error(reference: list, got: list) -> float:
     return ErrorSum().add(reference, got).value
 
 
+def counted(value) -> bool:
+    """Whether an output counts in the output error: a floating-point tensor (indices, shapes,
+    booleans and sequences do not)."""
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
+
+
 class ErrorSum:
     """:func:`relative_error` accumulated over batches: the squared norms are summed, so the
     result over all batches equals the error over all samples at once."""
@@ -46,7 +52,7 @@ class ErrorSum:
 
     def add(self, reference: list, got: list) -> "ErrorSum":
         for r, g in zip(reference, got):
-            if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
+            if not counted(r):
                 continue
             r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
             finite = np.isfinite(r)
