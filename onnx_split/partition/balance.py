@@ -109,16 +109,36 @@ def _greedy(gain: np.ndarray, room: np.ndarray, extra: int = 0) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+def _best_moves(gain: np.ndarray, labels: np.ndarray, best: np.ndarray, which) -> None:
+    """Rows ``which`` of ``best`` set: ``best[p, q]`` is the most an item of part ``p`` gains by
+    moving to part ``q`` (-inf for an empty part). It depends on ``p``'s members only."""
+    for p in which:
+        members = np.flatnonzero(labels == p)
+        best[p] = (gain[members] - gain[members, p][:, None]).max(axis=0) if members.size else -np.inf
+
+
 def _exchange(gain: np.ndarray, labels: np.ndarray, passes: int = 20) -> np.ndarray:
     """Pairwise exchanges between parts while one raises the total gain. Exchanges keep every
-    part's size; a single move from a part one larger to one smaller keeps the multiset of sizes."""
+    part's size; a single move from a part one larger to one smaller keeps the multiset of sizes.
+
+    A pair of parts is only looked at when its best exchange or move gains more than ``tol``
+    (``best``, kept up to date as parts change): the pairs skipped are those where the exchange
+    below would find nothing, so the labels are the same as looking at every pair."""
     labels = labels.copy()
     parts = gain.shape[1]
     tol = 1e-12 * max(float(np.abs(gain).max(initial=0.0)), 1e-300)
+    best = np.empty((parts, parts))
+    _best_moves(gain, labels, best, range(parts))
+    sizes = np.bincount(labels, minlength=parts)
     for _ in range(passes):
         changed = False
         for p in range(parts):
             for q in range(p + 1, parts):
+                if not (best[p, q] + best[q, p] > tol
+                        or (sizes[p] == sizes[q] + 1 and best[p, q] > tol)
+                        or (sizes[q] == sizes[p] + 1 and best[q, p] > tol)):
+                    continue
+                touched = False
                 in_p, in_q = np.flatnonzero(labels == p), np.flatnonzero(labels == q)
                 to_q = gain[in_p, q] - gain[in_p, p]  # gain of moving each row of p to q
                 to_p = gain[in_q, p] - gain[in_q, q]
@@ -128,19 +148,25 @@ def _exchange(gain: np.ndarray, labels: np.ndarray, passes: int = 20) -> np.ndar
                 if swaps:
                     labels[in_p[order_p[:swaps]]] = q
                     labels[in_q[order_q[:swaps]]] = p
-                    changed = True
+                    touched = True
                     in_p, in_q = np.flatnonzero(labels == p), np.flatnonzero(labels == q)
+                moved = None
                 if in_p.size == in_q.size + 1:
-                    src, dst, members = p, q, in_p
+                    moved = (p, q, in_p)
                 elif in_q.size == in_p.size + 1:
-                    src, dst, members = q, p, in_q
-                else:
-                    continue
-                delta = gain[members, dst] - gain[members, src]
-                best = int(np.argmax(delta))
-                if delta[best] > tol:
-                    labels[members[best]] = dst
+                    moved = (q, p, in_q)
+                if moved is not None:
+                    src, dst, members = moved
+                    delta = gain[members, dst] - gain[members, src]
+                    pick = int(np.argmax(delta))
+                    if delta[pick] > tol:
+                        labels[members[pick]] = dst
+                        sizes[src] -= 1
+                        sizes[dst] += 1
+                        touched = True
+                if touched:
                     changed = True
+                    _best_moves(gain, labels, best, (p, q))
         if not changed:
             break
     return labels
