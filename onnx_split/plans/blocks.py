@@ -31,8 +31,9 @@ class BlockPlan:
     """Fraction of the dense multiply-adds in the form the budget counted (lossy plans)."""
     fitted: tuple | None = None
     """Refitted lossy plans: per layer, (weight, C) the rewrite multiplies by instead of the
-    original's kept entries: the weight [K, N] (zero outside the blocks) and the Gemm's C as stored
-    (None: C unchanged). See refit.py."""
+    original's kept entries: the weight [K, N] (zero outside the blocks; held as
+    :class:`KeptEntries` where the plan has masks) and the Gemm's C as stored (None: C unchanged).
+    See refit.py."""
 
     @property
     def n_layers(self) -> int:
@@ -55,7 +56,8 @@ class BlockPlan:
         """The weight with every entry outside the plan's blocks zeroed (the weight itself when that
         changes nothing: exact components at threshold 0 have only zeros there)."""
         if self.fitted is not None:
-            return self.fitted[layer][0].astype(weight.dtype)
+            fitted = self.fitted[layer][0]
+            return fitted.array(weight.dtype) if isinstance(fitted, KeptEntries) else fitted.astype(weight.dtype)
         if self.masks is not None:
             mask = self.masks[layer]
         elif self.partition.threshold == 0:
@@ -84,8 +86,33 @@ class BlockPlan:
 
     def with_fit(self, fitted: tuple | None) -> "BlockPlan":
         """The same blocks, multiplying by ``fitted`` (per layer (weight, C or None)), or by the
-        masked original weights again (None)."""
+        masked original weights again (None). A weight that is zero outside the layer's mask is
+        kept as its entries inside it: a ``--tolerance`` search holds a fitted plan per rung and
+        site, and a rung of G parts keeps about 1/G of the weight."""
+        if fitted is not None and self.masks is not None:
+            fitted = tuple((KeptEntries.of(w, self.masks[layer]), c) for layer, (w, c) in enumerate(fitted))
         return dataclasses.replace(self, fitted=fitted)
+
+
+@dataclass(frozen=True, eq=False)
+class KeptEntries:
+    """A weight that is zero outside ``mask``, as its entries inside it (row-major order)."""
+
+    mask: np.ndarray
+    values: np.ndarray
+
+    @staticmethod
+    def of(weight, mask: np.ndarray):
+        """``weight`` as its entries inside ``mask``, or ``weight`` itself when it is not an array
+        of the mask's shape that is zero outside it."""
+        if not isinstance(weight, np.ndarray) or weight.shape != mask.shape or np.any(weight[~mask]):
+            return weight
+        return KeptEntries(mask, weight[mask])
+
+    def array(self, dtype) -> np.ndarray:
+        out = np.zeros(self.mask.shape, dtype=dtype)
+        out[self.mask] = self.values
+        return out
 
 
 def coverage(partition: ChainPlan, layer: int) -> np.ndarray:
