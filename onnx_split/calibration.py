@@ -34,16 +34,16 @@ class Calibration:
     """Samples per run when the calibration is streamed (``--calibration-batch``)."""
 
     def batches(self, part: str, limit: int | None = None, fold: int | None = None) -> list[dict[str, np.ndarray]]:
-        """``search`` or ``held_out`` (its first ``limit`` samples; or, with ``fold`` 0 or 1, the
-        first or second half of its samples) as feeds of at most ``batch_size`` samples each
+        """``search`` or ``held_out`` (with ``fold`` 0 or 1, the first or second half of its
+        samples; with ``limit``, only the first ``limit`` of those) as feeds of at most ``batch_size`` samples each
         (views, not copies); the same list object every time, so evaluators can keep its
         reference outputs."""
         cache = self.__dict__.setdefault("_batches", {})
         if (part, limit, fold) not in cache:
             feeds = getattr(self, part)
             n, size = _count(feeds), max(1, self.batch_size)
-            n = n if limit is None else min(n, limit)
             lo, hi = (0, n) if fold is None else ((0, n // 2) if fold == 0 else (n // 2, n))
+            hi = hi if limit is None else min(hi, lo + limit)
             cache[part, limit, fold] = [{k: (v[start:min(start + size, hi)] if k in self.batched else v)
                                          for k, v in feeds.items()} for start in range(lo, max(hi, lo + 1), size)]
         return cache[part, limit, fold]

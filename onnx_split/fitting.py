@@ -103,6 +103,33 @@ class Fold:
     original: np.ndarray | None = None
 
 
+def choose_damping(held_out, start: float | None = None) -> tuple[float, float]:
+    """(damping, its held-out error): the damping of :data:`~onnx_split.refit.DAMPINGS` where
+    ``held_out(damping)`` is smallest, found by walking from ``start`` (the first of them if it
+    is not one) towards smaller errors until the error stops falling. A ridge fit's held-out error
+    falls and then rises with the damping, so the walk ends at the smallest of them wherever that
+    holds (on every site measured: docs/SIGNIFICANCE.md) and tries two or three dampings where
+    ``start`` is, or is next to, the best (sites of one model tend to choose alike)."""
+    at = DAMPINGS.index(start) if start in DAMPINGS else 0
+    errors = {at: held_out(DAMPINGS[at])}
+
+    def walk(step: int) -> bool:
+        """Walk from ``at`` by ``step`` while the error falls; whether it fell at all."""
+        nonlocal at
+        moved = False
+        while 0 <= at + step < len(DAMPINGS):
+            nxt = at + step
+            errors[nxt] = held_out(DAMPINGS[nxt])
+            if not errors[nxt] < errors[at]:
+                break
+            at, moved = nxt, True
+        return moved
+
+    if not walk(1):
+        walk(-1)
+    return DAMPINGS[at], errors[at]
+
+
 class Fitter:
     """The refits of one site's plans from the moments of its calibration samples.
 
@@ -112,14 +139,19 @@ class Fitter:
     as rows) is not mistaken for a good one. The damping is chosen on the site's first plan and
     kept for its others. The final fit uses both halves."""
 
-    def __init__(self, site: Site, folds: list[Fold], damping: float | None = None):
-        """``damping``: use this one instead of choosing (a site refitted again keeps its choice)."""
-        self.site, self.damping = site, damping
+    def __init__(self, site: Site, folds: list[Fold], damping: float | None = None, start: float | None = None,
+                 final_fold: int | None = None):
+        """``damping``: use this one instead of choosing (a site refitted again keeps its choice);
+        ``start``: where the choice starts (:func:`choose_damping`), e.g. another site's choice;
+        ``final_fold``: the final fit on that fold's rows only, not on all of them (a search that
+        measures its plans on the other fold's samples: lossy.py)."""
+        self.site, self.damping, self.start = site, damping, start
         weight, bias = params(site)
         self.has_bias = bias is not None
         problems = [Problem(weight, bias, f.gram, f.cross, f.original) for f in folds]
         self.folds = problems if len(problems) > 1 else []
         self.total = Problem.combined(problems) if len(problems) > 1 else problems[0]
+        self.final = self.folds[final_fold] if final_fold is not None and self.folds else self.total
         self._measured: dict = {}  # (mask shape, packed mask, refit) -> (masked error, error, damping)
 
     def _on_folds(self, groups, news: list[np.ndarray], blocks: list[list[np.ndarray]]) -> float:
@@ -155,7 +187,7 @@ class Fitter:
         if not err < masked_err or not final:
             return None, (masked_err if not err < masked_err else err)
         if new is None:
-            new = self.total.solve(groups, damping)
+            new = self.final.solve(groups, damping)
         site, stored_c = self.site, None
         if self.has_bias:
             stored_c = (new[-1] / site.beta).astype(site.bias_value.dtype).reshape(np.shape(site.bias_value))
@@ -174,13 +206,18 @@ class Fitter:
             return masked_err, None, None, None
         if self.folds:  # fitted on one half, measured on the other
             (a, b), (in_a, in_b) = self.folds, blocks
-            tried = DAMPINGS if self.damping is None else (self.damping,)  # chosen once per site
-            err, damping = min((self._on_folds(groups, [b.solve(groups, d, in_b), a.solve(groups, d, in_a)], blocks), d)
-                               for d in tried)
-            self.damping = damping
-            return masked_err, err, damping, None
-        new = self.total.solve(groups, DAMPING, blocks)
-        return masked_err, self.total.error(groups, new, blocks), DAMPING, new
+
+            def held_out(d: float) -> float:
+                return self._on_folds(groups, [b.solve(groups, d, in_b), a.solve(groups, d, in_a)], blocks)
+
+            if self.damping is None:  # chosen once per site
+                self.damping, err = choose_damping(held_out, self.start)
+            else:
+                err = held_out(self.damping)
+            return masked_err, err, self.damping, None
+        damping = DAMPING if self.damping is None else self.damping  # one fold: a damping chosen before, if any
+        new = self.total.solve(groups, damping, blocks)
+        return masked_err, self.total.error(groups, new, blocks), damping, new
 
 
 def values(sites: list[Site], plans: dict) -> tuple[dict, dict]:

@@ -112,6 +112,11 @@ class _Context:
     _fitters: dict = field(default_factory=dict)
     _sensitivity: int | None = None
     dampings: dict = field(default_factory=dict)
+    fit_fold: int | None = None
+    """0 where the fits are made on the first half of the search samples only and every
+    whole-model measurement of the planning reads the second half (:meth:`check_batches`): the
+    ``--tolerance`` search and the dry run's estimates, so that the error a plan is accepted on
+    was measured on samples none of its fits saw. None: fits on every search sample"""
     first_fits: dict = field(default_factory=dict)
     """{site: (its plan's mask key, the plan refitted on the original activations)}: the last such
     fit per site, so a joint chain's refit of the other planned sites does not redo theirs"""
@@ -128,8 +133,9 @@ class _Context:
             return None
         if i not in self._fitters:
             key = fitting._key(self.sites[i])
+            last = next(reversed(self.dampings.values()), None)  # the choice starts at the last site's
             self._fitters[i] = fitting.Fitter(self.sites[i], [fitting.Fold(f[key].sum) for f in self.fold_moments],
-                                              self.dampings.get(i))
+                                              self.dampings.get(i), start=last, final_fold=self.fit_fold)
         return self._fitters[i]
 
     def done_with(self, i: int) -> None:
@@ -139,9 +145,26 @@ class _Context:
             self.dampings[i] = fitter.damping
 
     def fold_batches(self) -> list[list[dict]]:
+        """The search samples' batches the fits are made on, per fold (:attr:`fit_fold`: that one)."""
+        if self.fit_fold is not None:
+            return [self.calibration.batches("search", fold=self.fit_fold)]
         n = len(self.fold_moments)
         return [self.calibration.batches("search", fold=f) for f in range(n)] if n > 1 else \
             [self.calibration.batches("search")]
+
+    def fit_moments(self) -> list[dict]:
+        """The original activations' moments of the folds of :meth:`fold_batches`."""
+        return [self.fold_moments[self.fit_fold]] if self.fit_fold is not None else self.fold_moments
+
+    def check_batches(self, limit: int | None = None) -> list[dict]:
+        """The search samples a whole-model measurement of the planning reads (the first ``limit``)."""
+        return self.calibration.batches("search", limit, fold=None if self.fit_fold is None else 1 - self.fit_fold)
+
+    def fit_on_one_fold(self) -> None:
+        """Fit on the first half of the search samples and measure on the other (:attr:`fit_fold`),
+        where the moments were summed per half."""
+        if len(self.fold_moments) == 2:
+            self.fit_fold = 0
 
     def sensitivity(self, plans: dict) -> float:
         """The output error of ``plans`` on the first :func:`sensitivity_samples` search samples."""
@@ -153,9 +176,9 @@ class _Context:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def search_error(self, plans: dict, limit: int | None = None) -> float:
-        """The output error of ``plans`` on the search samples (the first ``limit`` of them)."""
+        """The output error of ``plans`` on the search samples of :meth:`check_batches`."""
         weights, biases = fitting.values(self.sites, plans)
-        return self.evaluator.error(self.calibration.batches("search", limit), weights, biases)
+        return self.evaluator.error(self.check_batches(limit), weights, biases)
 
 
 def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progress=None, speed=None) -> Lossy:
@@ -178,6 +201,7 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
     result.evaluator = ctx.evaluator
     planners = _planners(ctx)
     if config.tolerance is not None:
+        ctx.fit_on_one_fold()
         chosen, reasons, result.trace = _search(ctx, planners, speed)
     else:
         chosen = {i: p for i in ctx.candidates if (p := by_budget(planners[i], config)) is not None}
@@ -286,7 +310,7 @@ def _joint(ctx: _Context, planners: dict, planned: dict, segment: list[int], aft
         prior = list({id(u): u for u in joined.values()}.values())
         base_w, base_b = fitting.values(sites, {i: d.plan for i, d in planned.items() if i not in joined})
         more_w, more_b = _effective(sites, prior)
-        before = ctx.evaluator.error(ctx.calibration.batches("search"), {**base_w, **more_w}, {**base_b, **more_b})
+        before = ctx.evaluator.error(ctx.check_batches(), {**base_w, **more_w}, {**base_b, **more_b})
         weights, biases = fitting.values(sites, {i: p for i, p in others.items()})
         weights.update(more_w)
         biases.update(more_b)
@@ -294,7 +318,7 @@ def _joint(ctx: _Context, planners: dict, planned: dict, segment: list[int], aft
             weights[i] = plan.effective_weight(layer, sites[i].weight)
             if sites[i].bias_value is not None:
                 biases[i] = plan.effective_bias(layer, sites[i].bias_value)
-        err = ctx.evaluator.error(ctx.calibration.batches("search"), weights, biases)
+        err = ctx.evaluator.error(ctx.check_batches(), weights, biases)
         limit = config.tolerance if config.tolerance is not None else CHAIN_ERROR_SLACK * before
         if not err <= limit:
             notes.append(f"lossy chain {names} not joined: jointly its output error would be {err:.3g}, "
@@ -358,7 +382,7 @@ def _collect(ctx: _Context) -> None:
 def _sequential(ctx: _Context, plain: dict, first: dict) -> tuple[dict, bool]:
     ups = fitting.upstream(ctx.model, ctx.sites, list(plain))
     dampings = {**ctx.dampings, **{i: f.damping for i, f in ctx._fitters.items() if f.damping is not None}}
-    return fitting.sequential(ctx.evaluator, ctx.sites, plain, first, ups, ctx.fold_batches(), ctx.fold_moments,
+    return fitting.sequential(ctx.evaluator, ctx.sites, plain, first, ups, ctx.fold_batches(), ctx.fit_moments(),
                               ctx.deadline, lambda d, t: ctx.progress("refit", d, t), dampings)
 
 
@@ -619,6 +643,7 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
         names = tuple(sites[i].activation for i in ctx.candidates if fitting.refittable(sites[i]))
         ctx.evaluator = Evaluator(model, sites, ctx.candidates, config.base_threads, capture=names)
         _collect(ctx)
+    ctx.fit_on_one_fold()  # the estimates made as the --tolerance search makes them
     planners = _planners(ctx)
     measured = config.calibration is not None and ctx.evaluator is not None
     rows = []

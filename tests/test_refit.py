@@ -186,7 +186,7 @@ def test_the_solve_is_numpys_and_falls_back_to_least_squares_where_singular():
 
 
 def test_blocks_read_once_solve_and_measure_as_when_each_call_reads_its_own(monkeypatch):
-    from onnx_split import refit
+    from onnx_split import fitting, refit
     from onnx_split.fitting import Fitter, Fold
     from onnx_split.plans import planner_for
     from onnx_split.sites import find_sites
@@ -214,7 +214,7 @@ def test_blocks_read_once_solve_and_measure_as_when_each_call_reads_its_own(monk
 
 
 def test_a_plan_measured_before_is_fitted_for_good_with_only_its_final_solves(monkeypatch):
-    from onnx_split import refit
+    from onnx_split import fitting, refit
     from onnx_split.fitting import Fitter, Fold
     from onnx_split.plans import planner_for
     from onnx_split.sites import find_sites
@@ -233,11 +233,15 @@ def test_a_plan_measured_before_is_fitted_for_good_with_only_its_final_solves(mo
             out.append(Fold(m.sum))
         return out
 
-    calls = []
+    calls, tried = [], []
     monkeypatch.setattr(refit, "solve_system", lambda h, rhs: calls.append(1) or np.linalg.solve(h, rhs))
+    choose = fitting.choose_damping
+    monkeypatch.setattr(fitting, "choose_damping",
+                        lambda held_out, start=None: choose(lambda d: tried.append(d) or held_out(d), start))
     fresh_plan, fresh_err = Fitter(site, folds()).fit(plan)
     fresh = len(calls)
-    assert fresh == groups * (2 * len(refit.DAMPINGS) + 1)  # both folds at every damping, then all rows
+    assert 2 <= len(tried) <= len(refit.DAMPINGS)
+    assert fresh == groups * (2 * len(tried) + 1)  # both folds at every damping tried, then all rows
     calls.clear()
     fitter = Fitter(site, folds())
     _, measured = fitter.fit(plan, final=False)  # the dry run reads the error first
@@ -544,3 +548,34 @@ def test_a_joint_chain_that_would_raise_the_error_is_not_joined(tmp_path):
                                      bench=False, layout="batched", verify=False))
     assert all(len(c.sites) == 1 for c in result.report.chains)
     assert any("not joined" in n for n in result.report.notes)
+
+
+@pytest.mark.parametrize("best", range(4))
+@pytest.mark.parametrize("start", [None, 1e-3, 1e-2, 1e-1, 1.0])
+def test_the_damping_walk_finds_the_smallest_held_out_error_of_a_curve_that_falls_then_rises(best, start):
+    from onnx_split.fitting import choose_damping
+    from onnx_split.refit import DAMPINGS
+    curve = {d: 1.0 + abs(n - best) + 0.1 * n for n, d in enumerate(DAMPINGS)}  # lowest at index ``best``
+    tried = []
+    damping, err = choose_damping(lambda d: tried.append(d) or curve[d], start)
+    assert damping == DAMPINGS[best] and err == curve[damping]
+    at = DAMPINGS.index(start) if start is not None else 0
+    assert len(tried) == len(set(tried)) <= abs(at - best) + 3  # the start, a step the wrong way, one past
+    if at == best:
+        assert len(tried) == (2 if best in (0, len(DAMPINGS) - 1) else 3)
+
+
+def test_a_refitted_plan_holds_only_the_entries_inside_its_blocks():
+    from onnx_split.plans import planner_for
+    from onnx_split.plans.blocks import KeptEntries
+    rng = np.random.default_rng(31)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    plan = planner_for(np.abs(w).astype(np.float64), "metis", seed=0).for_parts(4)
+    mask = plan.masks[0]
+    fitted = np.where(mask, rng.standard_normal(w.shape), 0.0).astype(np.float32)
+    held = plan.with_fit(((fitted, None),))
+    assert isinstance(held.fitted[0][0], KeptEntries) and held.fitted[0][0].values.size == mask.sum() < w.size / 3
+    np.testing.assert_array_equal(held.effective_weight(0, w), fitted)
+    outside = fitted.copy()
+    outside[~mask] = 1.0  # not a block plan's fit: kept whole, read back as it was
+    np.testing.assert_array_equal(plan.with_fit(((outside, None),)).effective_weight(0, w), outside)
