@@ -137,7 +137,9 @@ class Fitter:
     cross-validation, fitted on one half and measured on the other, and the error a fit reports
     is that held-out error: a refit that only memorises the calibration rows (as many unknowns
     as rows) is not mistaken for a good one. The damping is chosen on the site's first plan and
-    kept for its others. The final fit uses both halves."""
+    kept for its others. The final fit uses both halves; with ``final_fold`` (a search that measures
+    its plans on the other half: lossy.py) it is the fit on that half, and each error is that fit's,
+    measured on the other half only."""
 
     def __init__(self, site: Site, folds: list[Fold], damping: float | None = None, start: float | None = None,
                  final_fold: int | None = None):
@@ -150,8 +152,11 @@ class Fitter:
         self.has_bias = bias is not None
         problems = [Problem(weight, bias, f.gram, f.cross, f.original) for f in folds]
         self.folds = problems if len(problems) > 1 else []
-        self.total = Problem.combined(problems) if len(problems) > 1 else problems[0]
-        self.final = self.folds[final_fold] if final_fold is not None and self.folds else self.total
+        self.final_fold = final_fold if self.folds else None
+        if self.final_fold is not None:  # all rows together are never solved on
+            self.total = self.final = self.folds[self.final_fold]
+        else:
+            self.total = self.final = Problem.combined(problems) if self.folds else problems[0]
         self._measured: dict = {}  # (mask shape, packed mask, refit) -> (masked error, error, damping)
 
     def _on_folds(self, groups, news: list[np.ndarray], blocks: list[list[np.ndarray]]) -> float:
@@ -194,8 +199,11 @@ class Fitter:
         return ((new[:-1] / site.alpha).astype(site.weight.dtype), stored_c), err
 
     def _measure(self, mask: np.ndarray, groups, refit: bool):
-        """(masked error, refitted error, damping, the refit on all rows where it came for free):
-        the errors held out over the folds when there are two; None for what ``refit`` skips."""
+        """(masked error, refitted error, damping, the final refit where it came for free): the
+        errors held out over the folds when there are two (with ``final_fold``: the fit on that fold
+        measured on the other, the fit that is then kept); None for what ``refit`` skips."""
+        if self.final_fold is not None:
+            return self._measure_one_way(mask, groups, refit)
         if self.folds:
             blocks = [p.blocks(groups) for p in self.folds]
             masked_err = self._on_folds(groups, [p.masked(mask) for p in self.folds], blocks)
@@ -218,6 +226,27 @@ class Fitter:
         damping = DAMPING if self.damping is None else self.damping  # one fold: a damping chosen before, if any
         new = self.total.solve(groups, damping, blocks)
         return masked_err, self.total.error(groups, new, blocks), damping, new
+
+    def _measure_one_way(self, mask: np.ndarray, groups, refit: bool):
+        """:meth:`_measure` where only the fit on ``final_fold`` is kept: each damping tried is one
+        solve on that fold and one error on the other (half the solves of both ways), and the
+        solve of the damping chosen is the fit."""
+        fit_on, other = self.final, self.folds[1 - self.final_fold]
+        in_fit, in_other = fit_on.blocks(groups), other.blocks(groups)
+        masked_err = other.error(groups, other.masked(mask), in_other)
+        if not refit:
+            return masked_err, None, None, None
+        solved: dict[float, np.ndarray] = {}
+
+        def held_out(d: float) -> float:
+            solved[d] = fit_on.solve(groups, d, in_fit)
+            return other.error(groups, solved[d], in_other)
+
+        if self.damping is None:  # chosen once per site
+            self.damping, err = choose_damping(held_out, self.start)
+        else:
+            err = held_out(self.damping)
+        return masked_err, err, self.damping, solved[self.damping]
 
 
 def values(sites: list[Site], plans: dict) -> tuple[dict, dict]:

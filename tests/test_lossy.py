@@ -987,9 +987,9 @@ def test_dry_run_with_a_calibration_file_measures_each_level_alone(tmp_path, cap
     assert all(level["error"] is None for row in rows for level in row.levels)
 
 
-@pytest.mark.parametrize("width, expected", [(8, 32), (4096, 16), (1 << 16, 4)])
+@pytest.mark.parametrize("width, expected", [(8, 256), (4096, 16), (1 << 16, 4)])
 def test_a_propagation_run_reads_as_many_samples_as_give_enough_output_values(width, expected):
-    """lossy.sensitivity_samples: at most 32 samples, at least 4, else enough for 2^16 output values."""
+    """lossy.sensitivity_samples: at most 256 samples, at least 4, else enough for 2^16 output values."""
     from onnx_split.lossy import sensitivity_samples
     from onnx_split.pruned import Evaluator
     rng = np.random.default_rng(3)
