@@ -3,11 +3,14 @@ output error stays within E on the calibration search samples (the counterpart, 
 weights, of lossy.py's ``--tolerance`` search; its progress stages, and ``refit``).
 
 1. ``fit``: every candidate site is fitted at each density of :data:`LADDER`, on the moments of
-   its *original* activations over the search samples (the first-level moments, X' = X, as if no
+   its *original* activations over the first half of the search samples (the first-level moments, X' = X, as if no
    other site were factorized). So the fits are independent of one another and of the choice made
    from them: one pass of fits serves the whole search. Each option's gain is the stored bytes it
    saves (the dense weight's bytes minus what the compressed form writes, rewrite/compressed.py);
-   its local error ||X(W − W')|| / ||XW|| is read off the moments (no model run).
+   its local error ||X(W − W')|| / ||XW|| is read off the moments of the second half (no model
+   run). Every whole-model run below reads that second half, so the error a choice is accepted at
+   was measured on samples none of its fits saw (with fewer than lossy.FOLD_SAMPLES search samples
+   the fits and the runs share them).
 2. ``sensitivity``: one whole-model run per site (its option of median local error, on the first
    ``lossy.sensitivity_samples`` search samples, as lossy.survey estimates) measures how its local
    error reaches the outputs; every option's estimated output error is its local error times that
@@ -15,7 +18,7 @@ weights, of lossy.py's ``--tolerance`` search; its progress stages, and ``refit`
 3. allocate.py orders the choices: its greedy knapsack, run without a limit, gives a path of
    nested choices from all dense to every site at its smallest density, each step the one that
    saves the most bytes per unit of added (estimated, squared) error.
-4. ``confirm``: whole-model runs on every search sample bisect that path for a choice whose
+4. ``confirm``: whole-model runs on the second half bisect that path for a choice whose
    measured output error is within E (the empty choice is): about log2 of its length runs, and
    since neither the fits nor the estimates depend on E, a looser tolerance never ends on an
    earlier step of the same path (never more stored bytes; the refit keeps the densities). The
@@ -46,7 +49,8 @@ from .chains import Chain
 from .config import SplitConfig
 from .decisions import Kept, Planned, Unit
 from .factorization import _fit, _moments, factorize_reason
-from .lossy import Lossy, _calibration, sensitivity_samples
+from .factorize.sparse import layer_error
+from .lossy import FOLD_SAMPLES, Lossy, _calibration, sensitivity_samples
 from .planning import eligible
 from .pruned import Evaluator
 from .sites import Site, default_opset
@@ -72,7 +76,12 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
     evaluator = Evaluator(model, sites, candidates, config.base_threads,
                           capture=tuple(sites[i].activation for i in candidates))
     result = Lossy(decisions, calibration, evaluator)
-    parts = {"search": calibration.batches("search"), "held_out": calibration.batches("held_out")}
+    # fitted on the first half of the search samples, every whole-model run on the second (as lossy.py)
+    halves = calibration.n_search >= FOLD_SAMPLES
+    parts = {"search": calibration.batches("search", fold=0 if halves else None),
+             "held_out": calibration.batches("held_out")}
+    if halves:
+        parts["check"] = calibration.batches("search", fold=1)
     originals = {p: fitting.collect(evaluator, sites, candidates, b) for p, b in parts.items()}
     facts = MappingProxyType({"factorize": config.factorize})
     reasons: dict[int, str] = {}
@@ -92,7 +101,7 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
         for density in LADDER:
             plan = _fit(sites[i], moments, at_density(config, density))
             if dense - plan.stored_bytes > 0:
-                opts.append((plan, float(dense - plan.stored_bytes)))
+                opts.append((plan, float(dense - plan.stored_bytes), _checked(sites[i], plan, moments)))
         if opts:
             raw[i] = opts
         else:
@@ -101,7 +110,7 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
     progress("fit", len(candidates), len(candidates))
 
     search = lambda plans, limit=None: evaluator.error(  # noqa: E731
-        calibration.batches("search", limit), *fitting.values(sites, plans))
+        calibration.batches("search", limit, fold=1 if halves else None), *fitting.values(sites, plans))
     options: dict[int, list[Option]] = {}
     samples = sensitivity_samples(evaluator, calibration) if raw else 0
     for n, i in enumerate(raw):
@@ -110,13 +119,13 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
             reasons[i] = f"--search-seconds {config.search_seconds:g} ran out before this site was measured"
             continue
         opts = raw[i]
-        probe = sorted(range(len(opts)), key=lambda r: opts[r][0].error)[len(opts) // 2]  # as lossy.survey
+        probe = sorted(range(len(opts)), key=lambda r: opts[r][2])[len(opts) // 2]  # as lossy.survey
         out = search({i: opts[probe][0]}, samples)
-        local = opts[probe][0].error
+        local = opts[probe][2]
         factor = out / local if local > 0 else (0.0 if out == 0 else math.inf)
-        errors = [factor * p.error if p.error > 0 else 0.0 for p, _ in opts]
+        errors = [factor * checked if checked > 0 else 0.0 for _, _, checked in opts]
         errors[probe] = out
-        options[i] = [Option(p, gain, e) for (p, gain), e in zip(opts, errors)]
+        options[i] = [Option(p, gain, e) for (p, gain, _), e in zip(opts, errors)]
     progress("sensitivity", len(raw), len(raw))
 
     dense_bytes = sum(sites[i].weight.nbytes for i in candidates) or 1
@@ -180,6 +189,14 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
     result.evaluations = evaluator.runs // max(1, len(parts["search"]))
     result.units = [Unit((i,), Chain([sites[i]], []), chosen[i], (decisions[i].reason,)) for i in sorted(chosen)]
     return result
+
+
+def _checked(site: Site, plan, moments: dict) -> float:
+    """The plan's layer error on the samples the whole-model runs read (the second half of the search
+    samples; the fitted ones where there are too few to halve)."""
+    if moments.get("check") is None:
+        return plan.error
+    return layer_error(site.weight, plan.effective_weight(0, site.weight), *moments["check"])
 
 
 def at_density(config: SplitConfig, density: float) -> SplitConfig:
