@@ -312,3 +312,21 @@ def gpt2_ffn_model(w1: np.ndarray, w2: np.ndarray, *, rng=None, fold_flat_shapes
     graph = helper.make_graph(nodes, "gpt2_mlp", [helper.make_tensor_value_info("x", f, ["B", "S", h])],
                               outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+
+
+def low_rank_case(folder, samples: int, seed: int = 1):
+    """(model path, calibration path): three 128-wide layers of 8 planted blocks plus noise (Tanh
+    between them), and ``samples`` calibration inputs of rank 16 plus a little noise. A refit or a
+    factorization on few such samples reproduces them far better than other inputs of the model."""
+    from pathlib import Path
+    rng = np.random.default_rng(seed)
+    weights = []
+    for _ in range(3):
+        w, _ = planted(rng, 128, 128, 8)
+        weights.append((w + 0.2 * rng.standard_normal(w.shape)).astype(np.float32))
+    model = chain_model(weights, [[feature_wise("Tanh", rng)], [feature_wise("Tanh", rng)]], ["batch", 128])
+    path, cal = Path(folder) / "low_rank.onnx", Path(folder) / "low_rank_cal.npz"
+    onnx.save(model, path)
+    x = rng.standard_normal((samples, 16)) @ rng.standard_normal((16, 128)) + 0.1 * rng.standard_normal((samples, 128))
+    np.savez(cal, x=x.astype(np.float32))
+    return path, cal

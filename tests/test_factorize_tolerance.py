@@ -118,19 +118,10 @@ def test_the_density_search_confirms_on_samples_its_fits_did_not_see(tmp_path, s
     others. Fitted and confirmed on the same 18 search samples, sparsegpt at --tolerance 0.05 was
     accepted on this model and missed the tolerance on the held-out samples; fitted on one half and
     confirmed on the other it meets it, and with 200 samples it factorizes a site and meets it too."""
-    from builders import chain_model, feature_wise, planted
-    rng = np.random.default_rng(1)
-    weights = []
-    for _ in range(3):
-        w, _ = planted(rng, 128, 128, 8)
-        weights.append((w + 0.2 * rng.standard_normal(w.shape)).astype(np.float32))
-    model = chain_model(weights, [[feature_wise("Tanh", rng)], [feature_wise("Tanh", rng)]], ["batch", 128])
-    onnx.save(model, tmp_path / "m.onnx")
-    x = rng.standard_normal((samples, 16)) @ rng.standard_normal((16, 128)) + 0.1 * rng.standard_normal((samples, 128))
-    np.savez(tmp_path / "cal.npz", x=x.astype(np.float32))
-    result = split_model(str(tmp_path / "m.onnx"), SplitConfig(factorize="sparsegpt", tolerance=0.05,
-                                                              calibration=str(tmp_path / "cal.npz"), bench=False,
-                                                              min_elements=0, providers=("cpu",)))
+    from builders import low_rank_case
+    src, cal = low_rank_case(tmp_path, samples)
+    result = split_model(str(src), SplitConfig(factorize="sparsegpt", tolerance=0.05, calibration=str(cal),
+                                               bench=False, min_elements=0, providers=("cpu",)))
     error = result.report.error
     assert error.met is True and error.held_out <= 0.05
     assert all(p["error"] <= 0.05 for p in result.report.search_trace if p["accepted"])

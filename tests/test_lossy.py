@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from builders import (chain_model, feature_wise, gemm_model, matmul_model, ort_run, planted,
+from builders import (chain_model, low_rank_case, feature_wise, gemm_model, matmul_model, ort_run, planted,
                       two_input_model)
 from onnx_split import InputError, SplitConfig, split_model, survey_model
 from onnx_split.plans import planner_for
@@ -1008,16 +1008,8 @@ def test_the_tolerance_search_confirms_on_samples_its_fits_did_not_see(tmp_path,
     it accepts holds on the held-out samples. (Fitted and confirmed on the same 18 samples, this
     model's fc1 was accepted in 2 parts and missed the tolerance on the held-out ones.) With enough
     samples a split is found and holds too."""
-    rng = np.random.default_rng(1)
-    weights = []
-    for _ in range(3):
-        w, _ = planted(rng, 128, 128, 8)
-        weights.append((w + 0.2 * rng.standard_normal(w.shape)).astype(np.float32))
-    model = chain_model(weights, [[feature_wise("Tanh", rng)], [feature_wise("Tanh", rng)]], ["batch", 128])
-    src = _save(model, tmp_path / "m.onnx")
-    x = rng.standard_normal((samples, 16)) @ rng.standard_normal((16, 128)) + 0.1 * rng.standard_normal((samples, 128))
-    np.savez(tmp_path / "cal.npz", x=x.astype(np.float32))
-    result = split_model(str(src), _config(tolerance=0.1, calibration=str(tmp_path / "cal.npz")))
+    src, cal = low_rank_case(tmp_path, samples)
+    result = split_model(str(src), _config(tolerance=0.1, calibration=str(cal)))
     error = result.report.error
     assert error.met is True and error.held_out <= 0.1
     assert all(p["error"] <= 0.1 for p in result.report.search_trace if p["accepted"])
