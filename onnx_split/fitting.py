@@ -154,9 +154,9 @@ class Fitter:
         self.folds = problems if len(problems) > 1 else []
         self.final_fold = final_fold if self.folds else None
         if self.final_fold is not None:  # all rows together are never solved on
-            self.total = self.final = self.folds[self.final_fold]
+            self.final = self.folds[self.final_fold]
         else:
-            self.total = self.final = Problem.combined(problems) if self.folds else problems[0]
+            self.final = Problem.combined(problems) if self.folds else problems[0]
         self._measured: dict = {}  # (mask shape, packed mask, refit) -> (masked error, error, damping)
 
     def _on_folds(self, groups, news: list[np.ndarray], blocks: list[list[np.ndarray]]) -> float:
@@ -208,8 +208,8 @@ class Fitter:
             blocks = [p.blocks(groups) for p in self.folds]
             masked_err = self._on_folds(groups, [p.masked(mask) for p in self.folds], blocks)
         else:
-            blocks = self.total.blocks(groups)
-            masked_err = self.total.error(groups, self.total.masked(mask), blocks)
+            blocks = self.final.blocks(groups)
+            masked_err = self.final.error(groups, self.final.masked(mask), blocks)
         if not refit:
             return masked_err, None, None, None
         if self.folds:  # fitted on one half, measured on the other
@@ -224,8 +224,8 @@ class Fitter:
                 err = held_out(self.damping)
             return masked_err, err, self.damping, None
         damping = DAMPING if self.damping is None else self.damping  # one fold: a damping chosen before, if any
-        new = self.total.solve(groups, damping, blocks)
-        return masked_err, self.total.error(groups, new, blocks), damping, new
+        new = self.final.solve(groups, damping, blocks)
+        return masked_err, self.final.error(groups, new, blocks), damping, new
 
     def _measure_one_way(self, mask: np.ndarray, groups, refit: bool):
         """:meth:`_measure` where only the fit on ``final_fold`` is kept: each damping tried is one
