@@ -210,7 +210,7 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
         reasons = {}
         if ctx.evaluator is not None and config.refit:
             chosen = _refit_all(ctx, {i: p for i, p in chosen.items() if p.flops < 1})
-    result.evaluations = ctx.evaluator.runs // max(1, len(ctx.calibration.batches("search"))) if ctx.evaluator else 0
+    result.evaluations = ctx.evaluator.runs // max(1, len(ctx.check_batches())) if ctx.evaluator else 0
     form = cost_form(config.layout)
     for i in ctx.candidates:
         planner, plan = planners[i], chosen.get(i)
