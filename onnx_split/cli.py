@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chains", action="store_true",
                    help="split each layer on its own (default: consecutive split layers joined by feature-wise ops "
                         "become independent sub-networks, with no Concat/Slice between them)")
+    g.add_argument("--no-fold", action="store_true",
+                   help="leave the dense layers next to a split as they are (default: where a dense MatMul/Gemm feeds "
+                        "a split, or reads it, through feature-wise ops only, its weight takes the split's order "
+                        "and the Gather at that end of the split goes)")
     g.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="split only the MatMul/Gemm nodes whose name (or PyTorch module scope) matches PATTERN: a "
                         "glob matching the whole name ('*mlp*'), or with the prefix re: a regular expression searched "
@@ -248,7 +252,7 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
         threads=_threads(args.threads),
         providers=tuple(p for p in args.providers.split(",") if p.strip()) if args.providers else None,
         rtol=args.rtol, atol=args.atol, input_shapes=dict(parse_input_shape(s) for s in args.input_shape),
-        inputs_path=args.inputs, seed=args.seed, chains=not args.no_chains, batches=_batches(args.batch),
+        inputs_path=args.inputs, seed=args.seed, chains=not args.no_chains, fold=not args.no_fold, batches=_batches(args.batch),
         tune_seconds=args.tune_seconds, min_speedup=args.min_speedup,
         partitioner=args.partitioner or (DEFAULT_LOSSY if args.dry_run else D["partitioner"]), parts=args.parts,
         keep=args.keep, flops=args.flops, tolerance=args.tolerance, calibration=args.calibration, score=args.score,

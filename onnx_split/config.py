@@ -48,6 +48,10 @@ class SplitConfig:
     chains: bool = True
     """Keep the parts of consecutive split layers apart across feature-wise ops (one network
     becomes several); False splits each layer on its own."""
+    fold: bool = True
+    """Fold a split's first and last permutation into the dense MatMul/Gemm next to it (its weight,
+    bias and the feature-wise constants between them take the split's order, and the two Gathers
+    go); False leaves every site that is not split as it was."""
     batches: tuple[int, ...] = ()
     """Batch sizes to tune and time at (the first dim of every graph input whose first dim is
     dynamic); empty: the inputs verification uses."""

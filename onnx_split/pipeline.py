@@ -36,6 +36,7 @@ from .points import measuring_points, providers_for
 from .pruned import reference_model
 from .report import SplitReport, Written, build_report, metadata_entries, size
 from .rewrite import AUTO, FORMS, LAYOUTS, Job, rewrite_model
+from .rewrite.neighbours import fold_neighbours, regions
 from .sites import find_sites
 from .stats import model_stats
 from .structure import SiteStructure, site_structures
@@ -104,7 +105,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if config.layout == AUTO and not compressed:
         clock.lap("tune")
 
-    written, refused = _rewrite(model, units, forms, config)                              # rewrite
+    written, refused = _rewrite(model, sites, units, forms, config)                       # rewrite
     decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
 
     approximated, biases = {}, {}                          # what the rewrite multiplies by (and adds)
@@ -307,15 +308,21 @@ def _forms(original, units, config: SplitConfig, points, providers, notes: list[
     return {u: r.choice for u, r in enumerate(results)}, dict(enumerate(results))
 
 
-def _rewrite(model, units, forms: dict[int, str], config: SplitConfig):
-    """Write every unit not kept dense: ({unit: Written}, {unit: why it could not be written})."""
+def _rewrite(model, sites, units, forms: dict[int, str], config: SplitConfig):
+    """Write every unit not kept dense, then fold the permutations at their ends into the dense
+    layers next to them (rewrite/neighbours.py): ({unit: Written}, {unit: why it could not be written})."""
     chosen = [u for u in range(len(units)) if forms.get(u, "dense") != "dense"]
     layout = LAYOUTS.get(config.layout)
     wrapper = layout if layout is not None and layout.wrap is not None else None
     jobs = [Job(units[u].chain, units[u].plan, forms[u], wrapper) for u in chosen]
     stored: dict[int, tuple[int, int]] = {}
-    refused_jobs, gathers = rewrite_model(model, jobs, stored=stored)
-    written = {u: Written(forms[u], wrapper.name if wrapper else forms[u], gathers[j], *stored[j])
+    ends: dict[int, dict[str, str]] = {}
+    found = regions(sites) if config.fold and chosen else []  # before the rewrite changes the graphs
+    refused_jobs, gathers = rewrite_model(model, jobs, stored=stored, ends=ends)
+    folds = fold_neighbours(model, sites, found, {j: (units[chosen[j]].sites, e) for j, e in ends.items()
+                                                  if j not in refused_jobs}) if found else {}
+    written = {u: Written(forms[u], wrapper.name if wrapper else forms[u], gathers[j] - len(folds.get(j, ())),
+                          *stored[j], folded=tuple(f.describe() for f in folds.get(j, ())))
                for j, u in enumerate(chosen) if j not in refused_jobs}
     return written, {chosen[j]: why for j, why in refused_jobs.items()}
 

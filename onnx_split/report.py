@@ -82,6 +82,8 @@ class ChainReport:
     flops_after: int
     label: str | None = None
     """what a plan without parts writes, in its words (factorized plans: method, density, factors)"""
+    folded: list[str] = field(default_factory=list)
+    """its end permutations folded into the dense layers next to it ("input order into '/fc1/Gemm'")"""
 
 
 @dataclass
@@ -169,8 +171,9 @@ class SplitReport:
             what = (f"{len(c.sites)} layers split as {c.parts} independent sub-networks" if len(c.sites) > 1
                     else f"split into {c.parts} part{'s' if c.parts != 1 else ''}" if c.parts is not None
                     else c.label if c.label else "dynamic: skips input blocks per call")
+            folded = f" (folded: {', '.join(c.folded)})" if c.folded else ""
             chains.append(f"{chain_label([names.get(n, n) for n in c.sites])}: {what}, {c.layout} layout, {c.boundary_gathers} Gather"
-                          f"{'s' if c.boundary_gathers != 1 else ''} on activations")
+                          f"{'s' if c.boundary_gathers != 1 else ''} on activations{folded}")
         lines += _capped(chains, "rewrite")
         lines += _capped([f"autotune {chain_label([names.get(n, n) for n in t.chain])}: {t.reason}"
                           for t in self.tuning], "tuned unit",
@@ -407,6 +410,8 @@ class Written:
     """bytes of the new tensors it wrote"""
     shared_bytes: int = 0
     """bytes of new tensors it reads from an earlier unit instead (equal values: one weight, one plan)"""
+    folded: tuple[str, ...] = ()
+    """its end permutations folded into a dense neighbour ("input order into '/fc1/Gemm'")"""
 
 
 def site_report(site, decision, units: list[Unit]) -> SiteReport:
@@ -447,7 +452,8 @@ def chain_report(unit: Unit, written: Written) -> ChainReport:
     return ChainReport(sites=[s.name for s in chain.sites], scope=chain.first.scope, parts=plan.summary(0)["parts"],
                        layout=written.layout, boundary_gathers=written.gathers, flops_before=2 * plan.macs_dense(),
                        flops_after=2 * FORMS[written.form].cost(plan, None),
-                       label=plan.label if plan.kind in ("factorized", "block-factor") else None)
+                       label=plan.label if plan.kind in ("factorized", "block-factor") else None,
+                       folded=list(written.folded))
 
 
 def build_report(*, config: dict, source: str | None, sites: list, decisions: dict, units: list[Unit],

@@ -43,6 +43,7 @@ def emit_chain(chain: Chain, plan, form: str, *, opset: int, taken: set[str], ir
     if shapes is not None:
         y = shapes.restore(em, y)
     em.rename_output(y, chain.last.output)
+    em.ends = {end: chain.last.output if tensor == y else tensor for end, tensor in em.ends.items()}
     em.gathers = sum(n.op_type == "Gather" for n in em.nodes)
     em.shapes = shapes
     func = None
@@ -52,15 +53,16 @@ def emit_chain(chain: Chain, plan, form: str, *, opset: int, taken: set[str], ir
     return em, func
 
 
-def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, tuple[int, int]] | None = None
-                  ) -> tuple[dict[int, str], dict[int, int]]:
+def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, tuple[int, int]] | None = None,
+                  ends: dict[int, dict[str, str]] | None = None) -> tuple[dict[int, str], dict[int, int]]:
     """Rewrite ``model`` in place. ``jobs`` are chains found in this very model. Returns
     ``{job index: reason}`` for the chains that could not be written (left untouched), and
     ``{job index: Gather nodes written}`` for the others.
 
     A new tensor equal (type, shape and bytes) to one an earlier job wrote in the same graph is not
     written twice: the job reads that one (two sites reading one weight with the same plan share
-    their parts). ``stored``, if given, gets ``{job index: (bytes written, bytes shared)}``."""
+    their parts). ``stored``, if given, gets ``{job index: (bytes written, bytes shared)}``; ``ends``
+    gets ``{job index: Emitter.ends}`` for the jobs written in the graph itself (not in a function)."""
     opset = default_opset(model)
     taken = _all_names(model.graph)
     refused: dict[int, str] = {}
@@ -82,6 +84,8 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, 
             refused[j] = str(exc)
             continue
         gathers[j] = em.gathers
+        if ends is not None and func is None:
+            ends[j] = dict(em.ends)
         sizes = _share(em, written.setdefault(site.scope, {}))
         if stored is not None:
             stored[j] = sizes

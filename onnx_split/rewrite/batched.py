@@ -56,12 +56,13 @@ def emit_batched(em: Emitter, chain: Chain, plan: ChainPlan) -> str:
 
     em.at(first.name, first.node)
     xt = rows_view(em, first, plan.sizes[0])
-    xg = em.take(xt, rows.reshape(-1), 0, 2, "inputs", "line up every part's inputs", size=plan.sizes[0])
+    xg = em.take(xt, rows.reshape(-1), 0, 2, "inputs", "line up every part's inputs", size=plan.sizes[0], end="inputs")
     h = em.reshape(xg, em.ints("parts_shape", [n_parts, sizes[0], -1]), "parts/Reshape", doc(0))
     h = run_layers(em, chain, Lane("parts", weight, vector, True, doc), h)
     em.at(last.name, last.node)
     yt = em.reshape(h, em.ints("join_shape", [n_parts * sizes[-1], -1]), "join/Reshape", doc(len(parts[0].levels) - 2))
-    yt = em.take(yt, where, 0, 2, "order", f"select and order the outputs of '{last.name}'", size=n_parts * sizes[-1])
+    yt = em.take(yt, where, 0, 2, "order", f"select and order the outputs of '{last.name}'", size=n_parts * sizes[-1],
+                 end="order")
     return em.finish_gemm(from_rows_view(em, yt, first, plan.sizes[-1]), last)
 
 

@@ -51,6 +51,10 @@ class Emitter:
         self.gathers = 0  # Gather nodes on activations (set when the layout is complete)
         self.shapes = None  # a chain's shapes.ChainShapes, when its Reshapes or Shape readers need one
         self.functions: list[onnx.FunctionProto] = []  # model-local functions a form's nodes call
+        self.ends: dict[str, str] = {}
+        """``inputs``/``order``: the output of the one Gather that lines up all of the chain's inputs,
+        or that puts all of its outputs in order, where a single Gather does (neighbours.py folds
+        such a permutation into a dense layer next to the chain)."""
 
     def at(self, base: str, source: onnx.NodeProto | None = None) -> None:
         """Name what follows under another node (a later layer of a chain, a cloned activation),
@@ -116,16 +120,19 @@ class Emitter:
         return outs
 
     def take(self, x: str, index: np.ndarray, axis: int, rank: int | None, local: str, doc: str,
-             size: int | None = None) -> str:
+             size: int | None = None, end: str | None = None) -> str:
         """x[..., index] along ``axis``: nothing when ``index`` is all of ``size``, a Slice when it
-        is a contiguous run, else a Gather."""
+        is a contiguous run, else a Gather (recorded in :attr:`ends` under ``end``, if given)."""
         index = np.asarray(index, dtype=np.int64)
         if size is not None and np.array_equal(index, np.arange(size)):
             return x
         ax = self.axis(rank, axis)
         if is_run(index):
             return self.slice(x, int(index[0]), int(index[0] + index.size), ax, f"{local}/Slice", doc)
-        return self.node("Gather", [x, self.ints(f"{local}/indices", index)], f"{local}/Gather", doc, axis=ax)
+        out = self.node("Gather", [x, self.ints(f"{local}/indices", index)], f"{local}/Gather", doc, axis=ax)
+        if end is not None:
+            self.ends[end] = out
+        return out
 
     def reshape(self, x: str, shape: str, local: str, doc: str) -> str:
         return self.node("Reshape", [x, shape], local, doc)  # the shape input form: opset >= 5

@@ -45,7 +45,7 @@ def emit_parallel(em: Emitter, chain: Chain, plan: ChainPlan, rows: bool) -> str
     if by_columns and not all(is_run(r) for r in inputs):
         # one Gather of rows of x^T for all parts, then a contiguous Slice per part
         em.at(first.name, first.node)
-        x = columns(em, x, np.concatenate(inputs), "inputs", "line up every part's inputs")
+        x = columns(em, x, np.concatenate(inputs), "inputs", "line up every part's inputs", end="inputs")
         starts = np.cumsum([0] + [r.size for r in inputs])
         inputs = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
     outputs = []
@@ -61,19 +61,20 @@ def emit_parallel(em: Emitter, chain: Chain, plan: ChainPlan, rows: bool) -> str
                     axis=em.axis(rank, axis))
     order = np.argsort(plan.output_order()).astype(np.int64)
     if by_columns and not np.array_equal(order, np.arange(plan.sizes[-1])):
-        y = columns(em, y, order, "order", f"restore the output order of '{last.name}'")
+        y = columns(em, y, order, "order", f"restore the output order of '{last.name}'", end="order")
     else:
-        y = em.take(y, order, axis, rank, "order", f"restore the output order of '{last.name}'", size=plan.sizes[-1])
+        y = em.take(y, order, axis, rank, "order", f"restore the output order of '{last.name}'", size=plan.sizes[-1],
+                    end="order")
     if rows:
         y = from_rows_view(em, y, first, plan.sizes[-1])
     return em.finish_gemm(y, last)
 
 
-def columns(em: Emitter, x: str, index: np.ndarray, local: str, doc: str) -> str:
+def columns(em: Emitter, x: str, index: np.ndarray, local: str, doc: str, end: str | None = None) -> str:
     """x[:, index] of a 2-D x as Transpose -> row Gather -> Transpose: ORT's Gather on the last axis
     copies element by element, a row Gather copies rows (several times faster at batch 32)."""
     xt = em.node("Transpose", [x], f"{local}/to_rows/Transpose", doc, perm=[1, 0])
-    g = em.node("Gather", [xt, em.ints(f"{local}/indices", index)], f"{local}/Gather", doc, axis=0)
+    g = em.take(xt, index, 0, 2, local, doc, end=end)
     return em.node("Transpose", [g], f"{local}/from_rows/Transpose", doc, perm=[1, 0])
 
 
