@@ -11,6 +11,7 @@ threadpoolctl sets the limit on the BLAS libraries already loaded, for the durat
 """
 from __future__ import annotations
 
+import signal
 from contextlib import nullcontext
 
 
@@ -23,4 +24,24 @@ def limited(threads: int):
     return threadpool_limits(limits=max(1, int(threads)), user_api="blas")
 
 
-__all__ = ["limited"]
+_LIMIT = None
+
+
+def worker_start(threads: int) -> None:
+    """A worker process's initializer: Ctrl-C is the parent's to handle (it ends the pool), and
+    BLAS gets ``threads`` threads so that workers do not each start one thread per core.
+
+    threadpoolctl (a runtime dependency) is used rather than OMP_NUM_THREADS and its kin: under
+    spawn, numpy and its BLAS are already loaded when this runs (unpickling the initializer
+    imports this module), and those variables are read only when the library loads;
+    threadpoolctl changes the loaded libraries' limits in place."""
+    global _LIMIT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover  (installed with onnx_split)
+        return
+    _LIMIT = threadpool_limits(limits=threads)
+
+
+__all__ = ["limited", "worker_start"]

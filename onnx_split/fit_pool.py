@@ -22,13 +22,12 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
-import signal
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .blas import limited
+from .blas import limited, worker_start
 from .factorize import DEFAULT_BLOCKS, STRUCTURED, Fitted, fit, fit_structured
 
 log = logging.getLogger(__name__)
@@ -106,26 +105,6 @@ def probe(method: str, size: int, density: float, groups: int = DEFAULT_BLOCKS) 
         except ValueError:  # a structured method's refusal (too low a density for this side)
             continue
     return None
-
-
-_LIMIT = None
-
-
-def _worker_start(threads: int) -> None:
-    """A worker's initializer: Ctrl-C is the parent's to handle (it ends the pool), and BLAS gets
-    ``threads`` threads so that N workers do not each start one thread per core.
-
-    threadpoolctl (a runtime dependency) is used rather than OMP_NUM_THREADS and its kin: under
-    spawn, numpy and its BLAS are already loaded when this runs (unpickling the initializer
-    imports this module), and those variables are read only when the library loads;
-    threadpoolctl changes the loaded libraries' limits in place."""
-    global _LIMIT
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover  (installed with onnx_split)
-        return
-    _LIMIT = threadpool_limits(limits=threads)
 
 
 class Estimator:
@@ -211,7 +190,7 @@ class FitPool:
     def _executor(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_worker_start, initargs=(self.worker_threads,))
+                                                initializer=worker_start, initargs=(self.worker_threads,))
         return self._pool
 
     def _drop(self, broken: cf.ProcessPoolExecutor | None = None) -> None:

@@ -26,6 +26,7 @@ from .chains import Chain, chains_from_links, find_links
 from .config import SplitConfig
 from .decisions import Decision, Kept, Planned, Unit
 from .errors import InputError
+from .partition import ahead
 from .partition.lossy_chain import joint_balanced
 from .planning import CHAIN_SLACK, MAX_CHAIN, site_decisions
 from .plans.balanced import BalancedPlanner
@@ -122,6 +123,13 @@ class _Context:
     first_fits: dict = field(default_factory=dict)
     """{site: (its plan's mask key, the plan refitted on the original activations)}: the last such
     fit per site, so a joint chain's refit of the other planned sites does not redo theirs"""
+    ahead: object = None
+    """partition/ahead.py's worker making the sites' partitions ahead of the fits, or None"""
+
+    def close(self) -> None:
+        """End the partitions' worker, if one was started."""
+        if self.ahead is not None:
+            self.ahead.close()
 
     def gram(self, i: int):
         """Whether site ``i``'s input moments were captured (with the weight's K features): the
@@ -201,7 +209,16 @@ def plan_lossy(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, p
     result = Lossy(decided, ctx.calibration, None)
     _measure(ctx, result.notes)
     result.evaluator = ctx.evaluator
-    planners = _planners(ctx)
+    planners = _planners(ctx, every_level=config.tolerance is not None)
+    try:
+        return _plan(ctx, planners, result, speed)
+    finally:
+        ctx.close()
+
+
+def _plan(ctx: _Context, planners: dict, result: Lossy, speed) -> Lossy:
+    """plan_lossy once the planners are made: the plans of the budget, the decisions, the units."""
+    config = ctx.config
     if config.tolerance is not None:
         ctx.fit_on_one_fold()
         chosen, reasons, result.trace = _search(ctx, planners, speed)
@@ -599,7 +616,9 @@ def _calibration(model, config: SplitConfig, *, required: bool, wanted: bool,
         return None
 
 
-def _planners(ctx: _Context) -> dict:
+def _planners(ctx: _Context, every_level: bool = False) -> dict:
+    """Every candidate's planner; with ``every_level`` (the dry run, the --tolerance search: each
+    site is planned at every level), their partitions are made ahead in a worker where that pays."""
     norms = {}
     if ctx.config.resolved_score == "activation":
         for i in ctx.candidates:
@@ -613,6 +632,12 @@ def _planners(ctx: _Context) -> dict:
         ctx.progress("partition", n, len(ctx.candidates))
         planners[i] = make_planner(scores[i], ctx.config, cost, used[i])
     ctx.progress("partition", len(ctx.candidates), len(ctx.candidates))
+    balanced = [i for i in ctx.candidates if isinstance(planners[i], BalancedPlanner) and planners[i].levels()]
+    if every_level and ahead.wanted([planners[i].scores.size for i in balanced]):  # partitions made ahead, in a second process
+        ctx.ahead = ahead.Ahead([(i, planners[i].scores, planners[i].levels()) for i in balanced],
+                                ctx.config.partitioner, ctx.config.seed, ctx.config.base_threads)
+        for i in balanced:
+            planners[i].ahead = lambda i=i: ctx.ahead.take(i)
     return planners
 
 
@@ -646,7 +671,15 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
         ctx.evaluator = Evaluator(model, sites, ctx.candidates, config.base_threads, capture=names)
         _collect(ctx)
     ctx.fit_on_one_fold()  # the estimates made as the --tolerance search makes them
-    planners = _planners(ctx)
+    planners = _planners(ctx, every_level=True)
+    try:
+        return _survey_rows(ctx, planners, decided)
+    finally:
+        ctx.close()
+
+
+def _survey_rows(ctx: _Context, planners: dict, decided: dict) -> list[SurveyRow]:
+    config, sites, progress = ctx.config, ctx.sites, ctx.progress
     measured = config.calibration is not None and ctx.evaluator is not None
     rows = []
     for n, (i, site) in enumerate(enumerate(sites)):

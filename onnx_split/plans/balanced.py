@@ -17,10 +17,22 @@ class BalancedPlanner(LadderMixin):
         k, n = scores.shape
         self.max_parts = max(1, min(max_parts, k, n))
         self._cache: dict[int, BlockPlan] = {}
+        self.ahead = None
+        """A callable giving {parts: Plan} made elsewhere (partition/ahead.py), asked once; None: none."""
+        self._made: dict = {}
+
+    def levels(self) -> tuple[int, ...]:
+        """The part counts :meth:`step` plans at."""
+        return tuple(level for level in LEVELS if 1 < level <= self.max_parts)
 
     def at(self, parts: int) -> BlockPlan:
         if parts not in self._cache:
-            plan = BALANCED[self.partitioner](self.scores, parts, seed=self.seed)
+            if self.ahead is not None:
+                fetch, self.ahead = self.ahead, None
+                self._made = fetch() or {}
+            plan = self._made.pop(parts, None)
+            if plan is None:
+                plan = BALANCED[self.partitioner](self.scores, parts, seed=self.seed)
             self._cache[parts] = lossy_plan(plan, self.scores, f"{len(plan.parts)} {self.partitioner} parts",
                                             self.score, self.cost)
         return self._cache[parts]
