@@ -8,6 +8,7 @@ their layers. The budgets go through the plan and planner protocols (plans/base.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import logging
 import math
@@ -679,13 +680,19 @@ def survey(model: onnx.ModelProto, sites: list[Site], config: SplitConfig, progr
 
 
 def _survey_rows(ctx: _Context, planners: dict, decided: dict) -> list[SurveyRow]:
+    """The rows, site by site. Each site's propagation run (ONNX Runtime) runs in a second thread
+    while this one fits the next sites (numpy): both release the GIL, and the figures are those of
+    running them one after the other."""
     config, sites, progress = ctx.config, ctx.sites, ctx.progress
     measured = config.calibration is not None and ctx.evaluator is not None
-    rows = []
-    for n, (i, site) in enumerate(enumerate(sites)):
-        row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None,
-                        decided[i].reason if i in decided else None)
-        if i in planners:
+    rows, later = [], []
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="onnx_split-propagation") as runs:
+        for i, site in enumerate(sites):
+            row = SurveyRow(site.name, site.scope, list(site.shape) if site.shape else None,
+                            decided[i].reason if i in decided else None)
+            rows.append(row)
+            if i not in planners:
+                continue
             row.score = planners[i].score
             steps = [(level, planners[i].step(level)) for level in LEVELS]
             steps = [(level, plan) for level, plan in steps if plan is not None]
@@ -695,28 +702,33 @@ def _survey_rows(ctx: _Context, planners: dict, decided: dict) -> list[SurveyRow
             found = [fitter.fit(plan, config.refit, final=False) if fitter is not None else (plan, None)
                      for _, plan in steps]
             fitted, local = [f[0] for f in found], [f[1] for f in found]
-            errors = [None] * len(steps)
-            if measured and steps:
-                errors = _estimates(ctx, i, fitted, local)
+            errors = _estimates(ctx, i, fitted, local, runs) if measured and steps else (lambda n=len(steps): [None] * n)
             ctx.done_with(i)
-            for (level, plan), err, loc in zip(steps, errors, local):
+            later.append((row, steps, local, errors))
+        for row, steps, local, errors in later:
+            for (level, plan), err, loc in zip(steps, errors(), local):
                 row.levels.append({"level": level, "label": plan.label, "retained": plan.retained,
                                    "flops": plan.flops, "error": err, "layer_error": loc})
-        rows.append(row)
     if measured:
         progress("estimate", len(ctx.candidates), len(ctx.candidates))
     return rows
 
 
-def _estimates(ctx: _Context, i: int, fitted: list, local: list) -> list[float]:
-    """The estimated output error of each plan of site ``i`` alone: one measured run (the plan of
-    median layer error) scales the layer errors; measured per plan where they are unknown."""
+def _estimates(ctx: _Context, i: int, fitted: list, local: list, runs: cf.Executor):
+    """A function giving the estimated output error of each plan of site ``i`` alone: one measured
+    run (the plan of median layer error) scales the layer errors; measured per plan where they are
+    unknown. The runs are handed to ``runs`` (one thread: the evaluator is never run twice at once)."""
     if any(loc is None for loc in local):
-        return [ctx.search_error({i: plan}) for plan in fitted]
+        measured = runs.submit(lambda: [ctx.search_error({i: plan}) for plan in fitted])
+        return measured.result
     probe = sorted(range(len(local)), key=lambda r: local[r])[len(local) // 2]
     plan = ctx.fitter(i).fit(fitted[probe], ctx.config.refit)[0]  # the dry run fitted none for good
-    out = ctx.sensitivity({i: plan})
-    factor = out / local[probe] if local[probe] > 0 else 0.0
-    errors = [factor * loc for loc in local]
-    errors[probe] = out
+    run = runs.submit(ctx.sensitivity, {i: plan})
+
+    def errors() -> list[float]:
+        out = run.result()
+        factor = out / local[probe] if local[probe] > 0 else 0.0
+        scaled = [factor * loc for loc in local]
+        scaled[probe] = out
+        return scaled
     return errors

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..blas import worker_start
 from . import BALANCED
+from .metis import metis_ladder
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,10 @@ WINDOW = 3
 
 
 def partitions(partitioner: str, scores: np.ndarray, counts: tuple[int, ...], seed: int) -> dict[int, Plan]:
-    """The plans of ``scores`` at each part count: what the worker runs for one site."""
+    """The plans of ``scores`` at each part count: what the worker runs for one site (METIS's
+    graph of the scores built once for all of them)."""
+    if partitioner == "metis":
+        return metis_ladder(scores, counts, seed=seed)
     return {parts: BALANCED[partitioner](scores, parts, seed=seed) for parts in counts}
 
 

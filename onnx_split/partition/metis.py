@@ -62,13 +62,18 @@ def bipartite_graph(scores: np.ndarray, top: int) -> sparse.csr_matrix | None:
     return graph
 
 
-def metis_blocks(scores: np.ndarray, parts: int, *, seed: int = 0, top: int = 32) -> Plan:
-    """Balanced ``parts``-way plan of ``scores`` (K x N) by METIS, rebalanced and refined."""
+_UNBUILT = object()
+
+
+def metis_blocks(scores: np.ndarray, parts: int, *, seed: int = 0, top: int = 32, graph=_UNBUILT) -> Plan:
+    """Balanced ``parts``-way plan of ``scores`` (K x N) by METIS, rebalanced and refined.
+    ``graph``: :func:`bipartite_graph` of these scores and ``top``, if already built."""
     scores, parts = check_inputs(scores, parts)
     k, n = scores.shape
     if parts == 1:
         return plan_from_labels(np.zeros(k, np.int64), np.zeros(n, np.int64), 1, "metis")
-    graph = bipartite_graph(scores, top)
+    if graph is _UNBUILT:
+        graph = bipartite_graph(scores, top)
     if graph is None:  # all-zero scores: every plan retains everything
         return plan_from_labels(index_labels(k, parts), index_labels(n, parts), parts, "metis")
 
@@ -80,3 +85,10 @@ def metis_blocks(scores: np.ndarray, parts: int, *, seed: int = 0, top: int = 32
     col_part = rebalance(labels[k:], (one_hot(row_part, parts).T @ scores).T)
     row_part, col_part = refine(scores, row_part, col_part, parts)
     return plan_from_labels(row_part, col_part, parts, "metis")
+
+
+def metis_ladder(scores: np.ndarray, counts, *, seed: int = 0, top: int = 32) -> dict[int, Plan]:
+    """:func:`metis_blocks` at each part count of ``counts``, the graph built once."""
+    scores, _ = check_inputs(scores, 1)
+    graph = bipartite_graph(scores, top) if any(int(c) > 1 for c in counts) else None
+    return {int(c): metis_blocks(scores, int(c), seed=seed, top=top, graph=graph) for c in counts}
