@@ -463,43 +463,51 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
     reasons: dict[int, str] = {}
     gains = _gains(ctx, ladders, speed)
     raw: dict[int, list] = {}
-    for n, i in enumerate(ctx.candidates):
-        ctx.progress("fit", n, len(ctx.candidates))
-        fitter, opts = ctx.fitter(i), []
-        for plan, gain in zip(ladders[i], gains[i]):
-            if not gain > 0:
-                continue
-            fitted, local = fitter.fit(plan, config.refit) if fitter is not None else (plan, None)
-            opts.append((plan, fitted, gain, local))
-        ctx.done_with(i)
-        if opts:
-            raw[i] = opts
-        elif not ladders[i]:
-            reasons[i] = "too small to split"
-        else:
-            reasons[i] = (f"--tolerance {tol:g}: no split of it ({ladders[i][0].label} .. {ladders[i][-1].label}) "
-                          f"was measured faster than the dense node" if speed is not None else
-                          f"--tolerance {tol:g}: no split of it saves multiply-adds")
-    ctx.progress("fit", len(ctx.candidates), len(ctx.candidates))
     options: dict[int, list[Option]] = {}
     unfitted: dict[int, dict[int, object]] = {}
-    for n, i in enumerate(raw):
-        ctx.progress("sensitivity", n, len(raw))
-        if ctx.out_of_time():
-            reasons[i] = f"--search-seconds {config.search_seconds:g} ran out before this site was measured"
-            continue
-        opts = raw[i]
-        if all(o[3] is not None for o in opts):
-            probe = min(opts, key=lambda o: abs(math.log(max(o[3], 1e-12) / max(tol, 1e-12))))
-            out = ctx.sensitivity({i: probe[1]})
-            factor = out / probe[3] if probe[3] > 0 else (0.0 if out == 0 else math.inf)
-            errors = [factor * o[3] if o[3] > 0 else 0.0 for o in opts]
-            errors[opts.index(probe)] = out
-        else:  # inside a subgraph: no moments, each rung measured
-            errors = [ctx.search_error({i: o[1]}) for o in opts]
-        options[i] = [Option(o[1], o[2], e) for o, e in zip(opts, errors)]
-        unfitted[i] = {id(o[1]): o[0] for o in opts}
-    ctx.progress("sensitivity", len(raw), len(raw))
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="onnx_split-propagation") as runs:
+        # each site's propagation run (ORT) runs in this thread while the next sites are fitted
+        propagation: dict[int, tuple] = {}
+        for n, i in enumerate(ctx.candidates):
+            ctx.progress("fit", n, len(ctx.candidates))
+            fitter, opts = ctx.fitter(i), []
+            for plan, gain in zip(ladders[i], gains[i]):
+                if not gain > 0:
+                    continue
+                fitted, local = fitter.fit(plan, config.refit) if fitter is not None else (plan, None)
+                opts.append((plan, fitted, gain, local))
+            ctx.done_with(i)
+            if opts:
+                raw[i] = opts
+                if all(o[3] is not None for o in opts) and not ctx.out_of_time():
+                    probe = min(opts, key=lambda o: abs(math.log(max(o[3], 1e-12) / max(tol, 1e-12))))
+                    propagation[i] = (probe, runs.submit(ctx.sensitivity, {i: probe[1]}))
+            elif not ladders[i]:
+                reasons[i] = "too small to split"
+            else:
+                reasons[i] = (f"--tolerance {tol:g}: no split of it ({ladders[i][0].label} .. {ladders[i][-1].label}) "
+                              f"was measured faster than the dense node" if speed is not None else
+                              f"--tolerance {tol:g}: no split of it saves multiply-adds")
+        ctx.progress("fit", len(ctx.candidates), len(ctx.candidates))
+        for n, i in enumerate(raw):
+            ctx.progress("sensitivity", n, len(raw))
+            opts = raw[i]
+            if i in propagation and (propagation[i][1].done() or not ctx.out_of_time()):
+                probe, run = propagation[i]
+                out = run.result()
+                factor = out / probe[3] if probe[3] > 0 else (0.0 if out == 0 else math.inf)
+                errors = [factor * o[3] if o[3] > 0 else 0.0 for o in opts]
+                errors[opts.index(probe)] = out
+            elif ctx.out_of_time():
+                if i in propagation:
+                    propagation[i][1].cancel()
+                reasons[i] = f"--search-seconds {config.search_seconds:g} ran out before this site was measured"
+                continue
+            else:  # inside a subgraph: no moments, each rung measured (in the runs' thread too)
+                errors = runs.submit(lambda opts=opts, i=i: [ctx.search_error({i: o[1]}) for o in opts]).result()
+            options[i] = [Option(o[1], o[2], e) for o, e in zip(opts, errors)]
+            unfitted[i] = {id(o[1]): o[0] for o in opts}
+        ctx.progress("sensitivity", len(raw), len(raw))
 
     trace: list[dict] = []
     dense_macs = sum(sites[i].weight.size for i in ctx.candidates) or 1
