@@ -155,10 +155,12 @@ def run_html(report, pictures=(), left_out: int = 0) -> str:
         rows = [[chain_label(c.sites), len(c.sites), c.scope, c.parts, c.layout, c.boundary_gathers,
                  (f"{c.flops_before:,}", c.flops_before), (f"{c.flops_after:,}", c.flops_after),
                  (f"{c.flops_before / c.flops_after:.2f}x" if c.flops_after else "-",
-                  c.flops_before / c.flops_after if c.flops_after else 0)] for c in report.chains]
+                  c.flops_before / c.flops_after if c.flops_after else 0),
+                 ", ".join(c.folded) or "-"] for c in report.chains]
         sections.append(_section("chains", "Chains (rewritten units)", _table(
             ["sites", "layers", "scope", "parts", "layout", "Gathers on activations", "FLOPs/row before",
-             "after", "FLOP ratio"], rows, sortable=True, numeric={1, 3, 5, 6, 7, 8})))
+             "after", "FLOP ratio", "folded into the dense layers next to it"], rows, sortable=True,
+            numeric={1, 3, 5, 6, 7, 8})))
     if report.tuning:
         rows = [[chain_label(t.chain), t.choice, t.reason] for t in report.tuning]
         sections.append(_section("tuning", "Autotuning (--layout auto)", _table(["unit", "choice", "why"], rows)))

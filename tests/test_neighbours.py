@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from builders import chain_model, feature_wise, ort_run, planted
 from onnx_split import SplitConfig, split_model
 from onnx_split.cli import main
+from onnx_split.html_report import run_html
 
 WIDTH, PARTS = 64, 4
 
@@ -70,6 +71,7 @@ def test_both_gathers_fold_into_the_dense_neighbours():
     fc0 = next(n for n in result.model.graph.node if n.name == "fc0")
     assert "reordered to the input order of the split 'fc1'" in fc0.doc_string
     assert "folded: input order into 'fc0', output order into 'fc2'" in report.to_text()
+    assert "input order into &#x27;fc0&#x27;, output order into &#x27;fc2&#x27;" in run_html(report)
 
     unfolded = split_model(model, _config("batched", x_shape=(8, 32), fold=False))
     assert unfolded.report.chains[0].folded == [] and unfolded.report.chains[0].boundary_gathers == 2

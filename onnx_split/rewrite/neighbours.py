@@ -93,9 +93,7 @@ def fold_neighbours(model: onnx.ModelProto, sites: list[Site], found: list[Regio
 # -------------------------------------------------------------------------------- the two ends
 
 def _fold_inputs(model, dense: Site, first: Site, region: Region, gathered: str) -> bool:
-    g = _Graph(first.graph)
-    gather = g.producer(gathered)
-    index = _permutation(g, gather, dense.weight.shape[1])
+    g, gather, index = _start(first, gathered, dense.weight.shape[1])
     if index is None:
         return False
     # back from the Gather to the chain's input: the rewrite's views of it only (rows, flatten)
@@ -129,9 +127,7 @@ def _fold_inputs(model, dense: Site, first: Site, region: Region, gathered: str)
 
 
 def _fold_order(model, last: Site, dense: Site, region: Region, gathered: str) -> bool:
-    g = _Graph(last.graph)
-    gather = g.producer(gathered)
-    index = _permutation(g, gather, last.weight.shape[1])
+    g, gather, index = _start(last, gathered, last.weight.shape[1])
     if index is None:
         return False
     inverse = np.argsort(index).astype(np.int64)
@@ -208,6 +204,14 @@ class _Graph:
         self.graph.node.remove(node)
         if len(self.readers(indices)) == 1 and indices in self.initializers and indices not in self.inputs:
             self.graph.initializer.remove(self.initializers.pop(indices))
+
+
+def _start(site: Site, gathered: str, size: int):
+    """(the site's graph as it is now, the Gather writing ``gathered``, its indices if they are a
+    permutation of ``size`` features, else None)."""
+    g = _Graph(site.graph)
+    gather = g.producer(gathered)
+    return g, gather, _permutation(g, gather, size)
 
 
 def _permutation(g: _Graph, gather, size: int) -> np.ndarray | None:
