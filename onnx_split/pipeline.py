@@ -9,6 +9,7 @@ weights cost at the outputs; every later step is shared. The library never print
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -81,6 +82,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     sites = find_sites(model, min_elements=config.min_elements)
     notes: list[str] = unmatched(sites, config.include, config.exclude)  # --include/--exclude apply in the plan step
 
+    original_loads = functools.cache(lambda: loads_in_ort(original))  # checked in a child once, if at all
     providers, points, inputs = [], [], []                 # where to measure
     if config.verify or config.bench or config.layout == AUTO:
         providers, more = providers_for(config)
@@ -88,7 +90,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         points, inputs = measuring_points(original, config)
 
     with limited(config.base_threads):                     # blas.py: the planners' numpy on --threads BLAS threads
-        lossy, decisions, units = _plan(model, original, sites, config, points, providers, progress)
+        lossy, decisions, units = _plan(model, original, sites, config, points, providers, progress, original_loads)
     if lossy is not None:
         notes += lossy.notes
 
@@ -98,7 +100,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if compressed:                                         # which form: one dense MatMul either way
         forms, tuning = {u: "compressed" for u in range(len(units))}, {}
     else:
-        forms, tuning = _forms(original, units, config, points, providers, notes, progress)
+        forms, tuning = _forms(original, units, config, points, providers, notes, progress, original_loads)
     if config.dynamic_keep is not None:
         forms = restrict_forms(units, forms, tuning, config, original)
     decisions = after_forms(decisions, units, forms, {u: t.reason for u, t in tuning.items()})
@@ -174,7 +176,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     return SplitResult(model, report, pictures)
 
 
-def _plan(model, original, sites, config: SplitConfig, points, providers, progress):
+def _plan(model, original, sites, config: SplitConfig, points, providers, progress, original_loads):
     """(the lossy planning or None, a decision per site, the units): what each site would become."""
     if config.factorize is not None:
         lossy = plan_factorized(model, sites, config, progress)
@@ -183,7 +185,8 @@ def _plan(model, original, sites, config: SplitConfig, points, providers, progre
         lossy = plan_dynamic(model, sites, config, progress)
         return lossy, lossy.decisions, dynamic_units(sites, lossy.decisions)
     if config.lossy:
-        lossy = plan_lossy(model, sites, config, progress, speed=_speed(original, config, points, providers, progress))
+        lossy = plan_lossy(model, sites, config, progress,
+                           speed=_speed(original, config, points, providers, progress, original_loads))
         return lossy, lossy.decisions, lossy.units
     decisions = plan_exact(sites, config, progress)
     return None, decisions, exact_units(sites, decisions, config)
@@ -275,12 +278,12 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _speed(original, config: SplitConfig, points, providers, progress):
+def _speed(original, config: SplitConfig, points, providers, progress, original_loads):
     """``--tolerance`` with ``--layout auto``: the tuner's measurements of candidate plans, so the
     search spends its error budget only on splits measured faster (None: the search counts FLOPs)."""
     if config.tolerance is None or config.layout != AUTO or not config.bench or not points:
         return None
-    if loads_in_ort(original) != "yes":
+    if original_loads() != "yes":
         return None
 
     def speed(pairs):
@@ -289,7 +292,7 @@ def _speed(original, config: SplitConfig, points, providers, progress):
     return speed
 
 
-def _forms(original, units, config: SplitConfig, points, providers, notes: list[str], progress):
+def _forms(original, units, config: SplitConfig, points, providers, notes: list[str], progress, original_loads):
     """{unit: form or "dense"} and, with ``--layout auto``, {unit: its TuneResult}."""
     if config.layout != AUTO:
         layout = LAYOUTS[config.layout]
@@ -297,7 +300,7 @@ def _forms(original, units, config: SplitConfig, points, providers, notes: list[
                 else static_choice(unit.chain, unit.plan) for u, unit in enumerate(units)}, {}
     why = None if points else "no inputs to measure with"
     if why is None:
-        loads = loads_in_ort(original)
+        loads = original_loads()
         why = None if loads == "yes" else f"onnxruntime cannot load the original: {loads}"
     if why is not None:
         notes.append(f"--layout auto could not measure ({why}): the static parallel rule chose the layouts")

@@ -54,3 +54,21 @@ def test_report_json_round_trips():
     data = json.loads(result.report.to_json())
     assert data["sites"][0]["decision"] == "split" and data["modified"] is True
     assert data["config"]["layout"] == "parallel" and data["verification_passed"] is True
+
+
+def test_a_tolerance_run_checks_that_the_original_loads_in_ort_once(tmp_path, monkeypatch):
+    """The tuner's timing of the search's plans and the layout choice both need the original to
+    load; the check (a child process loading the model at two optimization levels) runs once."""
+    import onnx_split.pipeline as pipeline
+    rng = np.random.default_rng(4)
+    w, _ = planted(rng, 128, 128, 4)
+    w = (w + 0.01 * rng.standard_normal(w.shape)).astype(np.float32)
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=rng.standard_normal((64, 128)).astype(np.float32))
+    checked = []
+    real = pipeline.loads_in_ort
+    monkeypatch.setattr(pipeline, "loads_in_ort", lambda model, label="the model": checked.append(label) or real(model, label))
+    result = onnx_split.split_model(matmul_model(w, ["batch", 128]), onnx_split.SplitConfig(
+        tolerance=0.1, calibration=str(cal), min_elements=0, providers=("cpu",), tune_seconds=1, bench_seconds=0.2,
+        batches=(8,)))
+    assert result.report.sites and checked.count("the model") == 1
