@@ -253,9 +253,20 @@ class FitPool:
                     fitted, seconds = fit_timed(self.method, job.target, job.gram, self.density, self.groups)
                 yield self._done(job, estimate, fitted, seconds)
             return
-        waiting, running = collections.deque(jobs), {}
-        while waiting or running:
-            while waiting and len(running) < self.workers:
+        # A worker that dies breaks its whole pool: every fit running there fails with it. Those
+        # fits are suspects, rerun one at a time (nothing else running), so that only the fit that
+        # kills its worker when it runs alone is reported as such.
+        waiting, running, suspects = collections.deque(jobs), {}, collections.deque()
+        while waiting or running or suspects:
+            while not running and suspects:
+                job, estimate = suspects.popleft()
+                try:
+                    pool, future = self._submit(job)
+                except cf.process.BrokenProcessPool:
+                    yield Outcome(job.site, estimate, reason=NO_WORKER)
+                    continue
+                running[future] = job, estimate, pool, True
+            while waiting and not suspects and len(running) < self.workers:
                 job = waiting.popleft()
                 estimate, why = self._start(job)
                 if why is not None:
@@ -264,24 +275,29 @@ class FitPool:
                 try:
                     pool, future = self._submit(job)
                 except cf.process.BrokenProcessPool:
-                    yield Outcome(job.site, estimate, reason="not factorized: no worker process could be started "
-                                                             "for its fit")
+                    yield Outcome(job.site, estimate, reason=NO_WORKER)
                     continue
-                running[future] = job, estimate, pool
+                running[future] = job, estimate, pool, False
             if not running:
-                break
+                continue
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for future in sorted(finished, key=lambda f: running[f][0].site):
-                job, estimate, pool = running.pop(future)
+                job, estimate, pool, alone = running.pop(future)
                 try:
                     fitted, seconds = future.result()
                 except (cf.process.BrokenProcessPool, cf.CancelledError):
                     self._drop(pool)  # a new pool for the jobs left (the broken one is unusable)
+                    if not alone:
+                        suspects.append((job, estimate))
+                        continue
                     log.warning("a worker process died while %s was being fitted", job.name)
                     yield Outcome(job.site, estimate, reason="not factorized: a worker process of the pool died "
                                                              "while it was being fitted (killed, or out of memory?)")
                     continue
                 yield self._done(job, estimate, fitted, seconds)
+
+
+NO_WORKER = "not factorized: no worker process could be started for its fit"
 
 
 def _seconds(estimate: float | None) -> str:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 import numpy as np
 import onnx
@@ -147,6 +148,33 @@ def test_a_worker_that_dies_keeps_its_site_with_a_reason(tmp_path, monkeypatch, 
     sites = json.loads(report.read_text())["sites"]
     assert len(sites) == 4
     assert all(s["decision"] == "kept" and "worker process of the pool died" in s["reason"] for s in sites)
+
+
+def _die_on_branch1(method, target, gram, density, groups=None):
+    """fit_timed, but the worker fitting branch1's weight is killed."""
+    if target.shape == (K, HIDDEN) and np.allclose(target, _branches_weight(1)):
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.perf_counter()
+    fitted = fit_pool.fit_any(method, target, gram, density, *(() if groups is None else (groups,)))
+    return fitted, time.perf_counter() - start
+
+
+def _branches_weight(i: int) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in _branches_model().graph.initializer if t.name == f"W{i}"))
+
+
+def test_a_worker_that_dies_takes_only_its_own_site_with_it(tmp_path, monkeypatch, capsys):
+    """The fits that ran beside it in the broken pool are rerun one at a time and kept."""
+    monkeypatch.setattr(fit_pool, "fit_timed", _die_on_branch1)
+    model_path, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(_branches_model(), str(model_path))
+    code = main([str(model_path), str(out), "--factorize", "admm", "--density", "0.4", "--min-elements", "0",
+                 "--calibration", str(_calibration(tmp_path)), "--no-bench", "--workers", "2",
+                 "--report", str(report)])
+    assert code == 0
+    sites = {s["node"]: s for s in json.loads(report.read_text())["sites"]}
+    assert sites["branch1"]["decision"] == "kept" and "worker process of the pool died" in sites["branch1"]["reason"]
+    assert [sites[n]["decision"] for n in ("branch0", "branch2", "head")] == ["split"] * 3
 
 
 @pytest.mark.parametrize("argv, message", [
