@@ -43,7 +43,7 @@ from .stats import model_stats
 from .structure import SiteStructure, site_structures
 from .tune import static_choice, tune_chains, whole_model_verdict
 from .runtime import provider_status
-from .where import unmatched
+from .where import left_out, unmatched
 from .verify import check, crash_entry, crashed, loads_in_ort, screen_sessions, verify_models
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,8 @@ def _rewrite(model, sites, units, forms: dict[int, str], config: SplitConfig):
     found = regions(sites) if config.fold and chosen else []  # before the rewrite changes the graphs
     refused_jobs, gathers = rewrite_model(model, jobs, stored=stored, ends=ends)
     folds = fold_neighbours(model, sites, found, {j: (units[chosen[j]].sites, e) for j, e in ends.items()
-                                                  if j not in refused_jobs}) if found else {}
+                                                  if j not in refused_jobs},
+                            untouched=set(left_out(sites, config.include, config.exclude))) if found else {}
     written = {u: Written(forms[u], wrapper.name if wrapper else forms[u], gathers[j] - len(folds.get(j, ())),
                           *stored[j], folded=tuple(f.describe() for f in folds.get(j, ())))
                for j, u in enumerate(chosen) if j not in refused_jobs}

@@ -165,3 +165,55 @@ def test_cli_no_fold(tmp_path, capsys):
                  "--no-fold"]) == 0
     assert "folded" not in capsys.readouterr().out
     assert _gathers(onnx.load(out)) == 2
+
+
+def test_a_padded_output_order_is_not_folded():
+    """Output parts of 22/22/20 of 64, the smaller last: the batched ordering Gather's indices are a
+    permutation of the 64 outputs, but it reads 66 rows (3 parts padded to 22) and drops the padding."""
+    rng = np.random.default_rng(0)
+    sizes = [22, 22, 20]
+    labels = np.concatenate([np.full(s, i) for i, s in enumerate(sizes)])
+    rows = rng.permutation(labels)
+    rest = rng.permutation(np.concatenate([np.full(s - 1, i) for i, s in enumerate(sizes)]))
+    cols = np.concatenate([[0, 1, 2], rest])  # parts ordered by first output: part 2 (20 outputs) last
+    middle = np.zeros((WIDTH, WIDTH), np.float32)
+    for p in range(3):
+        r, c = np.flatnonzero(rows == p), np.flatnonzero(cols == p)
+        middle[np.ix_(r, c)] = rng.standard_normal((r.size, c.size)) / 5
+    dense = lambda k, n: (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    model = chain_model([dense(32, WIDTH), middle, dense(WIDTH, 10)],
+                        [[feature_wise("Relu", rng)], [feature_wise("Relu", rng)]], (8, 32))
+    result = split_model(model, _config(x_shape=(8, 32)))
+    (chain,) = result.report.chains
+    assert chain.parts == 3 and chain.folded == [] and _gathers(result.model) == 2
+    onnx.checker.check_model(result.model, full_check=True)
+    _same_outputs(model, result.model)
+
+
+def test_nothing_is_folded_inside_a_subgraph_or_into_a_site_left_out():
+    # inside an If branch a name may be bound outside it too: the branch's chain keeps its Gathers
+    inner = _sandwich(8)
+    branch = helper.make_graph(list(inner.graph.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 10])],
+                               list(inner.graph.initializer))
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["z"], name="pass")], "else", [],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [8, 32])])
+    graph = helper.make_graph([helper.make_node("If", ["cond"], ["out"], name="branch", then_branch=branch,
+                                                else_branch=other)], "g",
+                              [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = split_model(model, SplitConfig(layout="batched", min_elements=0, bench=False, providers=("cpu",),
+                                            input_shapes={"x": (8, 32), "cond": ()}))
+    (chain,) = result.report.chains
+    assert chain.scope != "main" and chain.folded == [] and chain.boundary_gathers == 2
+    feeds = {"cond": np.array(True), "x": np.random.default_rng(5).standard_normal((8, 32)).astype(np.float32)}
+    for optimization in ("disabled", "enabled"):
+        np.testing.assert_allclose(ort_run(result.model, feeds, optimization)[0], ort_run(model, feeds, optimization)[0],
+                                   rtol=1e-4, atol=1e-5)
+    # a site --exclude leaves out keeps its weights byte for byte
+    model = _sandwich(9)
+    result = split_model(model, _config(x_shape=(8, 32), exclude=("fc0",)))
+    assert result.report.chains[0].folded == ["output order into 'fc2'"]
+    np.testing.assert_array_equal(_init(result.model, "W0"), _init(model, "W0"))
+    _same_outputs(model, result.model)

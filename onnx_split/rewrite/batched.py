@@ -61,8 +61,9 @@ def emit_batched(em: Emitter, chain: Chain, plan: ChainPlan) -> str:
     h = run_layers(em, chain, Lane("parts", weight, vector, True, doc), h)
     em.at(last.name, last.node)
     yt = em.reshape(h, em.ints("join_shape", [n_parts * sizes[-1], -1]), "join/Reshape", doc(len(parts[0].levels) - 2))
+    padded = n_parts * sizes[-1] != plan.sizes[-1]  # then the Gather also drops the padding rows: not a permutation
     yt = em.take(yt, where, 0, 2, "order", f"select and order the outputs of '{last.name}'", size=n_parts * sizes[-1],
-                 end="order")
+                 end=None if padded else "order")
     return em.finish_gemm(from_rows_view(em, yt, first, plan.sizes[-1]), last)
 
 

@@ -11,8 +11,10 @@ only runs in another order); what changes is two fewer copies of the activation 
 what a small batch pays most for (docs/SIGNIFICANCE.md).
 
 Only whole permutations are folded (a batched layout whose parts are padded reads some inputs
-twice: its Gather stays), only into weights stored as initializers of the neighbour's graph that
-are not also graph inputs, and a weight or constant read elsewhere too is copied, not changed.
+twice and drops its padding rows at the end: its Gathers stay), only in the main graph (inside an
+If or Loop body a name may also be bound outside it), only into weights stored as initializers
+that are not also graph inputs, and never into a site ``--include``/``--exclude`` leaves out; a
+weight or constant read elsewhere too is copied, not changed.
 """
 from __future__ import annotations
 
@@ -67,12 +69,14 @@ def _constants(site: Site, link: Link):
 
 
 def fold_neighbours(model: onnx.ModelProto, sites: list[Site], found: list[Region],
-                    chains: dict[int, tuple[list[int], dict[str, str]]]) -> dict[int, list[Fold]]:
+                    chains: dict[int, tuple[list[int], dict[str, str]]], untouched=frozenset()) -> dict[int, list[Fold]]:
     """Fold what can be folded; ``chains`` is {job: (its site indices, Emitter.ends)} for every chain
-    written. Returns {job: the folds made}."""
+    written; ``untouched``: sites whose weights must stay as they are (left out by --include or
+    --exclude). Returns {job: the folds made}."""
     written = {i for indices, _ in chains.values() for i in indices}
-    before = {r.b: r for r in found if r.a not in written}
-    after = {r.a: r for r in found if r.b not in written}
+    found = [r for r in found if sites[r.a].scope == "main" and sites[r.b].scope == "main"]
+    before = {r.b: r for r in found if r.a not in written and r.a not in untouched}
+    after = {r.a: r for r in found if r.b not in written and r.b not in untouched}
     folds: dict[int, list[Fold]] = {}
     for job, (indices, ends) in chains.items():
         first, last = sites[indices[0]], sites[indices[-1]]
