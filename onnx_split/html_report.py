@@ -316,6 +316,8 @@ def _error(report) -> str:
     rows = []
     if e.search is not None:
         rows.append(["search (calibration)", e.search_samples, f"{e.search:.4g}"])
+    if e.unseen is not None:
+        rows.append(["search samples no refit was fitted on", e.unseen_samples, f"{e.unseen:.4g}"])
     if e.held_out is not None:
         rows.append(["held out", e.held_out_samples, f"{e.held_out:.4g}"])
     text = f"<p>relative output error ||y'-y||/||y|| ({_e(e.data)})"

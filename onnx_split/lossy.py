@@ -77,6 +77,8 @@ class Lossy:
     units: list[Unit] = field(default_factory=list)
     """What the rewrite writes: one unit per planned site, or per chain of linked planned sites
     partitioned jointly (no Gather between their layers)"""
+    measured_fold: int | None = None
+    """The half of the search samples the search measured on and never fitted on (None: none)"""
 
     def error(self, weights: dict[int, object], tolerance: float | None,
               biases: dict[int, object] | None = None) -> tuple[ErrorReport | None, list[str]]:
@@ -85,16 +87,21 @@ class Lossy:
         if self.calibration is None or self.evaluator is None:
             return None, []
         cal = self.calibration
+        unseen, unseen_samples = None, 0
         try:
             search_err = self.evaluator.error(cal.batches("search"), weights, biases)
             held = self.evaluator.error(cal.batches("held_out"), weights, biases)
+            if self.measured_fold is not None:
+                unseen = self.evaluator.error(cal.batches("search", fold=self.measured_fold), weights, biases)
+                n = cal.n_search
+                unseen_samples = n // 2 if self.measured_fold == 0 else n - n // 2
         except InputError as exc:
             if tolerance is not None:
                 raise
             return None, [f"the output error was not measured: {exc}"]
         met = None if tolerance is None else bool(held <= tolerance)
         return ErrorReport(cal.source, search_err, held, cal.n_search, cal.n_held_out, tolerance, met,
-                           self.evaluations), []
+                           self.evaluations, unseen, unseen_samples), []
 
 
 @dataclass
@@ -223,6 +230,7 @@ def _plan(ctx: _Context, planners: dict, result: Lossy, speed) -> Lossy:
     if config.tolerance is not None:
         ctx.fit_on_one_fold()
         chosen, reasons, result.trace = _search(ctx, planners, speed)
+        result.measured_fold = None if ctx.fit_fold is None else 1 - ctx.fit_fold
     else:
         chosen = {i: p for i in ctx.candidates if (p := by_budget(planners[i], config)) is not None}
         reasons = {}

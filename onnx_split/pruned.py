@@ -178,6 +178,10 @@ class ErrorReport:
     """with --tolerance: whether the held-out error is within it"""
     evaluations: int = 0
     """model runs the tolerance search made"""
+    unseen: float | None = None
+    """with --tolerance: the error on the half of the search samples the search measured on, which
+    none of its refits was fitted on (``search`` includes the half they were fitted on)"""
+    unseen_samples: int = 0
 
 
 class Evaluator:

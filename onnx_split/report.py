@@ -267,7 +267,9 @@ def _where_line(config: dict, sites: list[SiteReport]) -> str | None:
 def _error_line(e: ErrorReport) -> str:
     figures = []
     if e.search is not None:
-        figures.append(f"{e.search:.4g} on {e.search_samples} search samples")
+        figures.append(f"{e.search:.4g} on {e.search_samples} search samples"
+                       + (f" ({e.unseen:.4g} on the {e.unseen_samples} of them no refit was fitted on)"
+                          if e.unseen is not None else ""))
     if e.held_out is not None:
         figures.append(f"{e.held_out:.4g} on {e.held_out_samples} held-out samples")
     line = "relative output error ||y'-y||/||y||: " + (", ".join(figures) or "not measured")

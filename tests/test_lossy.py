@@ -1015,3 +1015,7 @@ def test_the_tolerance_search_confirms_on_samples_its_fits_did_not_see(tmp_path,
     assert all(p["error"] <= 0.1 for p in result.report.search_trace if p["accepted"])
     split = [s.parts for s in result.report.sites if s.parts]
     assert bool(split) == (samples == 200)
+    # the report gives the error on the half the search measured on (no refit saw it) apart
+    n = error.search_samples
+    assert error.unseen_samples == n - n // 2 and error.unseen <= 0.1
+    assert f"{error.unseen:.4g} on the {n - n // 2} of them no refit was fitted on" in result.report.to_text()
