@@ -258,26 +258,23 @@ class FitPool:
         # kills its worker when it runs alone is reported as such.
         waiting, running, suspects = collections.deque(jobs), {}, collections.deque()
         while waiting or running or suspects:
-            while not running and suspects:
-                job, estimate = suspects.popleft()
+            while True:  # start what may start: a suspect alone, else new jobs up to the workers
+                if suspects and not running:
+                    (job, estimate), alone = suspects.popleft(), True
+                elif waiting and not suspects and len(running) < self.workers:
+                    job, alone = waiting.popleft(), False
+                    estimate, why = self._start(job)
+                    if why is not None:
+                        yield Outcome(job.site, estimate, reason=why)
+                        continue
+                else:
+                    break
                 try:
                     pool, future = self._submit(job)
                 except cf.process.BrokenProcessPool:
                     yield Outcome(job.site, estimate, reason=NO_WORKER)
                     continue
-                running[future] = job, estimate, pool, True
-            while waiting and not suspects and len(running) < self.workers:
-                job = waiting.popleft()
-                estimate, why = self._start(job)
-                if why is not None:
-                    yield Outcome(job.site, estimate, reason=why)
-                    continue
-                try:
-                    pool, future = self._submit(job)
-                except cf.process.BrokenProcessPool:
-                    yield Outcome(job.site, estimate, reason=NO_WORKER)
-                    continue
-                running[future] = job, estimate, pool, False
+                running[future] = job, estimate, pool, alone
             if not running:
                 continue
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
