@@ -64,7 +64,7 @@ def rewrite_model(model: onnx.ModelProto, jobs: list[Job], *, stored: dict[int, 
     their parts). ``stored``, if given, gets ``{job index: (bytes written, bytes shared)}``; ``ends``
     gets ``{job index: Emitter.ends}`` for the jobs written in the graph itself (not in a function)."""
     opset = default_opset(model)
-    taken = _all_names(model.graph)
+    taken = all_names(model.graph)
     refused: dict[int, str] = {}
     by_graph: dict[str, tuple[onnx.GraphProto, dict[int, list[onnx.NodeProto]]]] = {}
     dropped: set[str] = set()
@@ -173,7 +173,7 @@ def _rename_inputs(nodes, renamed: dict[str, str]) -> None:
                     _rename_inputs(g.node, renamed)
 
 
-def _all_names(graph: onnx.GraphProto) -> set[str]:
+def all_names(graph: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
     for _, g in walk_graphs(graph):
         names.update(t.name for t in g.initializer)

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from ..chains import Link, find_links
 from ..sites import Site, walk_graphs
 from ..version import __version__
+from .apply import all_names
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def _fold_inputs(model, dense: Site, first: Site, region: Region, gathered: str)
         reader, tensor = node, node.input[0]
     if axis != -1 or any(r is not reader and r.op_type != "Shape" for r in g.readers(tensor)):
         return False
-    node = g.named(dense.node.output[0])
+    node = g.producer(dense.node.output[0])
     if node is None or not _dense_ready(g, dense, node):
         return False
     bias = None
@@ -151,7 +152,7 @@ def _fold_order(model, last: Site, dense: Site, region: Region, gathered: str) -
         else:
             axis = _through_view(node, axis)
         tensor = node.output[0]
-    target = g.named(dense.node.output[0])
+    target = g.producer(dense.node.output[0])
     if axis != -1 or target is None or not _dense_ready(g, dense, target):
         return False
     for node, value in scaled:
@@ -182,9 +183,6 @@ class _Graph:
 
     def producer(self, tensor: str) -> onnx.NodeProto | None:
         return self.by_output.get(tensor)
-
-    def named(self, output: str) -> onnx.NodeProto | None:
-        return self.by_output.get(output)
 
     def readers(self, tensor: str) -> list[onnx.NodeProto]:
         return self.reading.get(tensor, [])
@@ -293,7 +291,7 @@ def _set_constant(model, g: _Graph, node, position: int, value: np.ndarray) -> N
 
 def _permute_region(model, g: _Graph, region: Region, index: np.ndarray) -> None:
     for output, position, _, value in region.constants:
-        node = g.named(output)
+        node = g.producer(output)
         if node is not None:
             current = g.value(node.input[position])
             value = current if current is not None else value
@@ -311,8 +309,7 @@ def _read_once(model, name: str) -> bool:
 
 
 def _unique(model, base: str) -> str:
-    names = {t.name for _, g in walk_graphs(model.graph) for t in g.initializer}
-    names |= {o for _, g in walk_graphs(model.graph) for n in g.node for o in list(n.input) + list(n.output)}
+    names = all_names(model.graph)
     unique, i = base, 1
     while unique in names:
         unique, i = f"{base}_{i}", i + 1
