@@ -35,12 +35,14 @@ def refittable(site: Site) -> bool:
 
 def collect(evaluator: Evaluator, sites: list[Site], indices: list[int], batches: list[dict],
             progress=None, weights: dict | None = None, biases: dict | None = None,
-            original: bool = False) -> dict[tuple[str, bool], Moments | tuple[Moments, Moments]]:
+            original: bool = False, reference: bool = False
+            ) -> dict[tuple[str, bool], Moments | tuple[Moments, ...]]:
     """{(activation, trans_a): Moments} over ``batches`` for the main-graph sites of ``indices``
     (stored in moments.STORED).
 
     With ``weights``/``biases`` (sites already refitted) and ``original``, each entry is the pair
-    (moments of the new activation X', cross moments [X',1]^T[X,1] with the original's X)."""
+    (moments of the new activation X', cross moments [X',1]^T[X,1] with the original's X); with
+    ``reference`` as well, a third: the original's own [X,1]^T[X,1] (summed as the first pass sums it)."""
     progress = progress or (lambda *a: None)
     keyed = {}
     for i in indices:
@@ -56,10 +58,14 @@ def collect(evaluator: Evaluator, sites: list[Site], indices: list[int], batches
             x_new = rows(site, new[key[0]])
             if key not in found:
                 k = x_new.shape[1]
-                found[key] = (Moments(k, STORED), Moments(k, STORED)) if original else Moments(k, STORED)
+                found[key] = tuple(Moments(k, STORED) for _ in range(3 if reference else 2)) if original else \
+                    Moments(k, STORED)
             if original:
+                x_old = rows(site, old[key[0]])
                 found[key][0].add(x_new)
-                found[key][1].add(rows(site, old[key[0]]), x_new)
+                found[key][1].add(x_old, x_new)
+                if reference:
+                    found[key][2].add(x_old)
             else:
                 found[key].add(x_new)
     progress(len(batches), len(batches))
@@ -76,21 +82,6 @@ def params(site: Site) -> tuple[np.ndarray, np.ndarray | None]:
         if vector is not None and vector.ndim == 1:
             bias = vector.astype(np.float64) * site.beta
     return weight, bias
-
-
-class Summed:
-    """The moments of several folds seen as one where only their count and norms are read: the
-    per-fold sums are kept anyway, so a second (K+1)^2 copy per site is not (the refit sums the
-    blocks it solves on, refit.Problem.combined)."""
-
-    def __init__(self, parts: list[Moments]):
-        self.parts, self.k = parts, parts[0].k
-        self.count = sum(p.count for p in parts)
-
-    @property
-    def norms(self) -> np.ndarray:
-        diagonal = sum(p.diagonal[:-1] for p in self.parts)
-        return np.sqrt(np.maximum(diagonal, 0.0))
 
 
 @dataclass
@@ -288,13 +279,14 @@ def levels(chosen: list[int], ups: dict[int, set[int]]) -> dict[int, int]:
 
 
 def sequential(evaluator: Evaluator, sites: list[Site], plans: dict, first: dict, ups: dict[int, set[int]],
-               folds: list[list[dict]], originals: list[dict], deadline: float | None = None,
+               folds: list[list[dict]], deadline: float | None = None,
                progress=None, dampings: dict | None = None) -> tuple[dict, bool]:
     """``plans`` (site -> unfitted plan) refitted level by level; ``first`` holds the plans already
     fitted on the original activations (used as they are for level 0). ``folds``: the search
-    samples' batches, in one or two folds; ``originals``: per fold, the original activations'
-    moments {key: Moments}; ``dampings``: per site, the damping its first fit chose (kept). Returns
-    (plans, finished); unfinished when ``deadline`` passed (the remaining sites keep their ``first`` fit)."""
+    samples' batches, in one or two folds; each level's pass sums the new, cross and original
+    moments of its sites (nothing of the first pass is kept for it); ``dampings``: per site, the
+    damping its first fit chose (kept). Returns (plans, finished); unfinished when ``deadline``
+    passed (the remaining sites keep their ``first`` fit)."""
     progress = progress or (lambda *a: None)
     fitted = dict(first)
     level = levels([i for i in plans if refittable(sites[i])], ups)
@@ -305,14 +297,14 @@ def sequential(evaluator: Evaluator, sites: list[Site], plans: dict, first: dict
         progress(lvl - 1, top)
         here = [i for i in plans if level.get(i) == lvl]
         weights, biases = values(sites, {j: fitted[j] for j in fitted if level.get(j, top + 1) < lvl})
-        found = [collect(evaluator, sites, here, batches, weights=weights, biases=biases, original=True)
-                 for batches in folds]
+        found = [collect(evaluator, sites, here, batches, weights=weights, biases=biases, original=True,
+                         reference=True) for batches in folds]
         for i in here:
             key, k = _key(sites[i]), sites[i].weight.shape[0]
-            pairs = [f.get(key) for f in found]
-            if any(p is None or p[0].k != k or not p[0].count or key not in o for p, o in zip(pairs, originals)):
+            triples = [f.get(key) for f in found]
+            if any(t is None or t[0].k != k or not t[0].count or not t[2].count for t in triples):
                 continue
-            moments = [Fold(g.sum, c.sum, o[key].sum) for (g, c), o in zip(pairs, originals)]
+            moments = [Fold(g.sum, c.sum, o.sum) for g, c, o in triples]
             fitted[i] = Fitter(sites[i], moments, (dampings or {}).get(i)).fit(plans[i])[0]
     progress(top, top)
     return fitted, True

@@ -35,7 +35,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .model_io import is_large, save_model
+from .model_io import model_source
 from .runtime import CPU, ort_error
 
 log = logging.getLogger(__name__)
@@ -157,16 +157,8 @@ def first_failure(results: Sequence[ProbeResult]) -> str | None:
 def probe_source(model: onnx.ModelProto, limit: int = BYTES_LIMIT) -> Iterator[bytes | str]:
     """The model as :attr:`Probe.source`: its bytes when small, else the path of a temporary copy
     with external data (removed on exit)."""
-    if not is_large(model):
-        data = model.SerializeToString()
-        if len(data) <= limit:
-            yield data
-            return
-        del data
-    with tempfile.TemporaryDirectory(prefix="onnx_split-probe-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        save_model(model, path, external_data=True)
-        yield str(path)
+    with model_source(model, limit=limit) as source:
+        yield source
 
 
 def loads_in_ort(model: onnx.ModelProto, label: str = "the model", *, providers: Sequence[str] = (CPU,),

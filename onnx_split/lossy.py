@@ -26,7 +26,9 @@ from .calibration import Calibration, load_calibration, random_calibration
 from .chains import Chain, chains_from_links, find_links
 from .config import SplitConfig
 from .decisions import Decision, Kept, Planned, Unit
+from . import moment_store
 from .errors import InputError
+from .moment_store import MomentStore
 from .partition import ahead
 from .partition.lossy_chain import joint_balanced
 from .planning import CHAIN_SLACK, MAX_CHAIN, site_decisions
@@ -115,10 +117,9 @@ class _Context:
     progress: object
     calibration: Calibration | None = None
     evaluator: Evaluator | None = None
-    moments: dict = field(default_factory=dict)
-    """{(activation, trans_a): Moments} over every search sample"""
-    fold_moments: list[dict] = field(default_factory=list)
-    """the same over each half of the search samples (two folds; one when there are too few)"""
+    moments: MomentStore | None = None
+    """the candidates' activation moments over each half of the search samples (two folds; one when
+    there are too few), a group of sites held at a time, and every site's feature norms"""
     deadline: float | None = None
     _fitters: dict = field(default_factory=dict)
     _sensitivity: int | None = None
@@ -140,9 +141,9 @@ class _Context:
             self.ahead.close()
 
     def gram(self, i: int):
-        """Whether site ``i``'s input moments were captured (with the weight's K features): the
-        moments themselves, summed over the folds, or None."""
-        m = self.moments.get(fitting._key(self.sites[i]))
+        """Whether site ``i``'s input moments were captured (with the weight's K features): their
+        norms and row count over the folds (moment_store.Norms), or None."""
+        m = None if self.moments is None else self.moments.norms(fitting._key(self.sites[i]))
         return None if m is None or m.k != self.sites[i].weight.shape[0] or m.count == 0 else m
 
     def fitter(self, i: int):
@@ -152,7 +153,7 @@ class _Context:
         if i not in self._fitters:
             key = fitting._key(self.sites[i])
             last = next(reversed(self.dampings.values()), None)  # the choice starts at the last site's
-            self._fitters[i] = fitting.Fitter(self.sites[i], [fitting.Fold(f[key].sum) for f in self.fold_moments],
+            self._fitters[i] = fitting.Fitter(self.sites[i], [fitting.Fold(s) for s in self.moments.sums(key)],
                                               self.dampings.get(i), start=last, final_fold=self.fit_fold)
         return self._fitters[i]
 
@@ -166,13 +167,7 @@ class _Context:
         """The search samples' batches the fits are made on, per fold (:attr:`fit_fold`: that one)."""
         if self.fit_fold is not None:
             return [self.calibration.batches("search", fold=self.fit_fold)]
-        n = len(self.fold_moments)
-        return [self.calibration.batches("search", fold=f) for f in range(n)] if n > 1 else \
-            [self.calibration.batches("search")]
-
-    def fit_moments(self) -> list[dict]:
-        """The original activations' moments of the folds of :meth:`fold_batches`."""
-        return [self.fold_moments[self.fit_fold]] if self.fit_fold is not None else self.fold_moments
+        return _folds(self.calibration, self.moments.n_folds)
 
     def check_batches(self, limit: int | None = None) -> list[dict]:
         """The search samples a whole-model measurement of the planning reads (the first ``limit``)."""
@@ -181,7 +176,7 @@ class _Context:
     def fit_on_one_fold(self) -> None:
         """Fit on the first half of the search samples and measure on the other (:attr:`fit_fold`),
         where the moments were summed per half."""
-        if len(self.fold_moments) == 2:
+        if self.moments is not None and self.moments.n_folds == 2:
             self.fit_fold = 0
 
     def sensitivity(self, plans: dict) -> float:
@@ -378,7 +373,7 @@ def _measure(ctx: _Context, notes: list[str]) -> None:
     except InputError as exc:
         if ctx.config.tolerance is not None or ctx.config.resolved_score == "activation":
             raise
-        ctx.evaluator, ctx.moments = None, {}
+        ctx.evaluator, ctx.moments = None, None
         notes.append(f"the output error was not measured: {exc}")
 
 
@@ -387,31 +382,27 @@ FOLD_SAMPLES = 4
 measured on samples it was not fitted on (refit.DAMPINGS chosen by that error)."""
 
 
+def _folds(calibration: Calibration, n: int) -> list[list[dict]]:
+    """The search samples' batches in ``n`` folds (two halves, or all of them in one)."""
+    return [calibration.batches("search", fold=f) for f in range(n)] if n > 1 else [calibration.batches("search")]
+
+
 def _collect(ctx: _Context) -> None:
-    """The calibration moments of every candidate site: one streamed pass over the search samples
-    (per half, when there are enough of them)."""
-    folds = 2 if ctx.calibration.n_search >= FOLD_SAMPLES else 1
-    parts = [ctx.calibration.batches("search", fold=f) for f in range(folds)] if folds > 1 else \
-        [ctx.calibration.batches("search")]
-    total = sum(len(p) for p in parts)
-    done = [0]
-
-    def step(d, t):
-        ctx.progress("calibrate", min(done[0] + d, total), total)
-
-    ctx.fold_moments = []
-    for batches in parts:
-        ctx.fold_moments.append(fitting.collect(ctx.evaluator, ctx.sites, ctx.candidates, batches, step))
-        done[0] += len(batches)
-    ctx.moments = {key: fitting.Summed([f[key] for f in ctx.fold_moments if key in f])
-                   for key in ctx.fold_moments[0]}
+    """The store of the candidate sites' calibration moments (moment_store.py), its first streamed
+    pass over the search samples (per half, when there are enough of them) made."""
+    keyed = {}
+    for i in ctx.candidates:
+        if fitting.refittable(ctx.sites[i]):
+            keyed.setdefault(fitting._key(ctx.sites[i]), ctx.sites[i])
+    folds = _folds(ctx.calibration, 2 if ctx.calibration.n_search >= FOLD_SAMPLES else 1)
+    limit = moment_store.budget(ctx.sites, ctx.candidates)
+    ctx.moments = MomentStore(ctx.evaluator, keyed, folds, limit, lambda d, t: ctx.progress("calibrate", d, t))
 
 
 def _sequential(ctx: _Context, plain: dict, first: dict) -> tuple[dict, bool]:
     ups = fitting.upstream(ctx.model, ctx.sites, list(plain))
     dampings = {**ctx.dampings, **{i: f.damping for i, f in ctx._fitters.items() if f.damping is not None}}
-    return fitting.sequential(ctx.evaluator, ctx.sites, plain, first, ups, ctx.fold_batches(), ctx.fit_moments(),
-                              ctx.deadline, lambda d, t: ctx.progress("refit", d, t), dampings)
+    return fitting.sequential(ctx.evaluator, ctx.sites, plain, first, ups, ctx.fold_batches(), ctx.deadline, lambda d, t: ctx.progress("refit", d, t), dampings)
 
 
 def _mask_key(plan) -> tuple:
@@ -639,8 +630,8 @@ def _planners(ctx: _Context, every_level: bool = False) -> dict:
     norms = {}
     if ctx.config.resolved_score == "activation":
         for i in ctx.candidates:
-            m = ctx.moments.get(fitting._key(ctx.sites[i]))
-            if m is not None and ctx.gram(i) is not None:
+            m = ctx.gram(i)
+            if m is not None:
                 norms[i] = m.norms
     scores, used = site_scores(ctx.sites, ctx.candidates, ctx.config.resolved_score, norms)
     cost = cost_rule(ctx.config.layout)  # auto: the parts' blocks
@@ -650,8 +641,8 @@ def _planners(ctx: _Context, every_level: bool = False) -> dict:
         planners[i] = make_planner(scores[i], ctx.config, cost, used[i])
     ctx.progress("partition", len(ctx.candidates), len(ctx.candidates))
     balanced = [i for i in ctx.candidates if isinstance(planners[i], BalancedPlanner) and planners[i].levels()]
-    if every_level and ahead.wanted([planners[i].scores.size for i in balanced]):  # partitions made ahead, in a second process
-        ctx.ahead = ahead.Ahead([(i, planners[i].scores, planners[i].levels()) for i in balanced],
+    if every_level and ahead.wanted([planners[i].significance.size for i in balanced]):  # partitions made ahead, in a second process
+        ctx.ahead = ahead.Ahead([(i, planners[i].significance, planners[i].levels()) for i in balanced],
                                 ctx.config.partitioner, ctx.config.seed, ctx.config.base_threads)
         for i in balanced:
             planners[i].ahead = lambda i=i: ctx.ahead.take(i)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
@@ -62,15 +65,58 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    """True when the model cannot be serialized as one protobuf (2 GB limit).
+    """True when the model cannot be serialized as one protobuf (2 GB limit)."""
+    return serialized_bytes(model) >= PROTOBUF_LIMIT
 
-    Counted without serializing it: the main graph's weights from their dims, everything else from
-    a copy without them (``ByteSize`` would serialize the whole model just to count it).
-    """
+
+SOURCE_BYTES = 64 * 2**20
+"""Models larger than this are handed to ONNX Runtime by path (:func:`model_source`)."""
+
+
+@contextmanager
+def model_source(model: onnx.ModelProto, *, limit: int = SOURCE_BYTES, outputs: tuple[str, ...] = ()
+                 ) -> Iterator[bytes | str]:
+    """The model as ONNX Runtime takes it: its serialized bytes when they are at most ``limit``,
+    else the path of a temporary copy (removed on exit) whose main-graph tensors are external data,
+    written from ``model`` a tensor at a time. The bytes of a large model would be one more copy of
+    it in memory for as long as a session is being made from them (two, where two sessions are
+    compared). ``outputs``: main-graph tensors made graph outputs as well; ``model`` is not changed."""
+    if serialized_bytes(model) <= limit:
+        copy = model
+        if outputs:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            _add_outputs(copy, outputs)
+        yield copy.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx_split-") as tmp:
+        path, data = Path(tmp) / "model.onnx", Path(tmp) / "model.data"
+        fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            header = _write_external(model, fd, data.name)
+        finally:
+            os.close(fd)
+        _add_outputs(header, outputs)
+        path.write_bytes(header.SerializeToString())
+        del header
+        yield str(path)
+
+
+def _add_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
+    known = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in known:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+
+
+def serialized_bytes(model: onnx.ModelProto) -> int:
+    """About how many bytes the model serializes to (an upper bound), counted without serializing
+    it: the main graph's weights from their dims, everything else from a copy without them
+    (``ByteSize`` would serialize the whole model just to count it)."""
     try:
         size = without_weights(model).ByteSize()
     except EncodeError:  # protobuf refuses to even size a message past its limit
-        return True
+        return PROTOBUF_LIMIT
     for t in model.graph.initializer:
         if t.data_type == onnx.TensorProto.STRING or t.data_location == onnx.TensorProto.EXTERNAL:
             size += t.ByteSize()
@@ -80,7 +126,7 @@ def is_large(model: onnx.ModelProto) -> bool:
                 count *= d
             size += count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             size += 32 + len(t.name) + 11 * len(t.dims)  # tags, lengths, name, dims: a safe upper bound
-    return size >= PROTOBUF_LIMIT
+    return size
 
 
 def save_model(

@@ -36,11 +36,12 @@ def _augmented(x: np.ndarray) -> np.ndarray:
 
 class Moments:
     """Running ``[X', 1]^T [X, 1]`` for one activation (``X' = X`` unless a second one is given),
-    summed in ``dtype`` (each batch's product in float64)."""
+    summed in ``dtype`` (each batch's product in float64). Without ``full``, only its diagonal
+    and row count are summed (``sum`` is None): the feature norms, at K+1 numbers instead of (K+1)^2."""
 
-    def __init__(self, k: int, dtype=np.float64):
+    def __init__(self, k: int, dtype=np.float64, full: bool = True):
         self.k = k
-        self.sum = np.zeros((k + 1, k + 1), dtype)
+        self.sum = np.zeros((k + 1, k + 1), dtype) if full else None
         self.diagonal = np.zeros(k + 1)  # float64 whatever ``dtype``: the norms stay exact
         self.count = 0
 
@@ -50,9 +51,14 @@ class Moments:
             finite &= np.isfinite(x_new).all(axis=1)
         right = _augmented(x[finite])
         left = right if x_new is None else _augmented(x_new[finite])
-        self.sum += left.T @ right
+        if self.sum is not None:
+            self.sum += left.T @ right
         self.diagonal += np.einsum("ij,ij->j", left, right)
         self.count += int(right.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.sum is None else self.sum.nbytes
 
     @property
     def norms(self) -> np.ndarray:

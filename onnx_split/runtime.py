@@ -8,16 +8,13 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
 from .errors import InputError
 from .kernel import register
-from .model_io import is_large, save_model
+from .model_io import model_source
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +95,6 @@ def _options(threads: int, optimization: str) -> ort.SessionOptions:
     return options
 
 
-@contextmanager
-def model_source(model: onnx.ModelProto):
-    """Bytes of a small model, or the path of a temporary copy (with external data) of a large one."""
-    if not is_large(model):
-        yield model.SerializeToString()
-        return
-    with tempfile.TemporaryDirectory(prefix="onnx_split-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        save_model(model, path, external_data=True)
-        yield str(path)
-
-
 def make_session(source, provider: str, optimization: str = "enabled", threads: int = 1) -> ort.InferenceSession:
     """A session that runs on ``provider`` (CPU as fallback for nodes it lacks)."""
     providers = [provider] if provider == CPU else [provider, CPU]
@@ -118,15 +103,10 @@ def make_session(source, provider: str, optimization: str = "enabled", threads: 
 
 def capture(model: onnx.ModelProto, names: list[str], feeds_list: list[dict], threads: int = 1) -> list[dict]:
     """The values of tensors ``names`` (intermediate or graph inputs) of the main graph, from one CPU
-    run of ``model`` per set of feeds, with those tensors made graph outputs."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    outputs = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in outputs:
-            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    run of ``model`` per set of feeds, with those tensors made graph outputs (of the source given
+    to ORT: ``model`` is neither changed nor copied)."""
     found = []
-    with model_source(copy) as source:
+    with model_source(model, outputs=tuple(names)) as source:
         session = make_session(source, CPU, "disabled", threads)
         produced = [o.name for o in session.get_outputs()]
         for feeds in feeds_list:

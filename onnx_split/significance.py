@@ -38,16 +38,36 @@ def activation_aware(weight: np.ndarray, norms: np.ndarray) -> np.ndarray:
     return magnitude(weight) * norms[:, None]
 
 
+class Significance:
+    """One weight's K x N scores (:func:`magnitude`, or :func:`activation_aware` with ``norms``),
+    made each time they are read (:meth:`values`). Float64 scores are twice the bytes of a float32
+    weight: kept for every site of a model at once, they were twice the model's weights in memory.
+    Pickled, it carries the weight and the norms, not the scores."""
+
+    def __init__(self, weight: np.ndarray, norms: np.ndarray | None = None):
+        self.weight, self.norms = weight, norms
+        self.shape, self.size = tuple(weight.shape), int(weight.size)
+
+    def values(self) -> np.ndarray:
+        return magnitude(self.weight) if self.norms is None else activation_aware(self.weight, self.norms)
+
+
+def values(scores: "Significance | np.ndarray") -> np.ndarray:
+    """The K x N array of ``scores`` (a :class:`Significance`, or the array itself)."""
+    return scores.values() if isinstance(scores, Significance) else scores
+
+
 def site_scores(sites: list[Site], indices: list[int], score: str, norms: dict[int, np.ndarray]
-                ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """{site index: K x N scores} and {site index: the score actually used} for ``indices``."""
+                ) -> tuple[dict[int, Significance], dict[int, str]]:
+    """{site index: its K x N scores, made when read} and {site index: the score actually used}
+    for ``indices``."""
     scores, used = {}, {}
     for i in indices:
         weight = sites[i].weight
         if score == "activation" and i in norms:
-            scores[i], used[i] = activation_aware(weight, norms[i]), "activation"
+            scores[i], used[i] = Significance(weight, np.asarray(norms[i], np.float64)), "activation"
         else:
-            scores[i], used[i] = magnitude(weight), "magnitude"
+            scores[i], used[i] = Significance(weight), "magnitude"
             if score == "activation":
                 log.info("%s: scored by magnitude (activations inside subgraphs are not captured)", sites[i].name)
     return scores, used

@@ -94,3 +94,27 @@ def test_is_large_counts_weights_without_serializing(monkeypatch):
     assert not model_io.is_large(model)  # the estimate is close to the real size...
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", exact)
     assert model_io.is_large(model)  # ...and never below it
+
+
+def test_a_model_above_the_source_limit_goes_to_ort_by_path_unchanged_and_with_the_outputs_asked_for():
+    from onnx_split.runtime import CPU, capture, make_session
+    from builders import chain_model
+    rng = np.random.default_rng(5)
+    w0, w1 = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((32, 16)).astype(np.float32)
+    model = chain_model([w0, w1], [[]], ["batch", 64], biases=False)
+    before = model.SerializeToString()
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    inner = "mm0"
+    with model_io.model_source(model) as small, model_io.model_source(model, limit=0, outputs=(inner,)) as path:
+        assert isinstance(small, bytes) and isinstance(path, str)
+        header = onnx.load(path, load_external_data=False)
+        assert {t.name for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL} == {"W0", "W1"}
+        by_bytes = make_session(small, CPU).run(None, {"x": x})
+        session = make_session(path, CPU)
+        assert [o.name for o in session.get_outputs()] == [model.graph.output[0].name, inner]
+        by_path = session.run(None, {"x": x})
+    np.testing.assert_array_equal(by_bytes[0], by_path[0])
+    np.testing.assert_allclose(by_path[1], x @ w0, rtol=1e-5, atol=1e-4)
+    assert model.SerializeToString() == before  # neither changed nor left with the extra output
+    (found,) = capture(model, [inner], [{"x": x}])
+    np.testing.assert_array_equal(found[inner], by_path[1])

@@ -264,14 +264,15 @@ def test_the_calibration_pass_stores_one_float32_moment_matrix_per_activation_an
 
     def spy(ctx):
         collect(ctx)
-        seen.extend(ctx.fold_moments)
+        seen.append(ctx.moments)
 
     monkeypatch.setattr(lossy, "_collect", spy)
     lossy.plan_lossy(model, sites, config)
-    assert len(seen) == 2  # the two halves of the search samples; their total is never stored
-    for fold in seen:
-        assert {key: m.sum.shape for key, m in fold.items()} == {("x", False): (49, 49), ("r", False): (65, 65)}
-        assert all(m.sum.dtype == np.float32 for m in fold.values())
+    (store,) = seen
+    assert store.n_folds == 2 and store.passes == 1  # the two halves of the search samples; their total is never stored
+    for key, shape in {("x", False): (49, 49), ("r", False): (65, 65)}.items():
+        assert all(s.shape == shape and s.dtype == np.float32 for s in store.sums(key))
+    assert store.passes == 1  # a small model's moments are held in one group
 
 
 def test_column_groups_gather_the_columns_that_keep_the_same_rows():

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from ..blas import worker_start
+from ..significance import values
 from . import BALANCED
 from .metis import metis_ladder
 from .plan import Plan
@@ -37,7 +38,9 @@ WINDOW = 3
 
 def partitions(partitioner: str, scores: np.ndarray, counts: tuple[int, ...], seed: int) -> dict[int, Plan]:
     """The plans of ``scores`` at each part count: what the worker runs for one site (METIS's
-    graph of the scores built once for all of them)."""
+    graph of the scores built once for all of them). ``scores`` may be a significance.Significance:
+    the worker then makes them from the weight it carries."""
+    scores = values(scores)
     if partitioner == "metis":
         return metis_ladder(scores, counts, seed=seed)
     return {parts: BALANCED[partitioner](scores, parts, seed=seed) for parts in counts}

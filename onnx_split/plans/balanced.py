@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..partition import BALANCED
+from ..significance import values
 from .base import LEVELS, LadderMixin
 from .blocks import BlockPlan, lossy_plan
 
@@ -12,14 +13,20 @@ from .blocks import BlockPlan, lossy_plan
 class BalancedPlanner(LadderMixin):
     def __init__(self, scores, partitioner: str, *, cost, score: str | None = None, seed: int = 0,
                  max_parts: int = 16, tile: int = 64):
-        """``cost``: multiply-adds per row a plan costs in the form it will be written in."""
-        self.scores, self.partitioner, self.seed, self.cost, self.score = scores, partitioner, seed, cost, score
+        """``scores``: an array, or a significance.Significance made when read; ``cost``: multiply-adds
+        per row a plan costs in the form it will be written in."""
+        self.significance, self.partitioner, self.seed, self.cost, self.score = scores, partitioner, seed, cost, score
         k, n = scores.shape
         self.max_parts = max(1, min(max_parts, k, n))
         self._cache: dict[int, BlockPlan] = {}
         self.ahead = None
         """A callable giving {parts: Plan} made elsewhere (partition/ahead.py), asked once; None: none."""
         self._made: dict = {}
+
+    @property
+    def scores(self):
+        """The K x N scores (made now where they are made when read)."""
+        return values(self.significance)
 
     def levels(self) -> tuple[int, ...]:
         """The part counts :meth:`step` plans at."""
@@ -30,10 +37,10 @@ class BalancedPlanner(LadderMixin):
             if self.ahead is not None:
                 fetch, self.ahead = self.ahead, None
                 self._made = fetch() or {}
-            plan = self._made.pop(parts, None)
+            plan, scores = self._made.pop(parts, None), self.scores
             if plan is None:
-                plan = BALANCED[self.partitioner](self.scores, parts, seed=self.seed)
-            self._cache[parts] = lossy_plan(plan, self.scores, f"{len(plan.parts)} {self.partitioner} parts",
+                plan = BALANCED[self.partitioner](scores, parts, seed=self.seed)
+            self._cache[parts] = lossy_plan(plan, scores, f"{len(plan.parts)} {self.partitioner} parts",
                                             self.score, self.cost)
         return self._cache[parts]
 

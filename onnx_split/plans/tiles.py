@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from ..partition import static_tiles
+from ..significance import values
 from .base import LadderMixin
 from .blocks import BlockPlan, lossy_plan
 
@@ -13,8 +14,9 @@ from .blocks import BlockPlan, lossy_plan
 class TilePlanner(LadderMixin):
     def __init__(self, scores, partitioner: str = "tiles", *, cost, score: str | None = None, seed: int = 0,
                  max_parts: int = 16, tile: int = 64):
-        self.scores, self.tile, self.cost, self.score = scores, tile, cost, score
-        k, n = scores.shape
+        self.significance, self.tile, self.cost, self.score = scores, tile, cost, score
+        k, n = self.shape = tuple(scores.shape)
+        scores = values(scores)
         self.max_parts = max(1, min(max_parts, k, n))
         rows, cols = -(-k // tile), -(-n // tile)
         sums = np.add.reduceat(np.add.reduceat(scores, np.arange(0, k, tile), axis=0),
@@ -26,14 +28,20 @@ class TilePlanner(LadderMixin):
         self._tile_area = np.cumsum(areas.ravel()[order])
         self._cache: dict[int, BlockPlan] = {}
 
+    @property
+    def scores(self):
+        """The K x N scores (made now where they are made when read)."""
+        return values(self.significance)
+
     def at(self, count: int) -> BlockPlan:
         """The best ``count`` tiles."""
         count = int(count)
         if count not in self._cache:
             # static_tiles keeps ceil(keep * n) tiles: aim between counts so rounding cannot add one
-            plan = static_tiles(self.scores, self.tile, (count - 0.5) / self.n_tiles)
+            scores = self.scores
+            plan = static_tiles(scores, self.tile, (count - 0.5) / self.n_tiles)
             label = f"{count} of {self.n_tiles} {self.tile}x{self.tile} tiles"
-            self._cache[count] = lossy_plan(plan, self.scores, label, self.score, self.cost)
+            self._cache[count] = lossy_plan(plan, scores, label, self.score, self.cost)
         return self._cache[count]
 
     def step(self, level: int) -> BlockPlan | None:
@@ -55,7 +63,7 @@ class TilePlanner(LadderMixin):
 
     def for_flops(self, flops: float) -> BlockPlan | None:
         """The most tiles whose cost fits ``flops``."""
-        k, n = self.scores.shape
+        k, n = self.shape
         if flops >= 1:
             return None
         count = int(np.searchsorted(self._tile_area, flops * k * n, side="right"))
