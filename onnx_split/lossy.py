@@ -406,7 +406,7 @@ def _sequential(ctx: _Context, plain: dict, first: dict) -> tuple[dict, bool]:
 
 
 def _mask_key(plan) -> tuple:
-    return plan.label, plan.masks[0].shape, np.packbits(plan.masks[0]).tobytes()
+    return plan.label, plan.masks.key(0)
 
 
 def _remember(ctx: _Context, i: int, fitted) -> None:

@@ -8,6 +8,7 @@ Either way the rewritten nodes multiply by :meth:`BlockPlan.effective_weight`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,12 +17,37 @@ import numpy as np
 from ..partition import ChainPlan, Plan
 
 
+class PackedMasks:
+    """Per layer, a K x N boolean mask held as bits: 1/8 of the bytes of numpy's bool array (a
+    ``--tolerance`` search holds a plan per rung and site: as bool arrays their masks were as many
+    bytes as the model's float32 weights). Indexing unpacks a fresh array of that layer."""
+
+    def __init__(self, masks):
+        self.shapes = tuple(tuple(int(d) for d in np.shape(m)) for m in masks)
+        self.bits = tuple(np.packbits(np.asarray(m, bool), axis=None) for m in masks)
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        shape = self.shapes[layer]
+        return np.unpackbits(self.bits[layer], count=math.prod(shape)).reshape(shape).view(bool)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def __iter__(self):
+        return (self[layer] for layer in range(len(self)))
+
+    def key(self, layer: int) -> tuple:
+        """What tells this layer's mask from any other (its shape and bits)."""
+        return self.shapes[layer], self.bits[layer].tobytes()
+
+
 @dataclass(frozen=True, eq=False)
 class BlockPlan:
     kind: ClassVar[str] = "blocks"
     partition: ChainPlan
-    masks: tuple[np.ndarray, ...] | None = None
-    """Per layer, the K x N entries the plan keeps (lossy plans); None: the partition's blocks."""
+    masks: PackedMasks | None = None
+    """Per layer, the K x N entries the plan keeps (lossy plans; given as arrays, held as
+    :class:`PackedMasks`); None: the partition's blocks."""
     approximates: bool = False
     label: str = ""
     retained: float | None = None
@@ -34,6 +60,10 @@ class BlockPlan:
     original's kept entries: the weight [K, N] (zero outside the blocks; held as
     :class:`KeptEntries` where the plan has masks) and the Gemm's C as stored (None: C unchanged).
     See refit.py."""
+
+    def __post_init__(self):
+        if self.masks is not None and not isinstance(self.masks, PackedMasks):
+            object.__setattr__(self, "masks", PackedMasks(self.masks))
 
     @property
     def n_layers(self) -> int:
@@ -90,28 +120,36 @@ class BlockPlan:
         kept as its entries inside it: a ``--tolerance`` search holds a fitted plan per rung and
         site, and a rung of G parts keeps about 1/G of the weight."""
         if fitted is not None and self.masks is not None:
-            fitted = tuple((KeptEntries.of(w, self.masks[layer]), c) for layer, (w, c) in enumerate(fitted))
+            fitted = tuple((KeptEntries.of(w, self.masks, layer), c) for layer, (w, c) in enumerate(fitted))
         return dataclasses.replace(self, fitted=fitted)
 
 
 @dataclass(frozen=True, eq=False)
 class KeptEntries:
-    """A weight that is zero outside ``mask``, as its entries inside it (row-major order)."""
+    """A weight that is zero outside layer ``layer`` of ``masks``, as its entries inside it
+    (row-major order)."""
 
-    mask: np.ndarray
+    masks: PackedMasks
+    layer: int
     values: np.ndarray
 
     @staticmethod
-    def of(weight, mask: np.ndarray):
-        """``weight`` as its entries inside ``mask``, or ``weight`` itself when it is not an array
-        of the mask's shape that is zero outside it."""
+    def of(weight, masks: PackedMasks, layer: int):
+        """``weight`` as its entries inside the layer's mask, or ``weight`` itself when it is not an
+        array of the mask's shape that is zero outside it."""
+        mask = masks[layer]
         if not isinstance(weight, np.ndarray) or weight.shape != mask.shape or np.any(weight[~mask]):
             return weight
-        return KeptEntries(mask, weight[mask])
+        return KeptEntries(masks, layer, weight[mask])
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.masks[self.layer]
 
     def array(self, dtype) -> np.ndarray:
-        out = np.zeros(self.mask.shape, dtype=dtype)
-        out[self.mask] = self.values
+        mask = self.mask
+        out = np.zeros(mask.shape, dtype=dtype)
+        out[mask] = self.values
         return out
 
 
