@@ -123,13 +123,16 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if lossy is not None:                                  # what that costs at the outputs
         error, more = lossy.error(approximated, config.tolerance, biases, **({"dynamic": dynamic} if dynamic else {}))
         notes += [n for n in more if n not in notes]
+        lossy.evaluator = None                             # its ORT session is done with
         clock.lap("error")
-    reference = reference_model(original, sites, approximated, biases) if approximated else original
+
+    def reference() -> onnx.ModelProto:                    # built for verification, let go before timing
+        found = reference_model(original, sites, approximated, biases) if approximated else original
+        return with_dynamic(found, sites, dynamic)
     against = (REFITTED if any(getattr(units[u].plan, "refitted", False) for u in written) else PRUNED) \
         if approximated else (DYNAMIC_AGAINST if dynamic else "the original")
     if config.factorize is not None and approximated:
         against = FACTORIZED
-    reference = with_dynamic(reference, sites, dynamic)
     n_split = sum(isinstance(d, Split) for d in decisions.values())
     entries = metadata_entries(config, n_split, len(sites), error)
     if any(w.form == "dynamic-kernel" for w in written.values()):  # how to load it
@@ -331,13 +334,15 @@ def _rewrite(model, sites, units, forms: dict[int, str], config: SplitConfig):
     return written, {chosen[j]: why for j, why in refused_jobs.items()}
 
 
-def _verify_and_time(original, model, reference, config: SplitConfig, points, providers, modified: bool,
+def _verify_and_time(original, model, make_reference, config: SplitConfig, points, providers, modified: bool,
                      notes: list[str], inputs: list[str], progress, clock: _Clock):
-    """Verification against ``reference`` (the original, or the model with the approximating plans'
-    effective weights) on the first point's inputs and more seeded sets like them (``inputs``, how
+    """Verification against ``make_reference()`` (the original, or the model with the approximating
+    plans' effective weights: a copy of the model, made here and let go before the timing, which
+    holds two sessions) on the first point's inputs and more seeded sets like them (``inputs``, how
     they were made, is updated); timing against the original at every point."""
     verification, latency = [], []
     _, feeds = points[0]
+    reference = make_reference() if config.verify or (config.bench and modified) else None
     if config.verify or (config.bench and modified):  # no session of a model that crashes ORT opens here
         levels = ("disabled", "enabled") if config.verify else ("enabled",)
         crash = screen_sessions(reference, model, providers=[p for p in providers if not provider_status(p)],
@@ -352,6 +357,7 @@ def _verify_and_time(original, model, reference, config: SplitConfig, points, pr
         verification = verify_models(reference, model, sets, providers=providers, rtol=config.rtol,
                                      atol=config.atol, threads=config.base_threads)
         progress("verify", 1, 1)
+    del reference
     clock.lap("verify")
     if config.bench and modified:
         for n, (label, feeds) in enumerate(points):
