@@ -1,5 +1,6 @@
 """The calibration moments held a group of sites at a time (moment_store.py): the same plans, errors
-and dry-run figures whatever the group size, and never more held than the budget allows."""
+and dry-run figures whatever the group size, and never more held than the budget allows; and
+plans' masks held as bits (plans.blocks.PackedMasks)."""
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,21 @@ def test_the_budget_is_half_the_candidates_weight_bytes_or_the_minimum():
     sites = find_sites(onnx.load(MODEL), min_elements=0)
     weights = sum(s.weight.nbytes for s in sites)
     assert moment_store.budget(sites, list(range(len(sites)))) == max(moment_store.MIN_MOMENT_BYTES, weights // 2)
+
+
+def test_a_plans_masks_are_held_as_bits_and_read_back_as_the_same_arrays():
+    from onnx_split.plans import planner_for
+    from onnx_split.plans.blocks import KeptEntries, PackedMasks
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((96, 80)).astype(np.float32)
+    plan = planner_for(np.abs(w).astype(np.float64), "metis", seed=0).for_parts(4)
+    assert isinstance(plan.masks, PackedMasks)
+    assert plan.masks.bits[0].nbytes == -(-w.size // 8)  # a bit per entry, not a byte
+    mask = plan.masks[0]
+    assert mask.dtype == bool and mask.shape == w.shape and 0 < mask.sum() < w.size
+    fitted = plan.with_fit(((np.where(mask, w, 0), None),))
+    held = fitted.fitted[0][0]
+    assert isinstance(held, KeptEntries) and held.masks is fitted.masks
+    np.testing.assert_array_equal(fitted.effective_weight(0, w), np.where(mask, w, 0))
+    again = PackedMasks([mask])
+    assert again.key(0) == plan.masks.key(0) and np.array_equal(again[0], mask)
