@@ -140,6 +140,11 @@ class _Context:
         if self.ahead is not None:
             self.ahead.close()
 
+    def release_moments(self) -> None:
+        """Let go of the moments held (the norms stay; a later fit collects what it needs again)."""
+        if self.moments is not None:
+            self.moments.release()
+
     def gram(self, i: int):
         """Whether site ``i``'s input moments were captured (with the weight's K features): their
         norms and row count over the folds (moment_store.Norms), or None."""
@@ -507,6 +512,7 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
             options[i] = [Option(o[1], o[2], e) for o, e in zip(opts, errors)]
             unfitted[i] = {id(o[1]): o[0] for o in opts}
         ctx.progress("sensitivity", len(raw), len(raw))
+    ctx.release_moments()  # every site is fitted: a lossy chain's refit collects its own again
 
     trace: list[dict] = []
     dense_macs = sum(sites[i].weight.size for i in ctx.candidates) or 1
@@ -712,6 +718,7 @@ def _survey_rows(ctx: _Context, planners: dict, decided: dict) -> list[SurveyRow
             errors = _estimates(ctx, i, fitted, local, runs) if measured and steps else (lambda n=len(steps): [None] * n)
             ctx.done_with(i)
             later.append((row, steps, local, errors))
+        ctx.release_moments()
         for row, steps, local, errors in later:
             for (level, plan), err, loc in zip(steps, errors(), local):
                 row.levels.append({"level": level, "label": plan.label, "retained": plan.retained,
