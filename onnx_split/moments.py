@@ -57,10 +57,6 @@ class Moments:
         self.count += int(right.shape[0])
 
     @property
-    def nbytes(self) -> int:
-        return 0 if self.sum is None else self.sum.nbytes
-
-    @property
     def norms(self) -> np.ndarray:
         """||x_i||_2 per input feature over every row added (of X' for a cross moment)."""
         return np.sqrt(np.maximum(self.diagonal[:-1], 0.0))
