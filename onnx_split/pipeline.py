@@ -32,13 +32,14 @@ from .lossy import SurveyRow, plan_lossy, survey
 from .rewrite.dynamic_fallback import FALLBACK_NOTE
 from .rewrite.dynamic_kernel import LOAD_NOTE
 from .model_io import load_model
+from .protos import without_weights
 from .planning import exact_units, plan_exact
 from .points import measuring_points, providers_for
 from .pruned import reference_model
 from .report import SplitReport, Written, build_report, metadata_entries, size
 from .rewrite import AUTO, FORMS, LAYOUTS, Job, rewrite_model
 from .rewrite.neighbours import fold_neighbours, regions
-from .sites import find_sites
+from .sites import find_sites, release_weights
 from .stats import model_stats
 from .structure import SiteStructure, site_structures
 from .tune import static_choice, tune_chains, whole_model_verdict
@@ -77,9 +78,9 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
                          f"(--parts, --keep, --flops or --tolerance), or --dry-run to see what each would keep")
     clock = _Clock()
     source, original = _load(model_or_path, "split_model")
-    model = _copy(original)
+    model = without_weights(original)                      # the working copy: its weights come at the rewrite
     clock.lap("load")
-    sites = find_sites(model, min_elements=config.min_elements)
+    sites = find_sites(model, min_elements=config.min_elements, weights=original)
     notes: list[str] = unmatched(sites, config.include, config.exclude)  # --include/--exclude apply in the plan step
 
     original_loads = functools.cache(lambda: loads_in_ort(original))  # checked in a child once, if at all
@@ -90,7 +91,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         points, inputs = measuring_points(original, config)
 
     with limited(config.base_threads):                     # blas.py: the planners' numpy on --threads BLAS threads
-        lossy, decisions, units = _plan(model, original, sites, config, points, providers, progress, original_loads)
+        lossy, decisions, units = _plan(original, sites, config, points, providers, progress, original_loads)
     if lossy is not None:
         notes += lossy.notes
 
@@ -107,6 +108,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     if config.layout == AUTO and not compressed:
         clock.lap("tune")
 
+    model.graph.initializer.extend(original.graph.initializer)  # the working copy's weights, copied now
     written, refused = _rewrite(model, sites, units, forms, config)                       # rewrite
     decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
 
@@ -125,6 +127,8 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         notes += [n for n in more if n not in notes]
         lossy.evaluator = None                             # its ORT session is done with
         clock.lap("error")
+    if not structures:                                     # the parts are cut: verifying needs the memory
+        release_weights(sites + [s for unit in units for s in getattr(unit.chain, "sites", ())])
 
     def reference() -> onnx.ModelProto:                    # built for verification, let go before timing
         found = reference_model(original, sites, approximated, biases) if approximated else original
@@ -179,16 +183,18 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     return SplitResult(model, report, pictures)
 
 
-def _plan(model, original, sites, config: SplitConfig, points, providers, progress, original_loads):
-    """(the lossy planning or None, a decision per site, the units): what each site would become."""
+def _plan(original, sites, config: SplitConfig, points, providers, progress, original_loads):
+    """(the lossy planning or None, a decision per site, the units): what each site would become.
+    The planners read the original (the working copy has no weights yet; both have the same graph,
+    and the sites are addressed by scope and node position)."""
     if config.factorize is not None:
-        lossy = plan_factorized(model, sites, config, progress)
+        lossy = plan_factorized(original, sites, config, progress)
         return lossy, lossy.decisions, lossy.units
     if config.dynamic_keep is not None:
-        lossy = plan_dynamic(model, sites, config, progress)
+        lossy = plan_dynamic(original, sites, config, progress)
         return lossy, lossy.decisions, dynamic_units(sites, lossy.decisions)
     if config.lossy:
-        lossy = plan_lossy(model, sites, config, progress,
+        lossy = plan_lossy(original, sites, config, progress,
                            speed=_speed(original, config, points, providers, progress, original_loads))
         return lossy, lossy.decisions, lossy.units
     decisions = plan_exact(sites, config, progress)

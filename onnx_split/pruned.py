@@ -73,6 +73,17 @@ class ErrorSum:
         return float(np.sqrt(self.num / self.den))
 
 
+def _like(value: np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
+    return value.dtype, value.shape
+
+
+def _stored_like(site: Site) -> tuple[np.dtype, tuple[int, ...]]:
+    """The dtype and shape of the site's weight as the node reads it (known after the weight was
+    let go: sites.release_weights)."""
+    k, n = site.shape
+    return site.weight_dtype, ((n, k) if site.trans_b else (k, n))
+
+
 def _stored(site: Site, weight: np.ndarray) -> np.ndarray:
     """``weight`` (x @ W orientation) as the node reads its second input."""
     return np.ascontiguousarray(weight.T if site.trans_b else weight)
@@ -126,12 +137,12 @@ def _with_weights(model: onnx.ModelProto, sites: list[Site], weights: dict[int, 
             graph = graphs[site.scope]
             replaced.add((site.scope, graph.node[site.index].input[position]))
             graph.node[site.index].input[position] = name
-            like = _stored(site, site.weight) if kind == "weight" else np.asarray(site.bias_value)
+            dtype, shape = _stored_like(site) if kind == "weight" else _like(np.asarray(site.bias_value))
             if as_inputs:
-                elem = onnx.helper.np_dtype_to_tensor_dtype(like.dtype)
-                copy.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, list(like.shape)))
+                elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+                copy.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, list(shape)))
             else:
-                stored = _stored(site, value) if kind == "weight" else np.asarray(value, like.dtype).reshape(like.shape)
+                stored = _stored(site, value) if kind == "weight" else np.asarray(value, dtype).reshape(shape)
                 added.append((graph, numpy_helper.from_array(stored, name)))
     unread = _unread(copy, replaced)
     copy.graph.initializer.extend(t for t in model.graph.initializer if t.name not in unread.get("main", ()))

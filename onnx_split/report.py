@@ -420,7 +420,7 @@ def site_report(site, decision, units: list[Unit]) -> SiteReport:
     """One site's row from its last decision."""
     rep = SiteReport(node=site.name, op_type=site.op_type, scope=site.scope,
                      shape=list(site.shape) if site.shape else None,
-                     dtype=str(site.weight.dtype) if site.weight is not None else None,
+                     dtype=str(site.weight_dtype) if site.weight_dtype is not None else None,
                      decision="kept", reason=decision.reason, module=module_path(site.node),
                      candidate=site.reason is None)
     if site.shape is not None and len(site.shape) == 2:

@@ -65,6 +65,10 @@ class Site:
     shape_of: Callable[[str], list[int | None] | None] = field(default=lambda name: None, repr=False, compare=False)
     """The shape of a tensor visible from this site's graph as shape inference tells it (None for a
     dynamic dim), or None if it does not."""
+    released: tuple[tuple[int, ...], np.dtype] | None = field(default=None, repr=False, compare=False)
+    """The weight's shape and dtype once :func:`release_weights` let the weight go."""
+    forget: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
+    """Lets go of the values read while finding the sites (their resolver's cache)."""
 
     @property
     def output(self) -> str:
@@ -72,7 +76,26 @@ class Site:
 
     @property
     def shape(self) -> tuple[int, ...] | None:
-        return None if self.weight is None else tuple(int(d) for d in self.weight.shape)
+        if self.weight is None:
+            return None if self.released is None else self.released[0]
+        return tuple(int(d) for d in self.weight.shape)
+
+    @property
+    def weight_dtype(self) -> np.dtype | None:
+        if self.weight is None:
+            return None if self.released is None else self.released[1]
+        return self.weight.dtype
+
+
+def release_weights(sites: list[Site]) -> None:
+    """Let go of every site's weight array (its shape and dtype stay readable), and of the constants
+    read to find them: once the rewrite has cut the parts, the weights are in the models, and the
+    verification and timing that follow need the memory."""
+    for site in sites:
+        if site.weight is not None:
+            site.released = (site.shape, site.weight.dtype)
+            site.weight = None
+        site.forget()
 
 
 @dataclass
@@ -84,9 +107,11 @@ class _Scope:
     inputs: set[str]
 
     @classmethod
-    def of(cls, name: str, graph: onnx.GraphProto) -> "_Scope":
+    def of(cls, name: str, graph: onnx.GraphProto, stored: onnx.GraphProto | None = None) -> "_Scope":
+        """``stored``: the graph whose initializers are this one's (``graph`` has none of its own)."""
         producers = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
-        return cls(name, graph, producers, {t.name: t for t in graph.initializer}, {i.name for i in graph.input})
+        initializers = (graph if stored is None else stored).initializer
+        return cls(name, graph, producers, {t.name: t for t in initializers}, {i.name for i in graph.input})
 
 
 class _Resolver:
@@ -98,6 +123,9 @@ class _Resolver:
         self._cache: dict[tuple[str, str], tuple[np.ndarray | None, str | None, list[int]]] = {}
         self._quantized: dict[tuple[str, str], str] = {}
         """(scope, tensor) -> the quantizing node of its producer chain, for folded tensors"""
+
+    def forget(self) -> None:
+        self._cache.clear()
 
     def quantized(self, name: str, scopes: list[_Scope]) -> str | None:
         """The DequantizeLinear (or similar) node a folded constant ``name`` comes from, or None."""
@@ -212,11 +240,11 @@ def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets, ir_ver
         return ReferenceEvaluator(model).run(None, feeds)
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, dict[str, list[int | None]]]:
+def _shapes(model: onnx.ModelProto, weights: onnx.ModelProto) -> dict[str, dict[str, list[int | None]]]:
     """{scope name: {tensor: shape}} (None for a dynamic dim) for every tensor shape inference can
-    tell, from a copy that has the main graph's weight shapes but not their data."""
+    tell, from a copy that has the main graph's weight shapes (those of ``weights``) but not their data."""
     light = without_weights(model)
-    for t in model.graph.initializer:  # inference needs the shapes of weights, not their values
+    for t in weights.graph.initializer:  # inference needs the shapes of weights, not their values
         light.graph.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
     try:
         light = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False)
@@ -337,22 +365,29 @@ def _names_read(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
-def find_sites(model: onnx.ModelProto, *, min_elements: int = 0) -> list[Site]:
-    """Every MatMul/Gemm of the model, in graph order (subgraphs after their parent node)."""
+def find_sites(model: onnx.ModelProto, *, min_elements: int = 0,
+               weights: onnx.ModelProto | None = None) -> list[Site]:
+    """Every MatMul/Gemm of the model, in graph order (subgraphs after their parent node).
+
+    ``weights``: the model whose main-graph initializers hold the weights, where ``model`` is a copy
+    of it without them (protos.without_weights: the pipeline's working copy until the rewrite)."""
+    weights = model if weights is None else weights
     resolver = _Resolver(model)
-    shapes = _shapes(model)
+    shapes = _shapes(model, weights)
     opset = default_opset(model)
     sites: list[Site] = []
     visible: dict[str, list[_Scope]] = {}  # scope -> its own scope, then the enclosing ones
     live: dict[str, set[str]] = {}  # scope -> tensors that can change at run time
     for scope_name, graph, parent in walk_graphs(model.graph, with_parent=True):
-        scopes = visible[scope_name] = [_Scope.of(scope_name, graph)] + (visible[parent] if parent else [])
+        scopes = visible[scope_name] = [_Scope.of(scope_name, graph, weights.graph if parent is None else None)] \
+            + (visible[parent] if parent else [])
         live[scope_name] = runtime_tensors(graph, frozenset(live[parent]) if parent else frozenset())
         for index, node in enumerate(graph.node):
             if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
                 site = Site(node=node, graph=graph, scope=scope_name, index=index,
                             name=node.name or node.output[0], op_type=node.op_type)
                 site.constant = lambda name, scopes=scopes: resolver.value(name, scopes)[0]
+                site.forget = resolver.forget
                 site.shape_of = lambda name, scopes=scopes: next(
                     (shapes[sc.name][name] for sc in scopes if name in shapes.get(sc.name, {})), None)
                 _describe(site, scopes, resolver, shapes, opset, min_elements, live[scope_name])
