@@ -29,6 +29,7 @@ from .decisions import Decision, Kept, Planned, Unit
 from . import moment_store
 from .errors import InputError
 from .moment_store import MomentStore
+from .memory import give_back
 from .partition import ahead
 from .partition.lossy_chain import joint_balanced
 from .planning import CHAIN_SLACK, MAX_CHAIN, site_decisions
@@ -144,6 +145,7 @@ class _Context:
         """Let go of the moments held (the norms stay; a later fit collects what it needs again)."""
         if self.moments is not None:
             self.moments.release()
+            give_back()
 
     def gram(self, i: int):
         """Whether site ``i``'s input moments were captured (with the weight's K features): their

@@ -31,6 +31,7 @@ from .factorization import AGAINST as FACTORIZED, plan_factorized, structured
 from .lossy import SurveyRow, plan_lossy, survey
 from .rewrite.dynamic_fallback import FALLBACK_NOTE
 from .rewrite.dynamic_kernel import LOAD_NOTE
+from .memory import give_back
 from .model_io import load_model
 from .protos import without_weights
 from .planning import exact_units, plan_exact
@@ -94,6 +95,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         lossy, decisions, units = _plan(original, sites, config, points, providers, progress, original_loads)
     if lossy is not None:
         notes += lossy.notes
+    give_back()                                            # what the planning held
 
     clock.lap("analyse")
 
@@ -129,6 +131,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         clock.lap("error")
     if not structures:                                     # the parts are cut: verifying needs the memory
         release_weights(sites + [s for unit in units for s in getattr(unit.chain, "sites", ())])
+    give_back()
 
     def reference() -> onnx.ModelProto:                    # built for verification, let go before timing
         found = reference_model(original, sites, approximated, biases) if approximated else original
@@ -364,6 +367,7 @@ def _verify_and_time(original, model, make_reference, config: SplitConfig, point
                                      atol=config.atol, threads=config.base_threads)
         progress("verify", 1, 1)
     del reference
+    give_back()
     clock.lap("verify")
     if config.bench and modified:
         for n, (label, feeds) in enumerate(points):

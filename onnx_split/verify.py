@@ -26,6 +26,7 @@ import onnx
 
 from . import isolate
 from .errors import InputError, first_line
+from .memory import give_back
 from .model_io import is_large, save_model
 from .runtime import CPU, make_session, model_source, ort_error, provider_status
 
@@ -190,6 +191,7 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
                     continue
                 names = [o.name for o in session_a.get_outputs()]
                 del session_a  # one model in memory at a time: large models need it
+                give_back(collect=False)
                 try:
                     session_b = make_session(src_b, provider, optimization, threads)
                     gots = [session_b.run(None, f) for f in sets]
@@ -198,6 +200,7 @@ def verify_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
                                                      f"the rewritten model does not run: {ort_error(exc)}"))
                     continue
                 del session_b
+                give_back(collect=False)
                 entries.append(_entry(provider, optimization, names, refs, gots, rtol, atol))
     if any(e.status == "passed" for e in entries):
         missed = unreached_branches(original, rewritten, sets, threads)

@@ -173,3 +173,35 @@ def test_a_weight_that_is_a_graph_input_or_folds_from_a_constant_keeps_its_own_r
     folded, graph_input = find_sites(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     assert folded.reason is None
     assert graph_input.reason.startswith("weight 'v' is a graph input")
+
+
+def test_sites_of_a_header_read_the_weights_of_the_model_it_was_copied_from():
+    """The pipeline's working copy has no main-graph weights until the rewrite: its sites are the
+    same as the full model's, each node the header's own."""
+    from onnx_split.protos import without_weights
+    w = _w()
+    x = helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])
+    g = helper.make_graph([helper.make_node("Gemm", ["a", "B", "C"], ["y"], transB=1)], "g", [x], [y],
+                          [numpy_helper.from_array(np.ascontiguousarray(w.T), "B"),
+                           numpy_helper.from_array(np.arange(6, dtype=np.float32), "C")])
+    full = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    header = without_weights(full)
+    assert not header.graph.initializer
+    alone = _one(header)
+    assert alone.reason is not None  # without the weights it has nothing to split
+    site = _one(header, weights=full)
+    want = _one(full)
+    assert site.reason is None and site.shape == want.shape == (8, 6) and site.node is header.graph.node[0]
+    np.testing.assert_array_equal(site.weight, w)
+    np.testing.assert_array_equal(site.bias_value, want.bias_value)
+
+
+def test_released_weights_keep_their_shape_and_dtype():
+    from onnx_split.sites import release_weights
+    sites = find_sites(matmul_model(_w().astype(np.float16), [2, 8]))
+    site = sites[0]
+    assert site.shape == (8, 6) and site.weight_dtype == np.float16
+    release_weights(sites)
+    assert site.weight is None and site.shape == (8, 6) and site.weight_dtype == np.float16
+    assert site.constant(site.weight_name) is not None  # read again from the model on demand
