@@ -4,6 +4,7 @@ The pass keeps the input's IR version and opsets; nothing here changes them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -15,7 +16,7 @@ from typing import Iterator
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
-from . import writes
+from . import spill, writes
 from .errors import ModelLoadError, OutputError, first_line
 from .external_data import check_external_data
 from .protos import without_weights
@@ -81,7 +82,8 @@ def model_source(model: onnx.ModelProto, *, limit: int = SOURCE_BYTES, outputs: 
     written from ``model`` a tensor at a time. The bytes of a large model would be one more copy of
     it in memory for as long as a session is being made from them (two, where two sessions are
     compared). ``outputs``: main-graph tensors made graph outputs as well; ``model`` is not changed."""
-    if serialized_bytes(model) <= limit:
+    outside = spill.refers_outside(model)
+    if not outside and serialized_bytes(model) <= limit:
         copy = model
         if outputs:
             copy = onnx.ModelProto()
@@ -89,9 +91,15 @@ def model_source(model: onnx.ModelProto, *, limit: int = SOURCE_BYTES, outputs: 
             _add_outputs(copy, outputs)
         yield copy.SerializeToString()
         return
-    with tempfile.TemporaryDirectory(prefix="onnx_split-") as tmp:
-        path, data = Path(tmp) / "model.onnx", Path(tmp) / "model.data"
-        fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    folder = spill.directory()
+    if outside and folder is None:
+        raise ValueError("the model refers to external data and no spill is active")
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx_split-")))
+        # in a spill's directory, beside the weights the model refers to: names of its own
+        path, data = (Path(p) for p in (_new_file(folder, ".onnx", stack), _new_file(folder, ".data", stack)))
+        fd = os.open(data, os.O_WRONLY)
         try:
             header = _write_external(model, fd, data.name)
         finally:
@@ -100,6 +108,14 @@ def model_source(model: onnx.ModelProto, *, limit: int = SOURCE_BYTES, outputs: 
         path.write_bytes(header.SerializeToString())
         del header
         yield str(path)
+
+
+def _new_file(folder: Path, suffix: str, stack: contextlib.ExitStack) -> str:
+    """A new empty file in ``folder``, removed when ``stack`` closes."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix="source-", suffix=suffix)
+    os.close(fd)
+    stack.callback(lambda: Path(name).unlink(missing_ok=True))
+    return name
 
 
 def _add_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
@@ -220,14 +236,25 @@ def _write_external(model: onnx.ModelProto, data_fd: int, data_name: str, thresh
             data.write(b"\0" * pad)
             offset += pad
             data.write(raw)
-            ref = header.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
-                                               doc_string=tensor.doc_string)
+            ref = header.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
+            _copy_set_fields(tensor, ref)
             ref.data_location = onnx.TensorProto.EXTERNAL
             for key, val in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
                 ref.external_data.add(key=key, value=val)
             offset += len(raw)
             del raw
     return header
+
+
+def _copy_set_fields(tensor: onnx.TensorProto, ref: onnx.TensorProto) -> None:
+    """The tensor's other fields that are set (not its data), so that reading the data back gives
+    the tensor as it was (spill.load_weights)."""
+    if tensor.HasField("doc_string"):
+        ref.doc_string = tensor.doc_string
+    if tensor.HasField("segment"):
+        ref.segment.CopyFrom(tensor.segment)
+    if "metadata_props" in tensor.DESCRIPTOR.fields_by_name:
+        ref.metadata_props.extend(tensor.metadata_props)
 
 
 def external_data_files(model: onnx.ModelProto, base: Path) -> set[Path]:

@@ -41,6 +41,7 @@ from .report import SplitReport, Written, build_report, metadata_entries, size
 from .rewrite import AUTO, FORMS, LAYOUTS, Job, rewrite_model
 from .rewrite.neighbours import fold_neighbours, regions
 from .sites import find_sites, release_weights
+from .spill import load_weights, spilled
 from .stats import model_stats
 from .structure import SiteStructure, site_structures
 from .tune import static_choice, tune_chains, whole_model_verdict
@@ -78,7 +79,15 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         raise InputError(f"--partitioner {config.partitioner} drops weights: give a budget "
                          f"(--parts, --keep, --flops or --tolerance), or --dry-run to see what each would keep")
     clock = _Clock()
-    source, original = _load(model_or_path, "split_model")
+    source, loaded = _load(model_or_path, "split_model")
+    before = model_stats(loaded)                           # (its size as stored, not as spilled)
+    with spilled(loaded) as original:                      # a large input's weights on disk (spill.py)
+        del loaded
+        return _split(source, original, before, config, progress, structures, clock)
+
+
+def _split(source: str | None, original: onnx.ModelProto, before, config: SplitConfig, progress: Progress,
+           structures: bool, clock: "_Clock") -> SplitResult:
     model = without_weights(original)                      # the working copy: its weights come at the rewrite
     clock.lap("load")
     sites = find_sites(model, min_elements=config.min_elements, weights=original)
@@ -111,6 +120,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         clock.lap("tune")
 
     model.graph.initializer.extend(original.graph.initializer)  # the working copy's weights, copied now
+    load_weights(model)                                    # (read back, where they were spilled)
     written, refused = _rewrite(model, sites, units, forms, config)                       # rewrite
     decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
 
@@ -173,7 +183,7 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
         notes += shared_weight_notes(sites, decisions, units, written)
 
     report = build_report(config=json.loads(config.to_json()), source=source, sites=sites, decisions=decisions,
-                          units=units, written=written, before=model_stats(original), after=model_stats(model),
+                          units=units, written=written, before=before, after=model_stats(model),
                           tuning=list(tuning.values()), checker=checker, verification=verification,
                           latency=latency, inputs=inputs, notes=notes, error=error, reverted=why is not None,
                           verified_against=against if any(v.passed is not None for v in verification) else None,
@@ -261,8 +271,9 @@ def survey_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spl
     config = config or SplitConfig()
     if not config.lossy:
         config = dataclasses.replace(config, partitioner=DEFAULT_LOSSY)
-    _, model = _load(model_or_path, "survey_model")
-    with limited(config.base_threads):  # blas.py: the refits' solves on --threads BLAS threads
+    _, loaded = _load(model_or_path, "survey_model")
+    with spilled(loaded) as model, limited(config.base_threads):  # blas.py: the refits' solves on --threads BLAS threads
+        del loaded
         return survey(model, find_sites(model, min_elements=config.min_elements), config, progress)
 
 
@@ -281,13 +292,9 @@ def _undo(original, decisions: dict, error, why: str):
     if error is not None:
         error = dataclasses.replace(error, data=error.data + "; the original was written, so its error is 0",
                                     search=0.0, held_out=0.0, met=None if error.tolerance is None else True)
-    return _copy(original), decisions, error
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
+    copy.CopyFrom(original)
+    return load_weights(copy), decisions, error
 
 
 def _speed(original, config: SplitConfig, points, providers, progress, original_loads):

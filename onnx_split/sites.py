@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from . import spill
 from .errors import first_line
 from .protos import without_weights
 
@@ -203,7 +203,7 @@ def _all_finite(weight: np.ndarray) -> bool:
 def _read(tensor: onnx.TensorProto):
     """An initializer's value, or why it cannot be read (a damaged tensor is kept, not a crash)."""
     try:
-        return numpy_helper.to_array(tensor), None, []
+        return spill.array(tensor), None, []
     except Exception as exc:  # numpy and onnx raise several types for inconsistent data
         return None, f"weight '{tensor.name}' cannot be read: {first_line(exc, 120)}", []
 

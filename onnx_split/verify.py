@@ -27,6 +27,7 @@ import onnx
 from . import isolate
 from .errors import InputError, first_line
 from .memory import give_back
+from .spill import loaded
 from .model_io import is_large, save_model
 from .runtime import CPU, make_session, model_source, ort_error, provider_status
 
@@ -294,7 +295,7 @@ def _reference(original, rewritten, sets, rtol, atol, ort_reason: str) -> Verifi
     from onnx.reference import ReferenceEvaluator
 
     try:
-        evaluator = ReferenceEvaluator(original)
+        evaluator = ReferenceEvaluator(loaded(original))
         refs = [_quiet_run(evaluator, f) for f in sets]
     except Exception as exc:
         raise InputError(
