@@ -41,7 +41,7 @@ from .report import SplitReport, Written, build_report, metadata_entries, size
 from .rewrite import AUTO, FORMS, LAYOUTS, Job, rewrite_model
 from .rewrite.neighbours import fold_neighbours, regions
 from .sites import find_sites, release_weights
-from .spill import load_weights, spilled
+from .spill import load_weights, spilled, to_disk
 from .stats import model_stats
 from .structure import SiteStructure, site_structures
 from .tune import static_choice, tune_chains, whole_model_verdict
@@ -119,8 +119,9 @@ def _split(source: str | None, original: onnx.ModelProto, before, config: SplitC
     if config.layout == AUTO and not compressed:
         clock.lap("tune")
 
-    model.graph.initializer.extend(original.graph.initializer)  # the working copy's weights, copied now
-    load_weights(model)                                    # (read back, where they were spilled)
+    # the working copy's weights, copied now: where the input was spilled, references to its file (read in at
+    # the end, once verified and timed: a weight the rewrite replaces is never read into the copy)
+    model.graph.initializer.extend(original.graph.initializer)
     written, refused = _rewrite(model, sites, units, forms, config)                       # rewrite
     decisions = after_rewrite(decisions, units, {u: (w.form, w.layout) for u, w in written.items()}, refused)
 
@@ -145,7 +146,10 @@ def _split(source: str | None, original: onnx.ModelProto, before, config: SplitC
 
     def reference() -> onnx.ModelProto:                    # built for verification, let go before timing
         found = reference_model(original, sites, approximated, biases) if approximated else original
-        return with_dynamic(found, sites, dynamic)
+        found = with_dynamic(found, sites, dynamic)
+        approximated.clear()                               # (the reference holds them now)
+        biases.clear()
+        return to_disk(found)                              # (in a spilled run, beside the input's weights)
     against = (REFITTED if any(getattr(units[u].plan, "refitted", False) for u in written) else PRUNED) \
         if approximated else (DYNAMIC_AGAINST if dynamic else "the original")
     if config.factorize is not None and approximated:
@@ -180,6 +184,7 @@ def _split(source: str | None, original: onnx.ModelProto, before, config: SplitC
         notes.append(why)
         model, decisions, error = _undo(original, decisions, error, why)
     else:
+        load_weights(model)                                # (where they were references to the spill)
         notes += shared_weight_notes(sites, decisions, units, written)
 
     report = build_report(config=json.loads(config.to_json()), source=source, sites=sites, decisions=decisions,

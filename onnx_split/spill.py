@@ -63,6 +63,22 @@ def spilled(model: onnx.ModelProto, limit: int | None = None) -> Iterator[onnx.M
             _DIR.reset(token)
 
 
+def to_disk(model: onnx.ModelProto) -> onnx.ModelProto:
+    """With a spill active, a copy of ``model`` whose main-graph weights held in memory (1 KB or
+    more) are written to a new file in the spill's directory, so that ``model`` can be let go; else,
+    or where it holds no such weight, ``model`` itself."""
+    from .model_io import _write_external
+
+    folder = directory()
+    if folder is None or not any(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in model.graph.initializer):
+        return model
+    fd, name = tempfile.mkstemp(dir=folder, prefix="held-", suffix=".data")
+    try:
+        return _write_external(model, fd, Path(name).name)
+    finally:
+        os.close(fd)
+
+
 def refers_outside(model: onnx.ModelProto) -> bool:
     """Whether a main-graph tensor of ``model`` is external data (a spilled model's weights)."""
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)

@@ -27,7 +27,7 @@ import onnx
 from . import isolate
 from .errors import InputError, first_line
 from .memory import give_back
-from .spill import loaded
+from .spill import loaded, refers_outside
 from .model_io import is_large, save_model
 from .runtime import CPU, make_session, model_source, ort_error, provider_status
 
@@ -317,7 +317,10 @@ def _reference(original, rewritten, sets, rtol, atol, ort_reason: str) -> Verifi
 def check(model: onnx.ModelProto) -> dict:
     """onnx's full check (with shape inference) of the rewritten model."""
     try:
-        if not is_large(model):
+        if refers_outside(model):                          # a spilled run's model: by path, beside its weights
+            with model_source(model) as path:
+                onnx.checker.check_model(path, full_check=True)
+        elif not is_large(model):
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory(prefix="onnx_split-") as tmp:

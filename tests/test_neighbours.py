@@ -80,6 +80,21 @@ def test_both_gathers_fold_into_the_dense_neighbours():
         np.testing.assert_array_equal(_init(unfolded.model, name), _init(model, name))
 
 
+def test_folding_reads_the_neighbours_weights_from_a_spilled_input(monkeypatch):
+    """A large input's weights are references to its spill until the rewrite is verified: the fold
+    reads the neighbours' values from there and writes the same model as in memory."""
+    from onnx_split import spill
+
+    model = _sandwich(1)
+    in_memory = split_model(model, _config("batched", x_shape=(8, 32)))
+    monkeypatch.setattr(spill, "SPILL_BYTES", 0)
+    spilled = split_model(model, _config("batched", x_shape=(8, 32)))
+    assert spilled.report.chains[0].folded == ["input order into 'fc0'", "output order into 'fc2'"]
+    assert not spill.refers_outside(spilled.model)
+    assert spilled.model.SerializeToString() == in_memory.model.SerializeToString()
+    _same_outputs(model, spilled.model)
+
+
 @pytest.mark.parametrize("rows", [8, 1])
 def test_parallel_layout_folds_its_output_order(rows):
     """Its parts pick their own inputs (a Gather each, of rows of x^T or of x's last axis): only the

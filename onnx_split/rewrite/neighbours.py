@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .. import spill
 from ..chains import Link, find_links
 from ..sites import Site, walk_graphs
 from ..version import __version__
@@ -189,7 +190,7 @@ class _Graph:
 
     def value(self, name: str) -> np.ndarray | None:
         t = self.initializers.get(name)
-        return None if t is None or name in self.inputs else numpy_helper.to_array(t)
+        return None if t is None or name in self.inputs else spill.array(t)  # (read from the run's spill)
 
     def bypass(self, node: onnx.NodeProto) -> None:
         """Remove the Gather ``node`` (its readers read its data input instead) and its indices if
