@@ -363,8 +363,9 @@ def _verify_and_time(original, model, make_reference, config: SplitConfig, point
     they were made, is updated); timing against the original at every point."""
     verification, latency = [], []
     _, feeds = points[0]
-    reference = make_reference() if config.verify or (config.bench and modified) else None
-    if config.verify or (config.bench and modified):  # no session of a model that crashes ORT opens here
+    opens = config.verify or (config.bench and modified)
+    reference = make_reference() if opens else None
+    if opens:  # no session of a model that crashes ORT opens here
         levels = ("disabled", "enabled") if config.verify else ("enabled",)
         crash = screen_sessions(reference, model, providers=[p for p in providers if not provider_status(p)],
                                 levels=levels, feeds_list=[f for _, f in points] if config.bench else [feeds],
