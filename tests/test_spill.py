@@ -125,3 +125,35 @@ def test_a_spilled_input_written_back_where_the_rewrite_does_not_pay_is_the_inpu
     result = split_model(str(MODEL), SplitConfig(parts=4, bench_seconds=0.05, tune_seconds=0.05))
     assert result.report.reverted and "measured slower (forced)" in result.report.notes
     assert result.model.SerializeToString() == onnx.load(str(MODEL)).SerializeToString()
+
+
+def test_a_spilled_lossy_run_holds_its_reference_and_working_copy_on_disk(monkeypatch):
+    """While it is verified, neither the reference (the refitted original) nor the rewritten
+    model holds the input's weights in memory: the reference's are written beside the spill, the
+    weights the rewrite kept are still references to the input's spill."""
+    import onnx_split.pipeline as pipeline
+
+    monkeypatch.setattr(spill, "SPILL_BYTES", 0)
+    seen = []
+    real = pipeline.verify_models
+
+    def files(model):
+        return {t.name: next(e.value for e in t.external_data if e.key == "location")
+                for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+
+    def spy(reference, model, *args, **kwargs):
+        fc2 = next(n for n in reference.graph.node if n.name == "/fc2/Gemm")
+        seen.append((spill.directory(), files(reference), files(model), fc2.input[1]))
+        return real(reference, model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "verify_models", spy)
+    config = SplitConfig(calibration=str(CALIBRATION), bench=False, layout="batched", parts=4, include=("/fc2/*",))
+    result = split_model(str(MODEL), config)
+    assert [s.node for s in result.report.sites if s.decision == "split"] == ["/fc2/Gemm"]
+    ((folder, of_reference, of_model, refitted),) = seen
+    assert folder is not None
+    assert of_reference[refitted].startswith("held-")  # the refitted weight, written beside the spill
+    assert of_reference["fc1.weight"] == of_reference["fc3.weight"] == spill.DATA and "fc2.weight" not in of_reference
+    assert of_model == {name: spill.DATA for name in ("fc1.weight", "fc1.bias", "fc3.weight")}  # (fc3.bias: < 1 KB)
+    assert "fc2.weight" not in [t.name for t in result.model.graph.initializer]  # replaced: never read in
+    assert not spill.refers_outside(result.model)
