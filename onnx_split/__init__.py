@@ -16,7 +16,7 @@ from .errors import InputError, ModelLoadError, OnnxSplitError, OutputError  # n
 from .inputs import make_feeds  # noqa: E402
 from .kernel import kernel_absence, kernel_library  # noqa: E402
 from .model_io import load_model, save_model  # noqa: E402
-from .pipeline import SplitResult, split_model, survey_model  # noqa: E402
+from .pipeline import SplitResult, split_held, split_model, survey_model  # noqa: E402
 from .report import SiteReport, SplitReport  # noqa: E402
 from .runtime import available_providers  # noqa: E402
 from .verify import compare, verify_models  # noqa: E402
@@ -24,5 +24,5 @@ from .verify import compare, verify_models  # noqa: E402
 __all__ = [
     "InputError", "ModelLoadError", "OnnxSplitError", "OutputError", "SiteReport", "SplitConfig",
     "SplitReport", "SplitResult", "available_providers", "benchmark_models", "compare", "load_model",
-    "kernel_absence", "kernel_library", "make_feeds", "save_model", "split_model", "survey_model", "verify_models", "__version__",
+    "kernel_absence", "kernel_library", "make_feeds", "save_model", "split_held", "split_model", "survey_model", "verify_models", "__version__",
 ]

@@ -19,7 +19,7 @@ from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
 from .model_io import check_destination, plan_destinations, read_model, refuse_overwrite, stage_model
 from .writes import stage_bytes
-from .pipeline import split_model, survey_model
+from .pipeline import split_held, survey_model
 from . import plots
 from .html_report import run_html, survey_html
 from .plans import PLANNERS
@@ -303,7 +303,9 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
 
     bar = _ProgressBar(disabled=args.quiet)
     try:
-        result = split_model(model, config, progress=bar, structures=pages)
+        held = [model]  # handed over: the CLI keeps no reference to the input during the run
+        del model
+        result = split_held(held, config, progress=bar, structures=pages)
     finally:
         bar.close()
     report = result.report

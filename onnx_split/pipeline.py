@@ -73,17 +73,44 @@ def split_model(model_or_path: onnx.ModelProto | str | os.PathLike, config: Spli
     failure means). With ``structures``, the result also holds each planned site's weight before
     and after its permutation into parts, for pictures (``--plots``, ``--html``).
     """
-    config = config or SplitConfig()
-    progress = progress or (lambda stage, done, total: None)
-    if config.lossy and config.budget is None:
-        raise InputError(f"--partitioner {config.partitioner} drops weights: give a budget "
-                         f"(--parts, --keep, --flops or --tolerance), or --dry-run to see what each would keep")
+    config = _checked(config)
     clock = _Clock()
     source, loaded = _load(model_or_path, "split_model")
+    held = [loaded]
+    del loaded
+    return _split_held(held, source, config, progress, structures, clock)
+
+
+def split_held(held: list[onnx.ModelProto], config: SplitConfig | None = None, *, source: str | None = None,
+               progress: Progress | None = None, structures: bool = False) -> SplitResult:
+    """:func:`split_model` of the one model in ``held``, taken out of the list (which is left empty).
+
+    For a caller that read the model only to hand it over (the CLI): it then holds no reference to
+    the model during the run, so a large input's memory is free once its weights are on disk
+    (spill.py), as when :func:`split_model` is given a path. ``source`` names it in the report.
+    """
+    config = _checked(config)
+    if not isinstance(held, list) or len(held) != 1 or not isinstance(held[0], onnx.ModelProto):
+        raise InputError("split_held wants a list holding one onnx.ModelProto")
+    return _split_held(held, source, config, progress, structures, _Clock())
+
+
+def _split_held(held: list, source: str | None, config: SplitConfig, progress: Progress | None, structures: bool,
+                clock: "_Clock") -> SplitResult:
+    progress = progress or (lambda stage, done, total: None)
+    loaded = held.pop()
     before = model_stats(loaded)                           # (its size as stored, not as spilled)
     with spilled(loaded) as original:                      # a large input's weights on disk (spill.py)
         del loaded
         return _split(source, original, before, config, progress, structures, clock)
+
+
+def _checked(config: SplitConfig | None) -> SplitConfig:
+    config = config or SplitConfig()
+    if config.lossy and config.budget is None:
+        raise InputError(f"--partitioner {config.partitioner} drops weights: give a budget "
+                         f"(--parts, --keep, --flops or --tolerance), or --dry-run to see what each would keep")
+    return config
 
 
 def _split(source: str | None, original: onnx.ModelProto, before, config: SplitConfig, progress: Progress,

@@ -157,3 +157,40 @@ def test_a_spilled_lossy_run_holds_its_reference_and_working_copy_on_disk(monkey
     assert of_model == {name: spill.DATA for name in ("fc1.weight", "fc1.bias", "fc3.weight")}  # (fc3.bias: < 1 KB)
     assert "fc2.weight" not in [t.name for t in result.model.graph.initializer]  # replaced: never read in
     assert not spill.refers_outside(result.model)
+
+
+def test_split_held_takes_the_model_out_of_its_list_and_splits_it_as_split_model_does():
+    from onnx_split import split_held
+    from onnx_split.errors import InputError
+
+    config = SplitConfig(bench=False, layout="batched")
+    model = onnx.load(str(MODEL))
+    held = [model]
+    result = split_held(held, config, source="digits")
+    assert held == [] and result.report.input == "digits"
+    assert result.model.SerializeToString() == split_model(str(MODEL), config).model.SerializeToString()
+    assert model.SerializeToString() == onnx.load(str(MODEL)).SerializeToString()  # not modified
+    for bad in (model, [], [model, model], ["m.onnx"]):
+        with pytest.raises(InputError, match="a list holding one onnx.ModelProto"):
+            split_held(bad, config)
+
+
+def test_the_cli_keeps_no_reference_to_the_input_it_hands_over(tmp_path, monkeypatch, capsys):
+    """The CLI reads the model and hands it to the library: no local of its frame still refers to
+    it during the run, so a large input is not held in memory beside its spill."""
+    import sys
+
+    import onnx_split.cli as cli
+
+    real, seen = cli.split_held, []
+
+    def spy(held, *args, **kwargs):
+        (model,) = held
+        caller = sys._getframe(1)
+        seen.append([name for name, value in caller.f_locals.items() if value is model])
+        return real(held, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "split_held", spy)
+    assert cli.main([str(MODEL), str(tmp_path / "out.onnx"), "--no-bench", "--layout", "batched"]) == 0
+    assert seen == [[]]
+    assert (tmp_path / "out.onnx").is_file()
