@@ -46,9 +46,9 @@ def _run(capsys, *argv):
 
 
 def _refused(tmp_path, capsys, argv, match, monkeypatch):
-    """Exit 2 with one line, before any work (split_model is never called), nothing written."""
+    """Exit 2 with one line, before any work (the library is never called), nothing written."""
     listing = {p.name: _digest(p) for p in tmp_path.iterdir() if p.is_file() and not p.is_symlink()}
-    monkeypatch.setattr(cli, "split_model", lambda *a, **k: pytest.fail("the work started"))
+    monkeypatch.setattr(cli, "split_held", lambda *a, **k: pytest.fail("the work started"))
     code, _, err = _run(capsys, *argv)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("onnx_split: error:"), err
