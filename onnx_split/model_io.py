@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from . import spill, writes
 from .errors import ModelLoadError, OutputError, first_line
 from .external_data import check_external_data
-from .protos import without_weights
+from .protos import serialized_pieces, without_weights
 from .validate import check_shapes
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
@@ -183,12 +183,13 @@ def stage_model(
         if external_data:
             data_path, data_fd = writes.new_data_file(out)
             extra.append((data_path, data_fd))
-            payload = _write_external(model, data_fd, data_path.name).SerializeToString()
+            pieces = [_write_external(model, data_fd, data_path.name).SerializeToString()]
         else:
-            payload = model.SerializeToString()
+            pieces = serialized_pieces(model)  # a weight at a time: no second copy of them all
         tmp, fd = writes.temp_file(parent, ".onnx")
-        writes.write_all(fd, payload)
-        del payload
+        for piece in pieces:
+            writes.write_all(fd, piece)
+        del pieces
     except BaseException as exc:
         if tmp is not None:
             writes.discard(tmp, fd)

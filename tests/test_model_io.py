@@ -118,3 +118,45 @@ def test_a_model_above_the_source_limit_goes_to_ort_by_path_unchanged_and_with_t
     assert model.SerializeToString() == before  # neither changed nor left with the extra output
     (found,) = capture(model, [inner], [{"x": x}])
     np.testing.assert_array_equal(found[inner], by_path[1])
+
+
+def _rich_model() -> onnx.ModelProto:
+    """Every kind of field around the weights: model fields before and after the graph, graph
+    fields before and after the initializers, a sparse initializer, a function."""
+    model = _model()
+    model.doc_string, model.producer_name, model.model_version = "doc", "test", 3
+    onnx.helper.set_model_props(model, {"k": "v"})
+    model.graph.doc_string = "graph doc"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(6, dtype=np.float32), "extra"))
+    model.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+        onnx.numpy_helper.from_array(np.ones(2, np.float32), "s"), onnx.numpy_helper.from_array(np.array([0, 3])), [4]))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT, [2]))
+    model.functions.append(onnx.helper.make_function("custom", "f", ["a"], ["b"],
+                                                     [onnx.helper.make_node("Relu", ["a"], ["b"])],
+                                                     [onnx.helper.make_opsetid("", 17)]))
+    return model
+
+
+@pytest.mark.parametrize("make", [_model, _rich_model, onnx.ModelProto, lambda: onnx.ModelProto(ir_version=8)])
+def test_a_model_serialized_a_weight_at_a_time_is_the_same_bytes(make, tmp_path):
+    from onnx_split.protos import serialized_pieces
+
+    model = make()
+    pieces = list(serialized_pieces(model))
+    assert b"".join(pieces) == model.SerializeToString()
+    if len(model.graph.initializer) > 1:  # each weight a piece of its own
+        assert len(pieces) == len(model.graph.initializer) + 4  # model and graph fields before and after
+    if model.HasField("graph"):
+        save_model(model, tmp_path / "m.onnx", external_data=False)
+        assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_serialized_pieces_of_unknown_fields_or_past_the_limit(monkeypatch):
+    from onnx_split import protos
+
+    model = _model()
+    with_unknown = onnx.ModelProto.FromString(model.SerializeToString() + b"\xf8\x07\x01")  # field 127 = 1
+    assert list(protos.serialized_pieces(with_unknown)) == [with_unknown.SerializeToString()]
+    monkeypatch.setattr(protos, "MESSAGE_LIMIT", len(model.SerializeToString()) - 1)
+    with pytest.raises(ValueError, match="2 GB limit"):
+        next(protos.serialized_pieces(model))
