@@ -1,4 +1,5 @@
-"""Cheap copies of model protos: the structure without the weights' data."""
+"""Cheap copies of model protos (the structure without the weights' data), and a model serialized a
+weight at a time."""
 from __future__ import annotations
 
 from typing import Iterator
