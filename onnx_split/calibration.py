@@ -21,6 +21,12 @@ RANDOM_SAMPLES = 64
 """Samples of seeded random inputs used when no calibration file is given."""
 
 
+CAPTURE_BYTES = 128 * 2**20
+"""A streamed run's captured site activations are held under about this many bytes: on a deep
+model, a batch of samples captured at every site at once would otherwise be a sizeable part of
+the run's memory (``Calibration.fit_batches``)."""
+
+
 @dataclass
 class Calibration:
     search: dict[str, np.ndarray]
@@ -32,6 +38,18 @@ class Calibration:
     """The inputs whose first axis is the sample axis (the others, scalars, go with every batch)."""
     batch_size: int = 64
     """Samples per run when the calibration is streamed (``--calibration-batch``)."""
+
+    def first_sample(self) -> dict[str, np.ndarray]:
+        """The first search sample alone, as feeds."""
+        return {k: (v[:1] if k in self.batched else v) for k, v in self.search.items()}
+
+    def fit_batches(self, per_sample: int) -> int:
+        """Cut the samples per run so that a run's captured activations, ``per_sample`` bytes a
+        sample, stay under :data:`CAPTURE_BYTES` (never below one sample); only before any batches
+        are made (they are kept by identity). Returns the samples per run."""
+        if "_batches" not in self.__dict__ and per_sample > 0:
+            self.batch_size = max(1, min(self.batch_size, CAPTURE_BYTES // per_sample))
+        return self.batch_size
 
     def batches(self, part: str, limit: int | None = None, fold: int | None = None) -> list[dict[str, np.ndarray]]:
         """``search`` or ``held_out`` (with ``fold`` 0 or 1, the first or second half of its

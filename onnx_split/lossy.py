@@ -376,12 +376,28 @@ def _measure(ctx: _Context, notes: list[str]) -> None:
     names = tuple(ctx.sites[i].activation for i in ctx.candidates if fitting.refittable(ctx.sites[i]))
     try:
         ctx.evaluator = Evaluator(ctx.model, ctx.sites, ctx.candidates, ctx.config.base_threads, capture=names)
+        _fit_batches(ctx, names)
         _collect(ctx)
     except InputError as exc:
         if ctx.config.tolerance is not None or ctx.config.resolved_score == "activation":
             raise
         ctx.evaluator, ctx.moments = None, None
         notes.append(f"the output error was not measured: {exc}")
+
+
+def _fit_batches(ctx: _Context, names: tuple[str, ...]) -> None:
+    """The samples per calibration run cut to what its captured activations allow (calibration.
+    CAPTURE_BYTES), from one sample's activations captured at every candidate site."""
+    if not names:
+        return
+    feeds = ctx.calibration.first_sample()
+    found = ctx.evaluator.activations(feeds, {}, None, list(names))
+    per_sample = sum(v.nbytes for k, v in found.items() if k not in feeds)
+    del found
+    size, asked = ctx.calibration.fit_batches(per_sample), ctx.config.calibration_batch
+    if size < asked:
+        log.info("calibration runs of %d samples, not %d: %.1f MB of activations captured a sample",
+                 size, asked, per_sample / 1e6)
 
 
 FOLD_SAMPLES = 4

@@ -580,3 +580,35 @@ def test_a_refitted_plan_holds_only_the_entries_inside_its_blocks():
     outside = fitted.copy()
     outside[~mask] = 1.0  # not a block plan's fit: kept whole, read back as it was
     np.testing.assert_array_equal(plan.with_fit(((outside, None),)).effective_weight(0, w), outside)
+
+
+def test_calibration_runs_are_cut_to_what_their_captured_activations_allow(tmp_path, monkeypatch, caplog):
+    """One sample's activations at every candidate site are measured; a run then holds no more
+    samples than calibration.CAPTURE_BYTES allows, and the outcome is the same as in big runs."""
+    import logging
+
+    from onnx_split import calibration as calibration_module
+    from onnx_split import pruned
+
+    rng = np.random.default_rng(9)
+    model, _ = _mlp(rng)
+    cal = _calibration(tmp_path, rng)
+    config = SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0, providers=("cpu",))
+    sizes, real = [], pruned.Evaluator._run
+
+    def spy(self, names, feeds, weights, biases):
+        sizes.append(next(iter(feeds.values())).shape[0])
+        return real(self, names, feeds, weights, biases)
+
+    monkeypatch.setattr(pruned.Evaluator, "_run", spy)
+    whole = split_model(model, config).report
+    assert max(sizes) > 3
+    per_sample = 64 * 4  # fc2's input, 64 floats a sample (fc1's is the graph input: fed, not captured)
+    monkeypatch.setattr(calibration_module, "CAPTURE_BYTES", 3 * per_sample)
+    sizes.clear()
+    with caplog.at_level(logging.INFO, logger="onnx_split"):
+        cut = split_model(model, config).report
+    assert max(sizes) == 3
+    assert "calibration runs of 3 samples, not 64" in caplog.text
+    assert cut.error.held_out == pytest.approx(whole.error.held_out, rel=1e-5)
+    assert [s.retained for s in cut.sites] == pytest.approx([s.retained for s in whole.sites])
