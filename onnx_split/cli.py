@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .version import __version__
+from .calibration import CAPTURE_BYTES
 from .config import DEFAULT_LOSSY, FACTORIZATIONS, LAYOUTS, PARTITIONERS, SCORES, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the weights outside the kept blocks as they are, instead of refitting the kept ones to "
                         "reproduce each layer's original output on the calibration data (the default)")
     g.add_argument("--calibration-batch", type=int, default=D["calibration_batch"], metavar="N",
-                   help=f"calibration samples per ORT run; activations are summed batch by batch "
+                   help=f"calibration samples per ORT run, at most; fewer where a run's captured "
+                        f"activations would pass {CAPTURE_BYTES // 2**20} MiB; activations are summed batch by batch "
                         f"({D['calibration_batch']})")
     g.add_argument("--search-seconds", type=float, default=None, metavar="S",
                    help="wall-clock limit of the --tolerance search: then the best choice measured within the "
