@@ -11,15 +11,15 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model without its main graph's initializers (cheap: no weight data)."""
     header = onnx.ModelProto()
-    _copy_fields(model, header, skip="graph")
-    _copy_fields(model.graph, header.graph, skip="initializer")
+    _copy_fields(model, header, lambda desc: desc.name != "graph")
+    _copy_fields(model.graph, header.graph, lambda desc: desc.name != "initializer")
     return header
 
 
-def _copy_fields(src, dst, skip: str) -> None:
-    """Copy every set field of message ``src`` into ``dst`` except ``skip``."""
+def _copy_fields(src, dst, wanted) -> None:
+    """Copy every set field of message ``src`` whose descriptor is ``wanted`` into ``dst``."""
     for desc, value in src.ListFields():
-        if desc.name == skip:
+        if not wanted(desc):
             continue
         if desc.is_repeated:
             getattr(dst, desc.name).extend(value)
@@ -64,16 +64,8 @@ def _around(message, name: str) -> tuple[bytes, bytes]:
     """The serialized set fields of ``message`` numbered below field ``name``'s, and above it."""
     number = message.DESCRIPTOR.fields_by_name[name].number
     below, above = type(message)(), type(message)()
-    for desc, value in message.ListFields():
-        if desc.number == number:
-            continue
-        dst = below if desc.number < number else above
-        if desc.is_repeated:
-            getattr(dst, desc.name).extend(value)
-        elif desc.type == desc.TYPE_MESSAGE:
-            getattr(dst, desc.name).CopyFrom(value)
-        else:
-            setattr(dst, desc.name, value)
+    _copy_fields(message, below, lambda desc: desc.number < number)
+    _copy_fields(message, above, lambda desc: desc.number > number)
     return below.SerializeToString(), above.SerializeToString()
 
 
