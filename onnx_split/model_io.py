@@ -217,7 +217,12 @@ def _references(model_path: Path) -> set[Path] | None:
         return None
 
 
-def _write_external(model: onnx.ModelProto, data_fd: int, data_name: str, threshold: int = 1024) -> onnx.ModelProto:
+EXTERNAL_MIN_BYTES = 1024
+"""Main-graph tensors of at least this many bytes (raw data) are the ones written as external data."""
+
+
+def _write_external(model: onnx.ModelProto, data_fd: int, data_name: str,
+                    threshold: int = EXTERNAL_MIN_BYTES) -> onnx.ModelProto:
     """Write the main graph's tensors of ``threshold`` bytes or more to the open data file; return the
     model without them, referring to ``data_name`` (a location relative to the model's folder).
 

@@ -67,10 +67,11 @@ def to_disk(model: onnx.ModelProto) -> onnx.ModelProto:
     """With a spill active, a copy of ``model`` whose main-graph weights held in memory (1 KB or
     more) are written to a new file in the spill's directory, so that ``model`` can be let go; else,
     or where it holds no such weight, ``model`` itself."""
-    from .model_io import _write_external
+    from .model_io import EXTERNAL_MIN_BYTES, _write_external
 
     folder = directory()
-    if folder is None or not any(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in model.graph.initializer):
+    if folder is None or not any(t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES
+                                 for t in model.graph.initializer):
         return model
     fd, name = tempfile.mkstemp(dir=folder, prefix="held-", suffix=".data")
     try:
