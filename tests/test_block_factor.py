@@ -194,8 +194,8 @@ def test_auto_layout_keeps_dense_where_the_factors_are_slower(tmp_path):
     was measured faster, and a site kept says what was measured."""
     model, _ = _mlp()
     config = SplitConfig(factorize="lowrank", density=0.5, calibration=str(_calibration(tmp_path)), min_elements=0,
-                         tune_seconds=0.5, input_shapes={"x": (1, 48)})
-    report = split_model(model, config).report
+                         tune_seconds=0.5, input_shapes={"x": (1, 48)}, bench=False)
+    report = split_model(model, config).report  # (no whole-model timing: a site split is one the tuner chose)
     assert report.tuning and all({"dense", "factor-batched", "factor-parallel"} <= set(t.times_ms) for t in report.tuning)
     for s in report.sites:
         assert s.decision == "split" or "kept dense" in s.reason

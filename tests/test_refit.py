@@ -384,8 +384,9 @@ def test_calibration_batch_size_changes_nothing_but_memory(tmp_path):
     model, _ = _mlp(rng)
     cal = _calibration(tmp_path, rng)
     reports = [split_model(model, SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0,
-                                              calibration_batch=size, providers=("cpu",))).report
+                                              calibration_batch=size, providers=("cpu",), layout="batched")).report
                for size in (7, 1000)]
+    assert any(s.decision == "split" for s in reports[0].sites) and reports[0].error.held_out > 0
     assert reports[0].error.held_out == pytest.approx(reports[1].error.held_out, rel=1e-5)
     assert [s.retained for s in reports[0].sites] == pytest.approx([s.retained for s in reports[1].sites])
 
@@ -593,7 +594,8 @@ def test_calibration_runs_are_cut_to_what_their_captured_activations_allow(tmp_p
     rng = np.random.default_rng(9)
     model, _ = _mlp(rng)
     cal = _calibration(tmp_path, rng)
-    config = SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0, providers=("cpu",))
+    config = SplitConfig(parts=4, calibration=str(cal), bench=False, min_elements=0, providers=("cpu",),
+                         layout="batched")  # split whatever the timings: the refit's outcome is compared
     sizes, real = [], pruned.Evaluator._run
 
     def spy(self, names, feeds, weights, biases):
@@ -610,5 +612,6 @@ def test_calibration_runs_are_cut_to_what_their_captured_activations_allow(tmp_p
         cut = split_model(model, config).report
     assert max(sizes) == 3
     assert "calibration runs of 3 samples, not 64" in caplog.text
+    assert any(s.decision == "split" for s in whole.sites) and whole.error.held_out > 0
     assert cut.error.held_out == pytest.approx(whole.error.held_out, rel=1e-5)
     assert [s.retained for s in cut.sites] == pytest.approx([s.retained for s in whole.sites])
