@@ -341,7 +341,7 @@ def _sites_table(sites: list[SiteReport]) -> str:
         if s.decision == "split" and s.retained is not None:
             decision += f", keeps {percent(s.retained)} of {s.score} significance"
         rows.append((_display(s), s.op_type, shape, str(s.parts or "-"), flops, decision))
-    lines = columns([header] + rows) if rows else []
+    lines = columns([header] + rows, width=LINE_WIDTH) if rows else []
     if len(keep) < len(candidates):
         rest = [sites[i] for i in candidates if i not in keep]
         split = sum(s.decision == "split" for s in rest)

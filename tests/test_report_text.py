@@ -193,8 +193,8 @@ def test_a_lossy_runs_lines_are_whole_and_its_last_line_says_against_what(tmp_pa
     models = REPO / "models"
     out, report = tmp_path / "d.onnx", tmp_path / "d.json"
     code = main([str(models / "digits_mlp.onnx"), str(out), "--tolerance", "0.05", "--calibration",
-                 str(models / "digits_calibration.npz"), "--bench-seconds", "0.1", "--tune-seconds", "1",
-                 "--report", str(report)])
+                 str(models / "digits_calibration.npz"), "--bench-seconds", "0.1", "--layout", "batched",
+                 "--report", str(report)])  # one layout: what is split must not hang on a shared machine's timings
     stdout, err = capsys.readouterr()
     assert code == 0, err
     lines = [line.replace(str(out), out.name) for line in stdout.splitlines()]  # not the temporary folder's name
@@ -275,3 +275,20 @@ def test_the_last_line_names_each_provider_once_for_its_points(capsys):
     _summary(report, Path("m.onnx"), True, False)
     assert capsys.readouterr().out.strip().endswith(
         "; speedup CPU 1.50x (batch 1), 2.00x (batch 32), CUDA 3.00x (batch 1)")
+
+
+def test_a_long_decision_goes_on_over_lines_under_its_column_not_cut():
+    from onnx_split.report import SplitReport
+    reason = "a reason " + " ".join(f"word{i}" for i in range(80)) + " the end"
+    sites = [_site("/fc1/Gemm", reason=reason), _site("/fc2/Gemm", decision="split", reason="4 parts")]
+    lines = SplitReport(version="0", config={}, sites=sites).to_text().splitlines()
+    assert max(len(line) for line in lines) <= LINE_WIDTH and not any(line.endswith("...") for line in lines)
+    start = next(i for i, line in enumerate(lines) if line.startswith("/fc1/Gemm"))
+    column = lines[start].index("kept: ")
+    more = []
+    for line in lines[start + 1:]:
+        if not line.startswith(" " * column):
+            break
+        more.append(line[column:])
+    assert len(more) >= 1 and lines[start + 1 + len(more)].startswith("/fc2/Gemm")
+    assert " ".join([lines[start][column:]] + more) == f"kept: {reason}"  # every word, in order
