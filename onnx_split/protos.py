@@ -49,7 +49,8 @@ def serialized_pieces(model: onnx.ModelProto) -> Iterator[bytes]:
     if model.HasField("graph"):
         yield _key(_GRAPH, length) + head
         for tensor, n in zip(graph.initializer, sizes):
-            yield _key(_INITIALIZER, n) + tensor.SerializeToString()
+            yield _key(_INITIALIZER, n)                    # (apart: a weight's bytes are not copied again)
+            yield tensor.SerializeToString()
         yield tail
     yield last
 
