@@ -26,6 +26,30 @@ class Option:
     error: float
 
 
+def probe_rung(local: list[float], target: float | None = None) -> int:
+    """Which of a site's rungs (their layer errors ``local``) its one whole-model run measures, to
+    learn how its layer error reaches the outputs: one whose layer error is above 0 (a rung that
+    drops nothing measures nothing), the closest to ``target`` in log scale, or without a target
+    the median one; any rung when none is above 0."""
+    live = [r for r, e in enumerate(local) if e > 0] or list(range(len(local)))
+    if target is None:
+        return sorted(live, key=lambda r: local[r])[len(live) // 2]
+    return min(live, key=lambda r: abs(math.log(local[r] / max(target, 1e-12))) if local[r] > 0 else 0.0)
+
+
+def propagated(local: list[float], probe: int, measured: float) -> list[float]:
+    """Every rung's estimated output error from the probe's ``measured`` one: the layer errors
+    scaled by the probe's output/layer ratio; a rung with no layer error gets none, unless the
+    probe had none either (then it is the probe's measured figure)."""
+    if local[probe] > 0:
+        factor = measured / local[probe]
+        out = [factor * e if e > 0 else 0.0 for e in local]
+    else:
+        out = [measured] * len(local)  # (none is above 0: see probe_rung)
+    out[probe] = measured
+    return out
+
+
 def estimate(options: dict[int, list[Option]], choice: dict[int, int]) -> float:
     """The estimated output error of ``choice`` (site -> option index)."""
     return math.sqrt(sum(options[i][r].error ** 2 for i, r in choice.items()))
@@ -64,15 +88,17 @@ def allocate(options: dict[int, list[Option]], budget: float, path: list | None 
 
 def back_off(options: dict[int, list[Option]], choice: dict[int, int]) -> dict[int, int] | None:
     """``choice`` with its costliest site (most squared error per unit of gain) one step safer: the
-    option of that site with the next smaller error, or dense. None when nothing is left to undo."""
+    option of that site with the next smaller error (at an equal error, one that saves less: it
+    drops less), or dense. None when nothing is left to undo."""
     if not choice:
         return None
     worst = max(choice, key=lambda i: options[i][choice[i]].error ** 2 / max(options[i][choice[i]].gain, 1e-300))
     now = options[worst][choice[worst]]
-    safer = [r for r, o in enumerate(options[worst]) if o.error < now.error and o.gain > 0]
+    safer = [r for r, o in enumerate(options[worst])
+             if o.gain > 0 and (o.error < now.error or (o.error == now.error and o.gain < now.gain))]
     out = dict(choice)
     if safer:
-        out[worst] = max(safer, key=lambda r: options[worst][r].error)
+        out[worst] = max(safer, key=lambda r: (options[worst][r].error, options[worst][r].gain))
     else:
         del out[worst]
     return out

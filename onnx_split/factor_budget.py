@@ -44,7 +44,7 @@ from types import MappingProxyType
 import onnx
 
 from . import fitting
-from .allocate import Option, allocate, estimate
+from .allocate import Option, allocate, estimate, probe_rung, propagated
 from .chains import Chain
 from .config import SplitConfig
 from .decisions import Kept, Planned, Unit
@@ -119,12 +119,9 @@ def plan_factorized_within(model: onnx.ModelProto, sites: list[Site], config: Sp
             reasons[i] = f"--search-seconds {config.search_seconds:g} ran out before this site was measured"
             continue
         opts = raw[i]
-        probe = sorted(range(len(opts)), key=lambda r: opts[r][2])[len(opts) // 2]  # as lossy.survey
-        out = search({i: opts[probe][0]}, samples)
-        local = opts[probe][2]
-        factor = out / local if local > 0 else (0.0 if out == 0 else math.inf)
-        errors = [factor * checked if checked > 0 else 0.0 for _, _, checked in opts]
-        errors[probe] = out
+        local = [checked for _, _, checked in opts]
+        probe = probe_rung(local)  # as lossy.survey
+        errors = propagated(local, probe, search({i: opts[probe][0]}, samples))
         options[i] = [Option(p, gain, e) for (p, gain, _), e in zip(opts, errors)]
     progress("sensitivity", len(raw), len(raw))
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from . import fitting
-from .allocate import Option, allocate, back_off, estimate
+from .allocate import Option, allocate, back_off, estimate, probe_rung, propagated
 from .budget import LEVELS, by_budget, make_planner, refusal
 from .calibration import Calibration, load_calibration, random_calibration
 from .chains import Chain, chains_from_links, find_links
@@ -502,7 +502,7 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
             if opts:
                 raw[i] = opts
                 if all(o[3] is not None for o in opts) and not ctx.out_of_time():
-                    probe = min(opts, key=lambda o: abs(math.log(max(o[3], 1e-12) / max(tol, 1e-12))))
+                    probe = opts[probe_rung([o[3] for o in opts], tol)]
                     propagation[i] = (probe, runs.submit(ctx.sensitivity, {i: probe[1]}))
             elif not ladders[i]:
                 reasons[i] = "too small to split"
@@ -516,10 +516,7 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
             opts = raw[i]
             if i in propagation and (propagation[i][1].done() or not ctx.out_of_time()):
                 probe, run = propagation[i]
-                out = run.result()
-                factor = out / probe[3] if probe[3] > 0 else (0.0 if out == 0 else math.inf)
-                errors = [factor * o[3] if o[3] > 0 else 0.0 for o in opts]
-                errors[opts.index(probe)] = out
+                errors = propagated([o[3] for o in opts], opts.index(probe), run.result())
             elif ctx.out_of_time():
                 if i in propagation:
                     propagation[i][1].cancel()
@@ -753,14 +750,7 @@ def _estimates(ctx: _Context, i: int, fitted: list, local: list, runs: cf.Execut
     if any(loc is None for loc in local):
         measured = runs.submit(lambda: [ctx.search_error({i: plan}) for plan in fitted])
         return measured.result
-    probe = sorted(range(len(local)), key=lambda r: local[r])[len(local) // 2]
+    probe = probe_rung(local)
     plan = ctx.fitter(i).fit(fitted[probe], ctx.config.refit)[0]  # the dry run fitted none for good
     run = runs.submit(ctx.sensitivity, {i: plan})
-
-    def errors() -> list[float]:
-        out = run.result()
-        factor = out / local[probe] if local[probe] > 0 else 0.0
-        scaled = [factor * loc for loc in local]
-        scaled[probe] = out
-        return scaled
-    return errors
+    return lambda: propagated(local, probe, run.result())

@@ -829,6 +829,36 @@ def test_back_off_steps_the_costliest_site_to_a_safer_option_then_to_dense():
     assert back_off(options, {}) is None
 
 
+def test_back_off_at_an_equal_estimate_steps_to_the_option_that_saves_less():
+    from onnx_split.allocate import Option, back_off
+    # both estimated at 0 (8 exact blocks, and 16 that cut them): the whole choice measured worse,
+    # so the next step is the 8, not dense
+    options = {0: [Option("8 parts", 10, 0.0), Option("16 parts", 12, 0.0)]}
+    assert back_off(options, {0: 1}) == {0: 0}
+    assert back_off(options, {0: 0}) == {}
+
+
+def test_the_propagation_probe_is_a_rung_that_drops_something():
+    from onnx_split.allocate import probe_rung, propagated
+    local = [0.0, 0.0, 0.2, 0.8]  # two exact rungs, two lossy ones
+    assert probe_rung(local, 0.0) == 2 and probe_rung(local, 0.5) in (2, 3) and probe_rung(local) in (2, 3)
+    assert probe_rung([0.0, 0.0]) in (0, 1)
+    # the exact rungs add nothing, the others scale by the probe's measured output/layer ratio
+    assert propagated(local, 2, 0.1) == pytest.approx([0.0, 0.0, 0.1, 0.4])
+    assert propagated([0.0, 0.0], 1, 0.0) == [0.0, 0.0]
+
+
+def test_tolerance_zero_on_exact_blocks_keeps_the_exact_split(exact_blocks):
+    """A rung that cuts an exact block (16 parts of 8 blocks) is not estimated lossless because
+    the probe run measured a rung that drops nothing; the exact 8 parts are found at 0 as at 1e-3."""
+    model = onnx.load(str(exact_blocks))
+    for tol in (0.0, 1e-3):
+        report = split_model(model, _config(tolerance=tol)).report
+        (site,) = report.sites
+        assert site.decision == "split" and site.parts == 8, (tol, site.reason)
+        assert report.error.held_out == 0 and report.error.met is True
+
+
 def test_lossy_metadata_states_the_budget_and_the_error_for_netron():
     rng = np.random.default_rng(3)
     w, _ = planted(rng, 64, 64, 4)
