@@ -460,6 +460,10 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
                     f"{error.held_out:.4g} > {error.tolerance:g})")
         elif any(v.status == "failed" for v in report.verification) or report.checker.get("passed") is False:
             what = "VERIFICATION FAILED"
+            threshold = report.config.get("threshold") or 0
+            if threshold > 0 and report.n_split and report.checker.get("passed") is not False:
+                what += (f": the weights --threshold {threshold:g} dropped change the outputs beyond --rtol/--atol "
+                         f"(a budget such as --tolerance E measures and bounds that error)")
         elif not any(v.status == "not verified" for v in report.verification):
             what = "NOT VERIFIED (no provider ran the models)"
         else:

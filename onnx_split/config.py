@@ -198,6 +198,10 @@ class SplitConfig:
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(normalize_provider(p) for p in self.providers))
         shapes = {str(k): tuple(int(d) for d in v) for k, v in dict(self.input_shapes).items()}
+        for name, dims in shapes.items():
+            if any(d < 1 for d in dims):
+                raise InputError(f"--input-shape {name}:{','.join(map(str, dims))}: every dim must be >= 1 "
+                                 f"(an empty input verifies and times nothing)")
         object.__setattr__(self, "input_shapes", shapes)
         for name in ("include", "exclude"):
             patterns = getattr(self, name)

@@ -84,6 +84,8 @@ def test_failed_verification_exits_1_and_writes_nothing_unless_forced(tmp_path, 
     code, stdout, err = _run(capsys, src, out, "--min-elements", "0", "--threshold", "1.0", "--no-bench",
                              "--layout", "parallel")
     assert code == 1 and "FAILED" in stdout and "nothing written" in err and not out.exists()
+    assert "the weights --threshold 1 dropped change the outputs beyond --rtol/--atol" in err  # what to do
+    assert len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, src, out, "--min-elements", "0", "--threshold", "1.0", "--no-bench", "--force",
                          "--layout", "parallel")
     assert code == 1 and "anyway" in err and out.exists()
@@ -168,6 +170,7 @@ def test_missing_report_directory_is_refused_before_anything_is_written(tmp_path
     (["--input-shape", "x"], "--input-shape wants name:d0,d1"),
     (["--input-shape", "nope:1,64"], "not a graph input"),
     (["--input-shape", "x:1,63"], "does not fit its shape"),
+    (["--input-shape", "x:0,64"], "--input-shape x:0,64: every dim must be >= 1"),
     (["--inputs", "missing.npz"], "--inputs file not found"),
 ])
 def test_bad_options(tmp_path, capsys, block_model, argv, match):
