@@ -18,7 +18,7 @@ from .calibration import CAPTURE_BYTES
 from .config import DEFAULT_LOSSY, FACTORIZATIONS, LAYOUTS, PARTITIONERS, SCORES, SplitConfig
 from .errors import OnnxSplitError, first_line
 from .inputs import parse_input_shape
-from .model_io import check_destination, plan_destinations, read_model, refuse_overwrite, stage_model
+from .model_io import check_destination, plan_destinations, read_model, refuse_overwrite, same_file, stage_model
 from .writes import stage_bytes
 from .pipeline import split_held, survey_model
 from . import plots
@@ -301,7 +301,8 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
     npz = tuple(Path(f) for f in (args.inputs, args.calibration) if f is not None)
     dest = plan_destinations(out_path, report=args.report, inputs=protect + npz)
     report_path = dest.report
-    pages = _page_destinations(args, protect + npz + (out_path,) + ((report_path,) if report_path else ()))
+    pages = _page_destinations(args, protect + npz,
+                               {"the output model's path": out_path, "the --report path": report_path})
 
     bar = _ProgressBar(disabled=args.quiet)
     try:
@@ -348,12 +349,17 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
     return EXIT_OK if ok else EXIT_VERIFY_FAILED
 
 
-def _page_destinations(args, protect: tuple) -> bool:
+def _page_destinations(args, protect: tuple, written: dict | None = None) -> bool:
     """Check the --html file and the --plots folder before any work (a missing folder is created
-    when the pictures are written, if its parent exists); True if either is asked for."""
+    when the pictures are written, if its parent exists); True if either is asked for. ``written``:
+    the run's other files by what they are (the --html file must be none of them)."""
     if args.html is not None:
-        check_destination(Path(args.html), "--html")
-        refuse_overwrite([Path(args.html)], protect)
+        page = Path(args.html)
+        check_destination(page, "--html")
+        refuse_overwrite([page], protect)
+        for what, path in (written or {}).items():
+            if path is not None and same_file(page, Path(path)):
+                raise OnnxSplitError(f"--html {page} is also {what}; choose another")
     if args.plots is not None:
         folder = Path(args.plots)
         if folder.exists() and not folder.is_dir():

@@ -312,7 +312,7 @@ class Destinations:
     @property
     def directories(self) -> list[Path]:
         dirs = [self.model.parent]
-        if self.report is not None and not _same_file(self.report.parent, self.model.parent):
+        if self.report is not None and not same_file(self.report.parent, self.model.parent):
             dirs.append(self.report.parent)
         return dirs
 
@@ -339,13 +339,13 @@ def plan_destinations(
         rep = Path(report)
         check_destination(rep, "--report")
         refuse_overwrite([rep], inputs)
-        if _same_file(rep, out):
+        if same_file(rep, out):
             raise OutputError(f"--report {rep} is the output model's path; choose another")
-        if _same_file(rep.parent, out_dir) and (rep.name == out.name + ".data"
+        if same_file(rep.parent, out_dir) and (rep.name == out.name + ".data"
                                                  or writes.data_name_pattern(out.name).fullmatch(rep.name)):
             raise OutputError(f"--report {rep} is a name for the output model's external data; choose another")
         for used in (_references(out) or ()) if rep.exists() else ():  # only an existing file can be in use
-            if _same_file(rep, used):
+            if same_file(rep, used):
                 raise OutputError(f"--report {rep} is the external data of the existing {out}; choose another")
     for path, what in ((out, "output"), (rep, "--report")):
         if path is not None and writes.is_onnx_split_data(path):  # another model's weights
@@ -362,11 +362,11 @@ def refuse_overwrite(targets, protect) -> None:
     """Raise :class:`OutputError` if any of ``targets`` is one of the ``protect`` paths (the input)."""
     for target in targets:
         for guarded in protect:
-            if _same_file(Path(target), Path(guarded)):
+            if same_file(Path(target), Path(guarded)):
                 raise OutputError(f"refusing to overwrite the input: {target}")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
     except OSError:

@@ -216,6 +216,15 @@ def test_installed_console_script(tmp_path, block_model):
     assert proc.returncode == 0 and (tmp_path / "o.onnx").exists(), proc.stderr
 
 
+def test_an_html_path_over_the_input_the_output_or_the_report_names_which(tmp_path, capsys, block_model):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    _bad(tmp_path, capsys, [block_model, out, "--html", block_model], "overwrite the input", [block_model])
+    _bad(tmp_path, capsys, [block_model, out, "--html", out], f"--html {out} is also the output model's path",
+         [block_model])
+    _bad(tmp_path, capsys, [block_model, out, "--report", report, "--html", report],
+         f"--html {report} is also the --report path", [block_model])
+
+
 def test_report_path_over_the_input_or_a_directory_is_refused(tmp_path, capsys, block_model):
     _bad(tmp_path, capsys, [block_model, tmp_path / "o.onnx", "--report", block_model], "overwrite the input",
          [block_model])
