@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the pictures as PNG files into DIR (created if missing): per planned site |W| before "
                         "and after its permutation into parts, latency, error against FLOPs (needs the plots extra)")
     g.add_argument("--external-data", action="store_true",
-                   help="write weights to OUTPUT.data (automatic above 2 GB or when the input uses external data)")
+                   help="write the weights to a file beside the output, OUTPUT.<id>.data (automatic above 2 GB or when "
+                        "the input uses external data)")
     g.add_argument("--quiet", action="store_true", help="print only the summary lines")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     g.add_argument("--version", action="version", version=f"onnx_split {__version__}")
@@ -343,8 +344,9 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
     if not args.quiet:
         print(report.to_text())
     finish()
-    if page_files:
-        print(f"wrote {_listed(written[-page_files:])}")
+    others = page_files + (report_path is not None)  # the report and the pages, published after the model
+    if others:
+        print(f"wrote {_listed(written[-others:])}")
     _summary(report, out_path, ok, args.force)
     return EXIT_OK if ok else EXIT_VERIFY_FAILED
 

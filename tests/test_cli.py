@@ -332,3 +332,12 @@ def test_a_location_out_of_the_folder_does_not_tell_whether_the_file_exists(tmp_
         assert ("out of the model's folder" if outside == "link.bin" else "leaves the model's folder") in err
         messages.append(err)
     assert messages[0] == messages[1]
+
+
+def test_the_report_file_gets_its_wrote_line_before_the_models(tmp_path, block_model, capsys):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, stdout, _ = _run(capsys, block_model, out, "--min-elements", "0", "--layout", "parallel", "--no-bench",
+                           "--quiet", "--report", report)
+    assert code == 0 and report.exists()
+    assert stdout.strip().splitlines() == [f"wrote {report}",
+                                           f"wrote {out}: 1 of 1 sites split, verified against the original"]

@@ -178,7 +178,9 @@ def test_html_and_plots_of_a_run(tmp_path, two_site_model, capsys):
                  "--html", str(page_path), "--plots", str(folder), "--report", str(tmp_path / "r.json")])
     stdout = capsys.readouterr().out
     assert code == 0
-    assert f"wrote {page_path}" in stdout and stdout.strip().splitlines()[-1].startswith(f"wrote {out}")
+    files = [line for line in stdout.splitlines() if line.startswith("wrote ")]
+    assert files[0].startswith(f"wrote {tmp_path / 'r.json'}, {page_path}"), files  # the report and the page
+    assert len(files) == 2 and files[-1] == stdout.strip().splitlines()[-1] and files[-1].startswith(f"wrote {out}")
     text = page_path.read_text()
     page = parse(text)
     pngs = assert_self_contained(page)
