@@ -589,6 +589,10 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
         if i in backed:
             reasons[i] = (f"--tolerance {tol:g}: backed off after the whole choice measured {backed[i]:.3g}; "
                           f"its safest split ({safest.plan.label}) alone is estimated at {safest.error:.3g}")
+        elif safest.error > tol or not chosen:
+            reasons[i] = (f"--tolerance {tol:g}: its safest split ({safest.plan.label}) alone would add an estimated "
+                          f"output error of {safest.error:.3g}" + (", more than the tolerance" if safest.error > tol
+                                                                   else ""))
         else:
             reasons[i] = (f"--tolerance {tol:g}: its safest split ({safest.plan.label}) would add an estimated "
                           f"output error of {safest.error:.3g}; the budget went to sites that save more per error")

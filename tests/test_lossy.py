@@ -386,6 +386,8 @@ def test_tolerance_zero_on_a_noisy_model_splits_nothing(mlp):
     assert report.n_split == 0 and not report.modified
     assert report.error.search == 0 and report.error.held_out == 0 and report.error.met is True
     assert all("--tolerance 0" in s.reason for s in report.sites)
+    # nothing was split: no reason says the budget went elsewhere
+    assert all("more than the tolerance" in s.reason and "budget went" not in s.reason for s in report.sites)
     ref = ort_run(model, {"x": np.ones((2, 256), np.float32)})[0]
     np.testing.assert_array_equal(ort_run(result.model, {"x": np.ones((2, 256), np.float32)})[0], ref)
 
