@@ -315,7 +315,8 @@ def _error(report) -> str:
         return ""
     rows = []
     if e.search is not None:
-        rows.append(["search (calibration)", e.search_samples, f"{e.search:.4g}"])
+        rows.append(["search (calibration; the refits were fitted on them)" if e.fitted else "search (calibration)",
+                     e.search_samples, f"{e.search:.4g}"])
     if e.unseen is not None:
         rows.append(["search samples no refit was fitted on", e.unseen_samples, f"{e.unseen:.4g}"])
     if e.held_out is not None:

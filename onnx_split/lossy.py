@@ -351,9 +351,10 @@ def _joint(ctx: _Context, planners: dict, planned: dict, segment: list[int], aft
         err = ctx.evaluator.error(ctx.check_batches(), weights, biases)
         limit = config.tolerance if config.tolerance is not None else CHAIN_ERROR_SLACK * before
         if not err <= limit:
+            seen = " (on the samples the refits were fitted on)" if config.refit and ctx.fit_fold is None else ""
             notes.append(f"lossy chain {names} not joined: jointly its output error would be {err:.3g}, "
-                         f"split one by one {before:.3g}" + (f" (--tolerance {config.tolerance:g})"
-                                                             if config.tolerance is not None else ""))
+                         f"split one by one {before:.3g}{seen}" + (f" (--tolerance {config.tolerance:g})"
+                                                                   if config.tolerance is not None else ""))
             return None
     chain_sites = []
     for layer, i in enumerate(segment):

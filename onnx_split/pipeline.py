@@ -181,6 +181,8 @@ def _split(source: str | None, original: onnx.ModelProto, before, config: SplitC
         if approximated else (DYNAMIC_AGAINST if dynamic else "the original")
     if config.factorize is not None and approximated:
         against = FACTORIZED
+    if error is not None and against == REFITTED and error.unseen is None:
+        error = dataclasses.replace(error, fitted=True)   # (a --tolerance search fits on one half only)
     n_split = sum(isinstance(d, Split) for d in decisions.values())
     entries = metadata_entries(config, n_split, len(sites), error)
     if any(w.form == "dynamic-kernel" for w in written.values()):  # how to load it

@@ -193,6 +193,9 @@ class ErrorReport:
     """with --tolerance: the error on the half of the search samples the search measured on, which
     none of its refits was fitted on (``search`` includes the half they were fitted on)"""
     unseen_samples: int = 0
+    fitted: bool = False
+    """the written refits were fitted on all the search samples (``search`` is an in-sample figure:
+    only ``held_out`` says how the refit does on data it did not see)"""
 
 
 class Evaluator:

@@ -269,7 +269,7 @@ def _error_line(e: ErrorReport) -> str:
     if e.search is not None:
         figures.append(f"{e.search:.4g} on {e.search_samples} search samples"
                        + (f" ({e.unseen:.4g} on the {e.unseen_samples} of them no refit was fitted on)"
-                          if e.unseen is not None else ""))
+                          if e.unseen is not None else " (the refits were fitted on them)" if e.fitted else ""))
     if e.held_out is not None:
         figures.append(f"{e.held_out:.4g} on {e.held_out_samples} held-out samples")
     line = "relative output error ||y'-y||/||y||: " + (", ".join(figures) or "not measured")

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -1051,3 +1052,19 @@ def test_the_tolerance_search_confirms_on_samples_its_fits_did_not_see(tmp_path,
     n = error.search_samples
     assert error.unseen_samples == n - n // 2 and error.unseen <= 0.1
     assert f"{error.unseen:.4g} on the {n - n // 2} of them no refit was fitted on" in result.report.to_text()
+
+
+def test_a_refitted_budget_runs_search_figure_says_it_is_in_sample():
+    """--parts with the refit: the refits were fitted on every search sample, so the error line
+    says so (only the held-out figure is out of sample); without the refit it says nothing of it."""
+    models = Path(__file__).resolve().parents[1] / "models"
+    model, path = onnx.load(str(models / "digits_mlp.onnx")), models / "digits_calibration.npz"
+    fitted = split_model(model, _config(parts=4, calibration=str(path))).report
+    assert fitted.verified_against.startswith("the refitted original") and fitted.error.fitted is True
+    line = next(l for l in fitted.to_text().splitlines() if l.startswith("relative output error"))
+    assert f"{fitted.error.search_samples} search samples (the refits were fitted on them)" in line
+    assert json.loads(fitted.to_json())["error"]["fitted"] is True
+    plain = split_model(model, _config(parts=4, calibration=str(path), refit=False)).report
+    assert plain.error.fitted is False and "fitted on them" not in plain.to_text()
+    searched = split_model(model, _config(tolerance=0.05, calibration=str(path))).report
+    assert searched.error.fitted is False  # the search fits on one half and says so in its own figure
