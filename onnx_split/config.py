@@ -244,6 +244,8 @@ class SplitConfig:
                 raise InputError(f"--search-seconds must be > 0, got {self.search_seconds}")
         if not 0 < self.holdout < 1:
             raise InputError(f"--holdout must be a fraction in (0, 1), got {self.holdout}")
+        if self.search_seconds is not None and self.tolerance is None:
+            raise InputError("--search-seconds limits the --tolerance search: give --tolerance E too")
         if self.partitioner == "tiles" and self.parts is not None:
             raise InputError("--parts does not apply to --partitioner tiles: use --keep, --flops or --tolerance")
         if budgets and self.threshold > 0:

@@ -658,6 +658,8 @@ BAD_OPTIONS = [
     (["--holdout", "1", "--keep", "0.5"], "--holdout must be a fraction in (0, 1)"),
     (["--holdout", "0", "--keep", "0.5"], "--holdout must be a fraction in (0, 1)"),
     (["--tile", "0", "--keep", "0.5"], "--tile must be >= 1"),
+    (["--search-seconds", "5"], "--search-seconds limits the --tolerance search: give --tolerance E too"),
+    (["--search-seconds", "5", "--parts", "4"], "--search-seconds limits the --tolerance search"),
     (["--partitioner", "metis"], "give a budget"),
     (["--partitioner", "tiles"], "give a budget"),
     (["--partitioner", "tiles", "--parts", "4"], "--parts does not apply to --partitioner tiles"),
