@@ -1,6 +1,7 @@
 """Inputs for verification and timing: seeded random of the right dtype, or real ones from .npz."""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,11 @@ def read_npz(path: str | Path, option: str, names=None) -> tuple[dict[str, np.nd
     if not p.is_file():
         raise InputError(f"{option} file not found: {p}")
     try:
+        if not zipfile.is_zipfile(p):  # (numpy would try it as a pickle and say so: misleading)
+            with open(p, "rb") as f:
+                npy = f.read(6) == b"\x93NUMPY"
+            raise ValueError("a single .npy array, not an .npz archive of named arrays" if npy else
+                             "not a zip archive, which an .npz is")
         with np.load(p, allow_pickle=False) as data:
             if not hasattr(data, "files"):  # a plain .npy file: one array, no names
                 raise ValueError("a single .npy array, not an .npz archive of named arrays")

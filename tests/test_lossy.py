@@ -95,7 +95,9 @@ def models(tmp_path):
 _F = np.float32
 CALIBRATION_ERRORS = {
     "missing": ("one", None, "--calibration file not found"),
-    "text": ("one", "text", "is not a readable .npz file"),
+    "text": ("one", "text", "is not a readable .npz file (numpy.savez output, one array per graph input): not a zip "
+                            "archive, which an .npz is"),  # (not numpy's word on pickles)
+    "npy": ("one", "npy", "a single .npy array, not an .npz archive of named arrays"),
     "wrong name": ("one", {"y": np.zeros((8, 64), _F)}, "has no array named 'x'"),
     "extra array": ("one", {"x": np.zeros((8, 64), _F), "z": np.zeros((8, 3), _F)}, "not graph inputs: z"),
     "float64": ("one", {"x": np.zeros((8, 64), np.float64)}, "'x' has dtype float64, the model wants float32"),
@@ -112,6 +114,9 @@ def _calibration_file(tmp_path, content):
     path = tmp_path / "cal.npz"
     if content == "text":
         path.write_text("these are not the samples you are looking for\n" * 20)
+    elif content == "npy":
+        with open(path, "wb") as f:  # np.save to an open file keeps the .npz name
+            np.save(f, np.zeros((8, 64), _F))
     elif content is not None:
         np.savez(path, **content)
     return path
