@@ -88,7 +88,8 @@ def allocate(options: dict[int, list[Option]], budget: float, path: list | None 
 
 def back_off(options: dict[int, list[Option]], choice: dict[int, int]) -> dict[int, int] | None:
     """``choice`` with its costliest site (most squared error per unit of gain) one step safer: the
-    option of that site with the next smaller error (at an equal error, one that saves less: it
+    option of that site with the next smaller error (at an equal error, the one that saves less:
+    the estimate that failed gave no other order, and a rung saving less is most often one that
     drops less), or dense. None when nothing is left to undo."""
     if not choice:
         return None

@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"activations would pass {CAPTURE_BYTES // 2**20} MiB; activations are summed batch by batch "
                         f"({D['calibration_batch']})")
     g.add_argument("--search-seconds", type=float, default=None, metavar="S",
-                   help="wall-clock limit of the --tolerance search: then the best choice measured within the "
-                        "tolerance so far is kept (default: none)")
+                   help="wall-clock limit of the --tolerance search (only with --tolerance): then the best choice "
+                        "measured within the tolerance so far is kept (default: none)")
     g.add_argument("--dry-run", action="store_true",
                    help="print each site's retained significance and FLOPs at 2/4/8/16 parts (with --calibration also the "
                         "layer error and the estimated output error of each alone); write nothing")
@@ -347,7 +347,7 @@ def _run(args, written: list[Path], finish=lambda: None) -> int:
     others = page_files + (report_path is not None)  # the report and the pages, published after the model
     if others:
         print(f"wrote {_listed(written[-others:])}")
-    _summary(report, out_path, ok, args.force)
+    _summary(report, out_path, ok, args.force, others=bool(others))
     return EXIT_OK if ok else EXIT_VERIFY_FAILED
 
 
@@ -442,7 +442,8 @@ def _batches(text: str | None) -> tuple[int, ...]:
     return batches
 
 
-def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
+def _summary(report, out_path: Path, ok: bool, force: bool, others: bool = False) -> None:
+    """The last line; ``others``: the report or pages were written (then a model not written is named)."""
     measured = [e for e in report.latency if e.status == "measured"]
     several = len({e.threads for e in measured}) > 1
     speed, provider = [], None
@@ -470,8 +471,8 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
             what = "VERIFICATION FAILED"
             threshold = report.config.get("threshold") or 0
             if threshold > 0 and report.n_split and report.checker.get("passed") is not False:
-                what += (f": the weights --threshold {threshold:g} dropped change the outputs beyond --rtol/--atol "
-                         f"(a budget such as --tolerance E measures and bounds that error)")
+                what += (f": dropping |w| <= {threshold:g} (--threshold) changed the outputs beyond --rtol/--atol; "
+                         f"a budget (--tolerance E) bounds that error instead")
         elif not any(v.status == "not verified" for v in report.verification):
             what = "NOT VERIFIED (no provider ran the models)"
         else:
@@ -479,7 +480,8 @@ def _summary(report, out_path: Path, ok: bool, force: bool) -> None:
         if force:
             print(f"{what}; wrote {out_path} anyway (--force)", file=sys.stderr)
         else:
-            print(f"{what}; nothing written (use --force to write anyway)", file=sys.stderr)
+            unwritten = "the model not written" if others else "nothing written"  # (the report's line is above)
+            print(f"{what}; {unwritten} (use --force to write it anyway)", file=sys.stderr)
 
 
 def _output_error(error) -> str:

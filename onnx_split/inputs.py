@@ -183,10 +183,8 @@ def read_npz(path: str | Path, option: str, names=None) -> tuple[dict[str, np.nd
             with open(p, "rb") as f:
                 npy = f.read(6) == b"\x93NUMPY"
             raise ValueError("a single .npy array, not an .npz archive of named arrays" if npy else
-                             "not a zip archive, which an .npz is")
-        with np.load(p, allow_pickle=False) as data:
-            if not hasattr(data, "files"):  # a plain .npy file: one array, no names
-                raise ValueError("a single .npy array, not an .npz archive of named arrays")
+                             "it is not a zip archive (an .npz is one)")
+        with np.load(p, allow_pickle=False) as data:  # (a zip archive: an NpzFile)
             members = list(data.files)
             wanted = members if names is None else [k for k in members if k in set(names)]
             return {k: data[k] for k in wanted}, members

@@ -351,7 +351,7 @@ def _joint(ctx: _Context, planners: dict, planned: dict, segment: list[int], aft
         err = ctx.evaluator.error(ctx.check_batches(), weights, biases)
         limit = config.tolerance if config.tolerance is not None else CHAIN_ERROR_SLACK * before
         if not err <= limit:
-            seen = " (on the samples the refits were fitted on)" if config.refit and ctx.fit_fold is None else ""
+            seen = " (both on the samples the refits were fitted on)" if config.refit and ctx.fit_fold is None else ""
             notes.append(f"lossy chain {names} not joined: jointly its output error would be {err:.3g}, "
                          f"split one by one {before:.3g}{seen}" + (f" (--tolerance {config.tolerance:g})"
                                                                    if config.tolerance is not None else ""))
@@ -590,10 +590,13 @@ def _search(ctx: _Context, planners: dict, speed) -> tuple[dict, dict[int, str],
         if i in backed:
             reasons[i] = (f"--tolerance {tol:g}: backed off after the whole choice measured {backed[i]:.3g}; "
                           f"its safest split ({safest.plan.label}) alone is estimated at {safest.error:.3g}")
-        elif safest.error > tol or not chosen:
+        elif safest.error > tol:
             reasons[i] = (f"--tolerance {tol:g}: its safest split ({safest.plan.label}) alone would add an estimated "
-                          f"output error of {safest.error:.3g}" + (", more than the tolerance" if safest.error > tol
-                                                                   else ""))
+                          f"output error of {safest.error:.3g}, more than the tolerance")
+        elif not chosen:
+            why = "--search-seconds ran out first" if ctx.out_of_time() else "none was confirmed within it"
+            reasons[i] = (f"--tolerance {tol:g}: its safest split ({safest.plan.label}) alone is estimated at "
+                          f"{safest.error:.3g}, but the search split nothing: {why}")
         else:
             reasons[i] = (f"--tolerance {tol:g}: its safest split ({safest.plan.label}) would add an estimated "
                           f"output error of {safest.error:.3g}; the budget went to sites that save more per error")
@@ -750,7 +753,8 @@ def _survey_rows(ctx: _Context, planners: dict, decided: dict) -> list[SurveyRow
 
 def _estimates(ctx: _Context, i: int, fitted: list, local: list, runs: cf.Executor):
     """A function giving the estimated output error of each plan of site ``i`` alone: one measured
-    run (the plan of median layer error) scales the layer errors; measured per plan where they are
+    run (the plan of median layer error among those that drop something: allocate.probe_rung)
+    scales the layer errors; measured per plan where they are
     unknown. The runs are handed to ``runs`` (one thread: the evaluator is never run twice at once)."""
     if any(loc is None for loc in local):
         measured = runs.submit(lambda: [ctx.search_error({i: plan}) for plan in fitted])

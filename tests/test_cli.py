@@ -84,7 +84,7 @@ def test_failed_verification_exits_1_and_writes_nothing_unless_forced(tmp_path, 
     code, stdout, err = _run(capsys, src, out, "--min-elements", "0", "--threshold", "1.0", "--no-bench",
                              "--layout", "parallel")
     assert code == 1 and "FAILED" in stdout and "nothing written" in err and not out.exists()
-    assert "the weights --threshold 1 dropped change the outputs beyond --rtol/--atol" in err  # what to do
+    assert "dropping |w| <= 1 (--threshold) changed the outputs beyond --rtol/--atol" in err  # what to do
     assert len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, src, out, "--min-elements", "0", "--threshold", "1.0", "--no-bench", "--force",
                          "--layout", "parallel")

@@ -95,8 +95,8 @@ def models(tmp_path):
 _F = np.float32
 CALIBRATION_ERRORS = {
     "missing": ("one", None, "--calibration file not found"),
-    "text": ("one", "text", "is not a readable .npz file (numpy.savez output, one array per graph input): not a zip "
-                            "archive, which an .npz is"),  # (not numpy's word on pickles)
+    "text": ("one", "text", "is not a readable .npz file (numpy.savez output, one array per graph input): it is not "
+                            "a zip archive (an .npz is one)"),  # (not numpy's word on pickles)
     "npy": ("one", "npy", "a single .npy array, not an .npz archive of named arrays"),
     "wrong name": ("one", {"y": np.zeros((8, 64), _F)}, "has no array named 'x'"),
     "extra array": ("one", {"x": np.zeros((8, 64), _F), "z": np.zeros((8, 3), _F)}, "not graph inputs: z"),
@@ -743,7 +743,8 @@ def test_tolerance_not_met_on_held_out_data_exits_1_and_writes_nothing(tmp_path,
     code, stdout, err = _run(capsys, *argv)
     assert code == 1 and not out.exists()
     assert "NOT MET on held-out data" in stdout
-    assert "--tolerance 0.05 NOT MET on held-out data" in err and "nothing written" in err and "Traceback" not in err
+    assert "--tolerance 0.05 NOT MET on held-out data" in err and "Traceback" not in err
+    assert f"wrote {rep}" in stdout and "the model not written (use --force to write it anyway)" in err  # the report was
     data = json.loads(rep.read_text())
     assert data["error"]["met"] is False and data["error"]["search"] <= 0.05 < data["error"]["held_out"]
     assert data["verification_passed"] is False and data["written"] is False
